@@ -1,0 +1,53 @@
+# One entry point for people and CI. `make demo` and `make test` work on a fresh machine (they install
+# what they need: apt redis-server, a venv with the pinned requirements, the extension).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CUDA_VENV ?= .venv-cuda
+CUDA_HOME ?= /usr/local/cuda-13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps build test demo cuda-build-check bench-cpu clean
+
+# redis-server for the cluster-tier tests (Debian package; needs root, skipped when already there).
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "redis-server missing: install it (apt-get install redis-server) for the Redis tier tests"; fi; }
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Incremental rebuild of hps_core._C (ninja keeps build/ between runs).
+build: setup
+	$(PY) setup.py -q build_ext --inplace
+
+test: system-deps build
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: build
+	$(PY) -m hps_core.demo
+
+# Compile + link the CUDA variant against a CUDA build of torch (no GPU needed): CUDA code that does not
+# compile cannot land. torch 2.14.1 (CUDA 13.0) comes from this machine's local wheel cache.
+$(CUDA_VENV)/.installed:
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CUDA_VENV)/bin/python -m pip install -q torch==2.14.1 numpy setuptools wheel ninja
+	touch $@
+
+cuda-build-check: $(CUDA_VENV)/.installed
+	rm -rf build/cuda-check
+	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST=9.0 HPS_WITH_CUDA=1 MAX_JOBS=2 \
+	  $(CUDA_VENV)/bin/python setup.py -q build_ext --build-lib build/cuda-check/lib --build-temp build/cuda-check/tmp
+	@ls build/cuda-check/lib/hps_core/_C*.so && cat build/cuda-check/lib/hps_core/_build_info.py
+
+clean:
+	rm -rf build hps_core/_C*.so hps_core/_build_info.py

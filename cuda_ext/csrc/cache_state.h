@@ -1,0 +1,66 @@
+// Validation of the cache state tensors, shared by the CPU and CUDA entry points.
+//
+// State of one cache (S slots = num_buckets * kBucketSize, D = embedding dim):
+//   slot_keys (S,)   int64    key stored in each slot (meaningless where the digest is empty)
+//   digests   (S,)   uint8    0 = empty slot, else digest_of(hash(key))
+//   scores    (S,)   int32    LRU: clock value of the last touch; LFU: hit count
+//   values    (S, D) float32  the cached rows
+//   clock     (1,)   int64    LRU logical clock, bumped once per non-empty find call
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "cache_layout.h"
+#include "checks.h"
+
+namespace hps {
+
+inline int64_t check_cache_state(const at::Tensor& slot_keys, const at::Tensor& digests, const at::Tensor& scores,
+                                 const at::Tensor& values, const at::Tensor& clock) {
+  HPS_CHECK_DTYPE(slot_keys, at::kLong);
+  HPS_CHECK_DTYPE(digests, at::kByte);
+  HPS_CHECK_DTYPE(scores, at::kInt);
+  HPS_CHECK_DTYPE(values, at::kFloat);
+  HPS_CHECK_DTYPE(clock, at::kLong);
+  HPS_CHECK_DIM(slot_keys, 1);
+  HPS_CHECK_DIM(values, 2);
+  const int64_t slots = slot_keys.size(0);
+  TORCH_CHECK_VALUE(slots > 0 && slots % kBucketSize == 0, "cache slot count must be a positive multiple of ",
+                    kBucketSize, ", found ", slots);
+  TORCH_CHECK_VALUE(digests.dim() == 1 && digests.size(0) == slots, "digests must have shape (", slots,
+                    ",), found ", digests.sizes());
+  TORCH_CHECK_VALUE(scores.dim() == 1 && scores.size(0) == slots, "scores must have shape (", slots, ",), found ",
+                    scores.sizes());
+  TORCH_CHECK_VALUE(values.size(0) == slots, "values must have ", slots, " rows, found ", values.size(0));
+  TORCH_CHECK_VALUE(clock.numel() == 1, "clock must hold one element, found shape ", clock.sizes());
+  for (const at::Tensor* t : {&slot_keys, &digests, &scores, &values, &clock}) {
+    HPS_CHECK_CONTIGUOUS(*t);
+    HPS_CHECK_SAME_DEVICE(*t, slot_keys);
+  }
+  return slots / kBucketSize;
+}
+
+inline void check_policy(int64_t policy) {
+  TORCH_CHECK_VALUE(policy == kPolicyLRU || policy == kPolicyLFU, "policy must be ", kPolicyLRU, " (LRU) or ",
+                    kPolicyLFU, " (LFU), found ", policy);
+}
+
+inline void check_query_keys(const at::Tensor& keys, const at::Tensor& slot_keys) {
+  HPS_CHECK_KEY_DTYPE(keys);
+  HPS_CHECK_DIM(keys, 1);
+  HPS_CHECK_CONTIGUOUS(keys);
+  HPS_CHECK_SAME_DEVICE(keys, slot_keys);
+}
+
+inline void check_new_values(const at::Tensor& new_values, const at::Tensor& keys, const at::Tensor& values) {
+  HPS_CHECK_DTYPE(new_values, at::kFloat);
+  HPS_CHECK_DIM(new_values, 2);
+  HPS_CHECK_CONTIGUOUS(new_values);
+  HPS_CHECK_SAME_DEVICE(new_values, values);
+  TORCH_CHECK_VALUE(new_values.size(0) == keys.size(0), "new_values must have one row per key (", keys.size(0),
+                    "), found ", new_values.size(0));
+  TORCH_CHECK_VALUE(new_values.size(1) == values.size(1), "new_values dim must equal the cache dim ",
+                    values.size(1), ", found ", new_values.size(1));
+}
+
+}  // namespace hps

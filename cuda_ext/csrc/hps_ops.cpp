@@ -1,0 +1,63 @@
+// THE schema file: every op of the `hps` library is declared here, once. CPU kernels register in
+// cpu/<op>_cpu.cpp (TORCH_LIBRARY_IMPL(hps, CPU, m)), CUDA kernels in cuda/<op>_cuda.cu
+// (TORCH_LIBRARY_IMPL(hps, CUDA, m)); fake (meta) kernels live in hps_core/ops.py.
+//
+// The cache op contract (identical results on CPU and CUDA), state as in cache_state.h:
+//  * A key lives in bucket bucket_of(mix64(key)) of kBucketSize slots; a bucket is searched whole.
+//  * find:  hits copied out (misses -> 0), found mask. If n > 0 the clock is bumped by one first; LRU hits get
+//           score = the new clock, LFU hits get +1 per occurrence (saturating). Duplicates are all served.
+//  * insert_or_assign: keys are applied in input order as if one at a time (the CUDA twin sorts by bucket,
+//           stably, and walks each bucket's keys in order, so the result is the same). A present key gets the
+//           new value (score untouched). A new key takes the lowest free slot of its bucket; in a full bucket it
+//           evicts the slot with the lowest score, ties to the lowest slot index, never a slot written by this
+//           same call; if every slot was written by this call the key is refused. New keys get score = clock
+//           (LRU) or 1 (LFU). Later duplicates of a key in one call assign (last value wins).
+//           Returns counts (4,) int64: [inserted, assigned, evicted, refused].
+//  * assign: only present keys change value (last duplicate wins); scores untouched. Returns count (0-d int64).
+//  * erase: present keys' slots freed. Returns count of keys erased (0-d int64).
+//  * contains: found mask, no score change.
+//  * export_batch: occupied slots of [start, end) in slot order, as fixed-capacity (end - start) buffers + count.
+//  * clear: every slot empty, scores and clock zero.  size: occupied slot count (0-d int64).
+//  * decay: scores halved (LFU ageing; for LRU the clock is halved too, which keeps the recency order).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cache_layout.h"
+
+namespace hps {
+// Defined in cpu/host_map_cpu.cpp: the host-memory tier's hash map, a torch custom class.
+void register_host_map_class(torch::Library& m);
+}  // namespace hps
+
+TORCH_LIBRARY(hps, m) {
+  // Constants shared with Python come from here, not copied.
+  m.def("bucket_size() -> int", []() -> int64_t { return hps::kBucketSize; });
+  m.def("clock_limit() -> int", []() -> int64_t { return hps::kClockLimit; });
+
+  // (n,) keys -> bucket (n,) int64, digest (n,) uint8. For tests and tools; the kernels inline the same hash.
+  m.def("hash_keys(Tensor keys, int num_buckets) -> (Tensor bucket, Tensor digest)");
+
+  m.def(
+      "cache_find(Tensor slot_keys, Tensor digests, Tensor(a!) scores, Tensor values, Tensor(b!) clock, "
+      "Tensor keys, int policy) -> (Tensor out, Tensor found)");
+  m.def("cache_contains(Tensor slot_keys, Tensor digests, Tensor keys) -> Tensor");
+  m.def(
+      "cache_insert_or_assign(Tensor(a!) slot_keys, Tensor(b!) digests, Tensor(c!) scores, Tensor(d!) values, "
+      "Tensor clock, Tensor keys, Tensor new_values, int policy) -> Tensor");
+  m.def("cache_assign(Tensor slot_keys, Tensor digests, Tensor(a!) values, Tensor keys, Tensor new_values) -> Tensor");
+  m.def("cache_erase(Tensor slot_keys, Tensor(a!) digests, Tensor(b!) scores, Tensor keys) -> Tensor");
+  m.def(
+      "cache_export_batch(Tensor slot_keys, Tensor digests, Tensor values, int start, int end) "
+      "-> (Tensor keys, Tensor values, Tensor count)");
+  m.def("cache_clear(Tensor(a!) digests, Tensor(b!) scores, Tensor(c!) clock) -> ()");
+  m.def("cache_size(Tensor digests) -> Tensor");
+  m.def("cache_decay(Tensor(a!) scores, Tensor(b!) clock, int policy) -> ()");
+
+  hps::register_host_map_class(m);
+}
+
+// The extension is imported as the Python module hps_core._C; loading it runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "hps native ops (torch.ops.hps)", -1, nullptr};
+  return PyModule_Create(&module_def);
+}

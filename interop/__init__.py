@@ -1,0 +1,1 @@
+"""Framework adapters: DLPack conversion and the HPS-compatible TensorFlow plugin."""
