@@ -1,0 +1,73 @@
+"""The tier interface every storage level implements (host memory, Redis Cluster, RocksDB).
+
+A tier stores, per table tag ("hps_et.<model>.<table>"), int64 keys -> float32 rows of a fixed dim.
+Tiers know nothing of caches or of each other: the engine alone moves data between them.
+A tier that fails at lookup time (a Redis node down) reports the keys as not found and counts the error;
+it never raises into a lookup. Start-up errors (cannot connect, bad path) raise with the reason.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hps_core.tables import TableFiles
+
+
+@dataclasses.dataclass
+class TierStats:
+    """Counters of one tier for one table tag."""
+
+    fetches: int = 0  # fetch calls
+    keys_requested: int = 0
+    keys_found: int = 0
+    keys_inserted: int = 0
+    keys_evicted: int = 0
+    errors: int = 0  # keys reported missing because the tier could not answer
+
+
+class Tier(abc.ABC):
+    """One storage level. All tensors are CPU tensors; keys are int64 (n,), values float32 (n, dim)."""
+
+    name: str = "tier"
+
+    @abc.abstractmethod
+    def create_table(self, tag: str, dim: int) -> None:
+        """Declare a table (idempotent for the same dim; a different dim for an existing tag raises ValueError)."""
+
+    @abc.abstractmethod
+    def fetch(self, tag: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of `keys` (int64 (n,)) -> (values float32 (n, dim), found bool (n,)); missing rows are zeros."""
+
+    @abc.abstractmethod
+    def insert(self, tag: str, keys: torch.Tensor, values: torch.Tensor) -> int:
+        """Insert or overwrite rows; returns how many keys were new."""
+
+    @abc.abstractmethod
+    def erase(self, tag: str, keys: torch.Tensor) -> int:
+        """Remove keys; returns how many were present."""
+
+    @abc.abstractmethod
+    def size(self, tag: str) -> int:
+        """Number of keys stored for `tag`."""
+
+    @abc.abstractmethod
+    def load(self, tag: str, table: "TableFiles", progress: bool = True) -> int:
+        """Bulk-load a table's files (key/emb_vector) into this tier; returns rows loaded."""
+
+    def stats(self) -> dict[str, TierStats]:
+        """Counters per tag."""
+        return {}
+
+    def close(self) -> None:
+        """Release resources (flush, close connections). Idempotent."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
