@@ -1,0 +1,1180 @@
+"""Redis Cluster tier: embedding rows in a Redis Cluster, with HPS's data layout, that survives losing a node.
+
+Layout (HPS's RedisCluster backend as described in the behaviour reference §3.12; the meta encoding is ours):
+    table tag T, key k  ->  partition p = rrxmrrxmsx_0(uint64(k)) % num_partitions
+    hash  "hps_et{T/p<p>}v"   field = the 8 raw little-endian bytes of k, value = dim raw float32 bytes
+    hash  "hps_et{T/p<p>}t"   field = same, value = LRU time (ms since the epoch) or LFU count, as decimal text
+The `{...}` hash tag puts both hashes of a partition in one cluster slot, so a batch becomes one HMGET / HSET /
+HDEL per (partition, chunk of at most `max_batch_size` keys), grouped per node.
+
+Data path of one fetch:
+    keys -> partition of each key (vectorised hash) -> stable sort by partition
+         -> per node: every command of that node packed (RESP, built with numpy, no per-key Python)
+         -> send to every node first, then read node by node (the nodes work concurrently: one node's reply is
+            computed while another's is parsed; no threads, so no GIL contention on 2 cores)
+         -> hiredis parses each reply; one bytes join + np.frombuffer per command -> rows scattered to the output.
+
+Faults: every socket read/write/connect is bounded by `timeout_ms`. When a node cannot be reached or does not
+answer in time, its keys are reported not found and counted (`errors`), the node is marked down and a topology
+refresh is requested (background thread, rate limited). While a node is down its keys are not sent at all (counted
+in `errors` and `keys_skipped`); one caller probes it again once per backoff interval (doubling from
+`retry_backoff_ms` up to `max_backoff_ms`), so a dead node costs at most one bounded timeout per interval, and a
+restarted node is used again without any action. A node that answers with an error (CLUSTERDOWN, MOVED, ASK...)
+is not marked down: its keys are counted missing and the topology is re-read. Writes (insert/erase/load/size) are not lookups: they raise
+`RedisClusterTierError` naming the node when a node cannot be written (after writing what they could).
+
+LRU/LFU metadata (the `t` hashes) is written only when overflow handling is on (a finite `overflow_margin`) with
+policy evict_oldest / evict_least_used: HPS updates it on every fetch, which doubles the writes for nothing when
+nothing is ever evicted. When it is on, a fetch costs a second pipelined round trip for its hits.
+
+No secret is logged or reported: the password is handed only to redis-py's connections (never to a log
+line, an exception message, `repr`, `stats()` or `health()`).
+
+NOTE: redis-py's `RedisCluster` client is not used on the data path: its per-node pools raise instead of waiting
+when all connections are busy, its retries/backoff make a dead node cost several timeouts per call, and its
+connections cannot check the server certificate against HPS's `tls_server_name_identification`. This module uses
+redis-py `Connection`s (hiredis parser) to each node, `redis.crc.key_slot` for slots and `CLUSTER SLOTS` for the
+topology.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import operator
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from redis.backoff import NoBackoff
+from redis.connection import Connection, SSLConnection
+from redis.crc import key_slot
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.retry import Retry
+from redis.utils import HIREDIS_AVAILABLE
+
+from hps_core.tiers.base import Tier, TierStats
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RedisClusterTier", "RedisClusterTierError", "RedisTierStats", "partition_of", "OVERFLOW_POLICIES"]
+
+NUM_SLOTS = 16384
+_UNLIMITED = 2**63 - 1  # overflow_margin at or above this means "no limit" (HPS default 2^64-1 is accepted too)
+_KEY_BYTES = 8
+
+# Canonical policy names and HPS's aliases.
+OVERFLOW_POLICIES = {
+    "evict_random": "evict_random",
+    "random": "evict_random",
+    "evict_least_used": "evict_least_used",
+    "least_used": "evict_least_used",
+    "evict_oldest": "evict_oldest",
+    "oldest": "evict_oldest",
+}
+
+# LFU counting of many fields in one call (HINCRBY takes one field).
+_LFU_SCRIPT = b"for i = 1, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], 1) end return #ARGV"
+
+
+class RedisClusterTierError(ConnectionError):
+    """The cluster cannot be used: unreachable or refusing us at start-up, or a write that a node did not take."""
+
+
+@dataclasses.dataclass
+class RedisTierStats(TierStats):
+    """TierStats plus what the Redis tier adds (all per table tag).
+
+    `errors` counts keys a fetch reported missing because their node could not answer; `keys_skipped` is the part
+    of them that was not even sent because the node was backing off.
+    """
+
+    keys_skipped: int = 0
+    failed_requests: int = 0  # node pipelines that failed (connection error, timeout, error reply)
+    keys_not_written: int = 0  # keys of insert/erase calls that a node did not take (the call raised)
+
+
+# ---------------------------------------------------------------------------------------------- partitioning
+
+_M1 = np.uint64(0xA24BAED4963EE407)
+_M2 = np.uint64(0x9FB21C651E98DF25)
+
+
+def _rotr(v: np.ndarray, r: int) -> np.ndarray:
+    return (v >> np.uint64(r)) | (v << np.uint64(64 - r))
+
+
+def partition_of(keys: np.ndarray, num_partitions: int) -> np.ndarray:
+    """Partition of each key: rrxmrrxmsx_0(uint64(key)) % num_partitions (HPS's key -> partition rule).
+
+    Args:
+        keys: int64 (n,) numpy array, CPU.
+        num_partitions: > 0.
+    Returns:
+        int64 (n,) in [0, num_partitions).
+
+    Example:
+        >>> partition_of(np.array([0, 1, 2], np.int64), 8).shape
+        (3,)
+    """
+    v = np.ascontiguousarray(keys, dtype=np.int64).view(np.uint64)
+    # uint64 array arithmetic wraps modulo 2^64, which is what the mixer needs.
+    v = v ^ _rotr(v, 25) ^ _rotr(v, 50)
+    v = v * _M1
+    v = v ^ _rotr(v, 24) ^ _rotr(v, 49)
+    v = v * _M2
+    v = v ^ (v >> np.uint64(28))
+    return (v % np.uint64(num_partitions)).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------ RESP packing
+
+_CRLF = np.frombuffer(b"\r\n", np.uint8)
+
+
+def _pack_args(args: Sequence[bytes]) -> bytes:
+    """One RESP command from a few byte strings (small commands; bulk ones go through `_bulk_rows`)."""
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+def _header(total_args: int, lead: Sequence[bytes]) -> bytes:
+    """RESP array header for `total_args` arguments, followed by the leading ones (command name, hash key...)."""
+    return b"*%d\r\n" % total_args + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in lead)
+
+
+def _bulk_rows(columns: Sequence[np.ndarray], m: int) -> np.ndarray:
+    """RESP bulk strings for m rows of fixed-width arguments, built with numpy.
+
+    columns[j]: uint8 (m, w_j) or (1, w_j) (broadcast): argument j of every row. Returns uint8 (m, W) whose row i
+    is `$w_0\\r\\n<col0[i]>\\r\\n$w_1\\r\\n<col1[i]>\\r\\n...`; any row range of it is a valid argument sequence.
+    """
+    prefixes = [b"$%d\r\n" % c.shape[1] for c in columns]
+    width = sum(len(p) + c.shape[1] + 2 for p, c in zip(prefixes, columns))
+    out = np.empty((m, width), np.uint8)
+    pos = 0
+    for prefix, col in zip(prefixes, columns):
+        out[:, pos : pos + len(prefix)] = np.frombuffer(prefix, np.uint8)
+        pos += len(prefix)
+        out[:, pos : pos + col.shape[1]] = col
+        pos += col.shape[1]
+        out[:, pos : pos + 2] = _CRLF
+        pos += 2
+    return out
+
+
+def _key_bytes(sorted_keys: np.ndarray) -> np.ndarray:
+    """uint8 (m, 8): the raw little-endian bytes of int64 keys (the hash field)."""
+    return np.ascontiguousarray(sorted_keys, dtype="<i8").view(np.uint8).reshape(-1, _KEY_BYTES)
+
+
+# ----------------------------------------------------------------------------------------------- connections
+
+
+class _TLSConnection(SSLConnection):
+    """SSLConnection that verifies the server certificate against `server_name` (HPS's
+    tls_server_name_identification) and sends it as SNI, instead of the address it dialled."""
+
+    server_name: str = ""
+
+    def _wrap_socket_with_ssl(self, sock):
+        if not self.server_name:
+            return super()._wrap_socket_with_ssl(sock)
+        # NOTE: redis-py passes `self.host` as server_hostname; it was already used to dial, so swap it for the
+        # handshake only (a connection is used by one thread at a time).
+        dialled = self.host
+        self.host = self.server_name
+        try:
+            return super()._wrap_socket_with_ssl(sock)
+        finally:
+            self.host = dialled
+
+
+_SKIPPED = object()  # a node's commands were not sent: the node is backing off
+
+
+class _Node:
+    """One cluster node: a small blocking pool of connections and its health (down / backoff / probe)."""
+
+    def __init__(self, name: str, host: str, port: int, factory, size: int, backoff_s: float,
+                 max_backoff_s: float) -> None:
+        self.name, self.host, self.port = name, host, port
+        self._factory = factory
+        self._free: list[Connection] = []
+        self._slots = threading.BoundedSemaphore(size)
+        self._lock = threading.Lock()
+        self._initial_backoff = backoff_s
+        self._max_backoff = max_backoff_s
+        self.backoff = backoff_s
+        self.down_since: float | None = None
+        self.retry_at = 0.0
+        self.failures = 0
+        self.recoveries = 0
+        self.last_error = ""
+
+    # -- pool
+    def acquire(self, wait_s: float) -> Connection | None:
+        """A connected connection, or None when all `size` are busy for `wait_s` (not a node failure).
+        Raises redis ConnectionError/TimeoutError/AuthenticationError when connecting fails."""
+        if not self._slots.acquire(timeout=wait_s):
+            return None
+        with self._lock:
+            conn = self._free.pop() if self._free else None
+        try:
+            if conn is None:
+                conn = self._factory(host=self.host, port=self.port)
+            elif getattr(conn, "_sock", None) is not None:
+                # An idle connection the server closed (restart, timeout) reads as EOF: reconnect it now rather
+                # than fail the next request on it.
+                try:
+                    if conn.can_read():
+                        conn.disconnect()
+                except (RedisError, OSError):
+                    conn.disconnect()
+            conn.connect()  # no-op when connected
+        except BaseException:
+            self.release(conn, broken=True)
+            raise
+        return conn
+
+    def release(self, conn: Connection, broken: bool = False) -> None:
+        if broken:
+            conn.disconnect()
+        with self._lock:
+            self._free.append(conn)
+        self._slots.release()
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._free = self._free, []
+        for conn in conns:
+            conn.disconnect()
+
+    # -- health
+    def may_try(self, now: float) -> bool:
+        """Up, or down and due for a probe (the caller that gets True is the probe; others keep skipping)."""
+        if self.down_since is None:
+            return True
+        with self._lock:
+            if self.down_since is not None and now < self.retry_at:
+                return False
+            self.retry_at = now + self.backoff  # claim the probe
+            return True
+
+    def succeeded(self) -> None:
+        if self.down_since is None:
+            return
+        with self._lock:
+            if self.down_since is None:
+                return
+            down_for = time.monotonic() - self.down_since
+            self.down_since = None
+            self.backoff = self._initial_backoff
+            self.recoveries += 1
+        logger.info("redis_cluster: node %s is answering again after %.1f s", self.name, down_for)
+
+    def failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            first = self.down_since is None
+            if first:
+                self.down_since = now
+                self.backoff = self._initial_backoff
+            else:
+                self.backoff = min(self.backoff * 2, self._max_backoff)
+            self.retry_at = now + self.backoff
+            backoff = self.backoff
+            idle, self._free = self._free, []
+        for conn in idle:  # connections to a failed node are suspect: reconnect them on next use
+            conn.disconnect()
+        if first:
+            logger.warning("redis_cluster: node %s failed (%s); its keys fall through to the next tier, "
+                           "retrying in %.2f s", self.name, self.last_error, backoff)
+        else:
+            logger.debug("redis_cluster: node %s still failing (%s); next try in %.2f s", self.name,
+                         self.last_error, backoff)
+
+
+@dataclasses.dataclass
+class _Table:
+    tag: str
+    dim: int
+    hkeys: list[bytes]  # value hash per partition
+    tkeys: list[bytes]  # meta hash per partition
+    routes: list[str | None]  # node name per partition (None: slot not served)
+    stats: RedisTierStats = dataclasses.field(default_factory=RedisTierStats)
+
+
+@dataclasses.dataclass
+class _Cmd:
+    """One command of a node pipeline: its RESP bytes and, for bulk ones, the sorted-key range it covers."""
+
+    parts: list[Any]  # bytes / memoryview pieces, sent in order
+    table: _Table | None = None
+    part: int = -1
+    lo: int = 0
+    hi: int = 0
+    kind: str = ""  # "v" value command, "m" meta command, "" other
+
+
+# ------------------------------------------------------------------------------------------------------- tier
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"redis_cluster.{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"redis_cluster.{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _parse_addresses(address: Any) -> list[tuple[str, int]]:
+    """HPS "host[:port],host[:port]" string or a list of "host[:port]" -> [(host, port)] (default port 6379)."""
+    if isinstance(address, str):
+        items = [a.strip() for a in address.split(",") if a.strip()]
+    elif isinstance(address, Sequence):
+        items = list(address)
+    else:
+        raise TypeError(f"redis_cluster.address must be a 'host[:port],...' string or a list of them, "
+                        f"got {type(address).__name__}")
+    if not items:
+        raise ValueError("redis_cluster.address is empty: at least one 'host[:port]' is required")
+    out = []
+    for j, item in enumerate(items):
+        if not isinstance(item, str):
+            raise TypeError(f"redis_cluster.address[{j}] must be a 'host[:port]' string, got {item!r}")
+        host, sep, port = item.strip().rpartition(":")
+        if not sep:
+            host, port = item.strip(), "6379"
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"redis_cluster.address[{j}] = {item!r}: expected 'host' or 'host:port' with a port "
+                             f"in [1, 65535]")
+        out.append((host.strip("[]"), int(port)))
+    return out
+
+
+class RedisClusterTier(Tier):
+    """Embedding rows in a Redis Cluster (HPS layout); keys whose node is down are reported not found.
+
+    Args:
+        address: seed nodes, ["host:port", ...] or HPS's "host:port,host:port" (port defaults to 6379).
+        user_name / password: Redis ACL user ("default" + "" = no AUTH).
+        num_partitions: hashes per table; fix it for the life of the data (it decides where keys live).
+        num_node_connections: connections per node (concurrent callers beyond that wait); <= num_partitions.
+        max_batch_size: most keys in one Redis command.
+        overflow_margin: most keys per partition (>= 2^63-1: no limit). Above it, a partition is pruned to
+            `overflow_margin * overflow_resolution_target` keys by `overflow_policy`.
+        overflow_policy: evict_random | evict_least_used (LFU) | evict_oldest (LRU) (HPS aliases accepted).
+        enable_tls, tls_*: TLS with a CA bundle, a client certificate + key (empty string: none), and the name the
+            server certificate must carry (SNI; empty: the dialled host).
+        timeout_ms: bound on every connect / read / write to a node.
+        retry_backoff_ms / max_backoff_ms: how long a failed node is left alone before one call probes it again
+            (doubling up to the max).
+        cache_missed_embeddings: HPS's flag, kept for the engine (copy rows found below into this tier).
+
+    Raises (at construction):
+        ValueError / TypeError: a bad argument (named). FileNotFoundError: a configured TLS file is missing.
+        RedisClusterTierError: no seed node answers, authentication fails, or the nodes are not a cluster.
+
+    Example:
+        >>> tier = RedisClusterTier(["127.0.0.1:7000"], num_partitions=8)
+        >>> tier.create_table("hps_et.m.t0", 16)
+        >>> tier.insert("hps_et.m.t0", torch.tensor([1, 2]), torch.ones(2, 16))
+        2
+        >>> values, found = tier.fetch("hps_et.m.t0", torch.tensor([1, 3]))   # float32 (2, 16), bool (2,)
+    """
+
+    name = "redis_cluster"
+    # The cluster outlives this process: the engine does not reload a table the cluster already holds in full.
+    persistent = True
+    read_only = False
+
+    def __init__(
+        self,
+        address: Sequence[str] | str = ("127.0.0.1:7000",),
+        *,
+        user_name: str = "default",
+        password: str = "",
+        num_partitions: int = 8,
+        num_node_connections: int = 5,
+        max_batch_size: int = 65536,
+        overflow_margin: int = _UNLIMITED,
+        overflow_policy: str = "evict_random",
+        overflow_resolution_target: float = 0.8,
+        enable_tls: bool = False,
+        tls_ca_certificate: str = "cacertbundle.crt",
+        tls_client_certificate: str = "client_cert.pem",
+        tls_client_key: str = "client_key.pem",
+        tls_server_name_identification: str = "redis.localhost",
+        timeout_ms: int = 500,
+        retry_backoff_ms: int = 250,
+        max_backoff_ms: int = 2000,
+        cache_missed_embeddings: bool = False,
+    ) -> None:
+        self._closed = True  # until construction succeeds, close() has nothing to do
+        self._seeds = _parse_addresses(address)
+        if not isinstance(user_name, str) or not user_name:
+            raise ValueError(f"redis_cluster.user_name must be a non-empty string, got {user_name!r}")
+        if not isinstance(password, str):
+            raise TypeError(f"redis_cluster.password must be a string, got {type(password).__name__}")
+        self.num_partitions = _check_positive_int(num_partitions, "num_partitions")
+        self.num_node_connections = _check_positive_int(num_node_connections, "num_node_connections")
+        if self.num_node_connections > self.num_partitions:
+            raise ValueError(f"redis_cluster.num_node_connections = {num_node_connections} must be <= "
+                             f"num_partitions = {num_partitions} (HPS rule)")
+        self.max_batch_size = _check_positive_int(max_batch_size, "max_batch_size")
+        self.timeout_s = _check_positive_int(timeout_ms, "timeout_ms") / 1000.0
+        retry_backoff_s = _check_positive_int(retry_backoff_ms, "retry_backoff_ms") / 1000.0
+        max_backoff_s = max(_check_positive_int(max_backoff_ms, "max_backoff_ms") / 1000.0, retry_backoff_s)
+        self.overflow_margin = _check_positive_int(overflow_margin, "overflow_margin")
+        if overflow_policy not in OVERFLOW_POLICIES:
+            raise ValueError(f"redis_cluster.overflow_policy = {overflow_policy!r}; allowed: "
+                             f"{sorted(OVERFLOW_POLICIES)}")
+        self.overflow_policy = OVERFLOW_POLICIES[overflow_policy]
+        if isinstance(overflow_resolution_target, bool) or not isinstance(overflow_resolution_target, (int, float)) \
+                or not 0.0 < float(overflow_resolution_target) < 1.0:
+            raise ValueError(f"redis_cluster.overflow_resolution_target must be in (0, 1), got "
+                             f"{overflow_resolution_target!r}")
+        self.overflow_resolution_target = float(overflow_resolution_target)
+        self.overflow_enabled = self.overflow_margin < _UNLIMITED
+        # LRU/LFU meta is kept only when it can matter (see the module docstring).
+        self.keeps_meta = self.overflow_enabled and self.overflow_policy != "evict_random"
+        self.cache_missed_embeddings = bool(cache_missed_embeddings)
+        self.user_name = user_name
+        self.enable_tls = bool(enable_tls)
+
+        conn_kwargs: dict[str, Any] = dict(
+            username=None if (user_name == "default" and not password) else user_name,
+            password=password or None,
+            socket_timeout=self.timeout_s,
+            socket_connect_timeout=self.timeout_s,
+            socket_keepalive=True,
+            retry=Retry(NoBackoff(), 0),  # one bounded attempt; failure handling is ours
+            socket_read_size=1 << 20,
+            client_name="hps_core",
+            protocol=2,  # RESP2 replies (flat arrays) whatever redis-py's default is
+        )
+        conn_class: type[Connection] = Connection
+        if self.enable_tls:
+            for field_name, path, required in (
+                ("tls_ca_certificate", tls_ca_certificate, True),
+                ("tls_client_certificate", tls_client_certificate, False),
+                ("tls_client_key", tls_client_key, False),
+            ):
+                if required and not path:
+                    raise ValueError(f"redis_cluster.{field_name} is required when enable_tls is true")
+                if path and not os.path.isfile(path):
+                    raise FileNotFoundError(f"redis_cluster.{field_name} = {path!r}: no such file")
+            if bool(tls_client_certificate) != bool(tls_client_key):
+                raise ValueError("redis_cluster.tls_client_certificate and tls_client_key must be given together")
+            conn_class = type("_TLSConnectionSNI", (_TLSConnection,),
+                              {"server_name": tls_server_name_identification or ""})
+            conn_kwargs.update(
+                ssl_ca_certs=tls_ca_certificate,
+                ssl_certfile=tls_client_certificate or None,
+                ssl_keyfile=tls_client_key or None,
+                ssl_cert_reqs="required",
+                ssl_check_hostname=True,
+            )
+
+        def factory(host: str, port: int) -> Connection:
+            return conn_class(host=host, port=port, **conn_kwargs)
+
+        self._factory = factory  # the only holder of the password
+        self._backoff = (retry_backoff_s, max_backoff_s)
+        self._nodes: dict[str, _Node] = {}
+        self._nodes_lock = threading.Lock()
+        self._slots: list[str | None] = [None] * NUM_SLOTS
+        self._tables: dict[str, _Table] = {}
+        self._tables_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self._topology_lock = threading.Lock()
+        self.topology_refreshes = 0
+        self._last_refresh = 0.0
+        self._refresh_wanted = threading.Event()
+        self._stop = threading.Event()
+        self._closed = False
+        try:
+            self._startup()
+        except BaseException:
+            self.close()
+            raise
+        self._refresher = threading.Thread(target=self._refresh_loop, name="hps-redis-topology", daemon=True)
+        self._refresher.start()
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "RedisClusterTier":
+        """Build from a `hps_core.config.RedisClusterTierConfig` (or a mapping with the same field names).
+
+        Example:
+            >>> RedisClusterTier.from_config(config.tiers.redis_cluster)
+        """
+        get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
+        fields = ("address", "user_name", "password", "num_partitions", "num_node_connections", "max_batch_size",
+                  "overflow_margin", "overflow_policy", "overflow_resolution_target", "enable_tls",
+                  "tls_ca_certificate", "tls_client_certificate", "tls_client_key",
+                  "tls_server_name_identification", "timeout_ms", "cache_missed_embeddings",
+                  "retry_backoff_ms", "max_backoff_ms")
+        kwargs = {k: get(k) for k in fields if get(k) is not None}
+        if "address" in kwargs and not isinstance(kwargs["address"], str):
+            kwargs["address"] = list(kwargs["address"])  # an omegaconf ListConfig -> list
+        return cls(**kwargs)
+
+    def __repr__(self) -> str:
+        return (f"RedisClusterTier(address={[f'{h}:{p}' for h, p in self._seeds]}, user_name={self.user_name!r}, "
+                f"num_partitions={self.num_partitions}, tls={self.enable_tls})")
+
+    # ------------------------------------------------------------------ topology
+
+    def _node(self, host: str, port: int) -> _Node:
+        name = f"{host}:{port}"
+        node = self._nodes.get(name)
+        if node is None:
+            with self._nodes_lock:
+                node = self._nodes.get(name)
+                if node is None:
+                    node = _Node(name, host, port, self._factory, self.num_node_connections, *self._backoff)
+                    self._nodes[name] = node
+        return node
+
+    def _call(self, node: _Node, commands: Sequence[bytes]) -> list[Any]:
+        """Run a few small commands on one node now (no backoff check); raises RedisError/OSError on failure;
+        error replies come back as ResponseError objects in the list."""
+        conn = node.acquire(self.timeout_s * 4)
+        if conn is None:
+            raise RedisClusterTierError(f"redis_cluster: all {self.num_node_connections} connections to "
+                                        f"{node.name} are busy")
+        broken = True
+        try:
+            conn.send_packed_command(list(commands), check_health=False)
+            replies = []
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+            broken = False
+            return replies
+        finally:
+            node.release(conn, broken=broken)
+
+    def _read_slots(self, node: _Node) -> list[str | None]:
+        """CLUSTER SLOTS from one node -> node name per slot."""
+        (reply,) = self._call(node, [_pack_args([b"CLUSTER", b"SLOTS"])])
+        if isinstance(reply, ResponseError):
+            raise RedisClusterTierError(f"redis_cluster: {node.name} is not usable as a cluster node "
+                                        f"(CLUSTER SLOTS: {reply}); is cluster-enabled set?")
+        slots: list[str | None] = [None] * NUM_SLOTS
+        for entry in reply:
+            start, end, primary = int(entry[0]), int(entry[1]), entry[2]
+            host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
+            host = host or node.host  # a one-node cluster may announce an empty host
+            owner = self._node(host, int(primary[1]))
+            slots[start : end + 1] = [owner.name] * (end - start + 1)
+        return slots
+
+    def _startup(self) -> None:
+        errors = []
+        slots = None
+        for host, port in self._seeds:
+            node = self._node(host, port)
+            try:
+                slots = self._read_slots(node)
+                break
+            except AuthenticationError as exc:
+                raise RedisClusterTierError(
+                    f"redis_cluster: authentication failed at {node.name} for user {self.user_name!r} "
+                    f"({exc}); check user_name/password and the ACL user on every node"
+                ) from None
+            except RedisClusterTierError:
+                raise
+            except (RedisError, OSError) as exc:
+                errors.append(f"{node.name}: {type(exc).__name__}: {exc}")
+        if slots is None:
+            raise RedisClusterTierError(
+                f"redis_cluster: cannot use any node of {[f'{h}:{p}' for h, p in self._seeds]} "
+                f"(timeout_ms={self.timeout_s * 1000:.0f}): {'; '.join(errors)}"
+            )
+        self._slots = slots
+        uncovered = sum(s is None for s in slots)
+        if uncovered:
+            logger.warning("redis_cluster: %d of %d slots are not served; keys there are reported missing",
+                           uncovered, NUM_SLOTS)
+        # Every primary must accept our credentials (ACL users are per node).
+        primaries = sorted({s for s in slots if s is not None})
+        for name in primaries:
+            node = self._nodes[name]
+            try:
+                (pong,) = self._call(node, [_pack_args([b"PING"])])
+                if isinstance(pong, ResponseError):
+                    raise RedisClusterTierError(f"redis_cluster: {name} refused PING for user "
+                                                f"{self.user_name!r}: {pong}")
+            except AuthenticationError as exc:
+                raise RedisClusterTierError(
+                    f"redis_cluster: authentication failed at {name} for user {self.user_name!r} ({exc}); "
+                    f"the ACL user must exist with this password on every node"
+                ) from None
+            except (RedisError, OSError) as exc:
+                node.failed(exc)  # start degraded: this node's keys fall through until it answers
+        logger.info("redis_cluster: %d primaries %s, %d partitions per table, tls=%s, hiredis=%s",
+                    len(primaries), primaries, self.num_partitions, self.enable_tls, HIREDIS_AVAILABLE)
+
+    def _request_refresh(self) -> None:
+        self._refresh_wanted.set()
+
+    def _refresh_loop(self) -> None:
+        """Background: re-read the slot map when a failure asked for it, at most once per backoff interval."""
+        while not self._stop.is_set():
+            if not self._refresh_wanted.wait(timeout=0.5):
+                continue
+            wait = self._last_refresh + self._backoff[0] - time.monotonic()
+            if wait > 0 and self._stop.wait(wait):
+                return
+            self._refresh_wanted.clear()
+            self._last_refresh = time.monotonic()
+            try:
+                self.refresh_topology()
+            except Exception as exc:  # keep the thread alive; the next failure asks again
+                logger.debug("redis_cluster: topology refresh failed: %s", exc)
+
+    def refresh_topology(self) -> bool:
+        """Re-read CLUSTER SLOTS from the first node that answers (up nodes first) and re-route every table.
+
+        Returns True when a slot map was read. Called by the background thread after failures; safe to call.
+        """
+        with self._topology_lock:
+            nodes = sorted(self._nodes.values(), key=lambda n: n.down_since is not None)
+            seeds = [self._node(h, p) for h, p in self._seeds]
+            for node in itertools.chain(nodes, seeds):
+                if node.down_since is not None and node.retry_at > time.monotonic():
+                    continue
+                try:
+                    slots = self._read_slots(node)
+                except (RedisError, OSError):
+                    continue
+                changed = slots != self._slots
+                self._slots = slots
+                self.topology_refreshes += 1
+                if changed:
+                    logger.info("redis_cluster: slot map changed (read from %s)", node.name)
+                    with self._tables_lock:
+                        for table in self._tables.values():
+                            table.routes = [slots[key_slot(h)] for h in table.hkeys]
+                return True
+        return False
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        """Per node: up, failures, recoveries, seconds down, last error (no secrets)."""
+        now = time.monotonic()
+        return {
+            name: {
+                "up": n.down_since is None,
+                "down_for_s": 0.0 if n.down_since is None else now - n.down_since,
+                "failures": n.failures,
+                "recoveries": n.recoveries,
+                "last_error": n.last_error,
+                "serves_slots": sum(s == name for s in self._slots),
+            }
+            for name, n in list(self._nodes.items())
+        }
+
+    # ------------------------------------------------------------------ tables / inputs
+
+    def create_table(self, tag: str, dim: int) -> None:
+        """Declare a table; checks a sample of rows already in the cluster has `dim` floats.
+
+        Raises ValueError on a dim different from an earlier call or from the rows the cluster holds.
+        """
+        if not isinstance(tag, str) or not tag or "{" in tag or "}" in tag:
+            raise ValueError(f"redis_cluster: table tag must be a non-empty string without braces, got {tag!r}")
+        dim = _check_positive_int(dim, "dim")
+        with self._tables_lock:
+            existing = self._tables.get(tag)
+            if existing is not None:
+                if existing.dim != dim:
+                    raise ValueError(f"redis_cluster: table {tag!r} was created with dim {existing.dim}, got {dim}")
+                return
+        hkeys = [f"hps_et{{{tag}/p{p}}}v".encode() for p in range(self.num_partitions)]
+        tkeys = [f"hps_et{{{tag}/p{p}}}t".encode() for p in range(self.num_partitions)]
+        table = _Table(tag, dim, hkeys, tkeys, [self._slots[key_slot(h)] for h in hkeys])
+        self._check_stored_dim(table)
+        with self._tables_lock:
+            self._tables.setdefault(tag, table)
+
+    def _check_stored_dim(self, table: _Table) -> None:
+        batches: dict[str, list[_Cmd]] = {}
+        for p, node in enumerate(table.routes):
+            if node is not None:
+                cmd = _pack_args([b"HRANDFIELD", table.hkeys[p], b"1", b"WITHVALUES"])
+                batches.setdefault(node, []).append(_Cmd([cmd], table, p))
+        for name, result in self._execute(batches, respect_backoff=True).items():
+            if not isinstance(result, list):
+                continue  # node down: nothing to check there now
+            for cmd, reply in zip(batches[name], result):
+                if not isinstance(reply, list) or not reply:
+                    continue  # empty partition (or an error reply: nothing to learn)
+                # [field, value], or [[field, value]] from servers that pair WITHVALUES replies
+                value = reply[0][1] if isinstance(reply[0], list) else reply[1]
+                if len(value) != table.dim * 4:
+                    raise ValueError(
+                        f"redis_cluster: the cluster already holds rows of {len(value)} bytes for table "
+                        f"{table.tag!r} (partition {cmd.part}), not dim {table.dim} x 4 bytes: wrong dim, or "
+                        f"another table under the same tag"
+                    )
+
+    def _table(self, tag: str) -> _Table:
+        table = self._tables.get(tag)
+        if table is None:
+            raise KeyError(f"redis_cluster: unknown table {tag!r}; call create_table first "
+                           f"(known: {sorted(self._tables)})")
+        return table
+
+    @staticmethod
+    def _keys_numpy(keys: Any) -> np.ndarray:
+        if isinstance(keys, torch.Tensor):
+            if keys.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"keys must be an int64 (or int32) tensor, got {keys.dtype}")
+            if keys.dim() != 1:
+                raise ValueError(f"keys must be 1-D (n,), got shape {tuple(keys.shape)}")
+            return np.ascontiguousarray(keys.detach().cpu().numpy(), dtype=np.int64)
+        arr = np.asarray(keys)
+        if arr.dtype.kind not in "iu" or arr.ndim != 1:
+            raise TypeError(f"keys must be a 1-D integer tensor/array, got dtype {arr.dtype} shape {arr.shape}")
+        return np.ascontiguousarray(arr, dtype=np.int64)
+
+    @staticmethod
+    def _values_numpy(values: Any, n: int, dim: int) -> np.ndarray:
+        if isinstance(values, torch.Tensor):
+            if values.dtype != torch.float32:
+                raise TypeError(f"values must be a float32 tensor, got {values.dtype}")
+            values = values.detach().cpu().numpy()
+        arr = np.asarray(values)
+        if arr.dtype != np.float32:
+            raise TypeError(f"values must be float32, got {arr.dtype}")
+        if arr.shape != (n, dim):
+            raise ValueError(f"values must have shape ({n}, {dim}), got {arr.shape}")
+        return np.ascontiguousarray(arr)
+
+    def _plan(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stable sort by partition -> (order int64 (n,), partition start offsets (P,), end offsets (P,))."""
+        parts = partition_of(keys, self.num_partitions)
+        order = np.argsort(parts, kind="stable")
+        counts = np.bincount(parts, minlength=self.num_partitions)
+        ends = np.cumsum(counts)
+        return order, ends - counts, ends
+
+    def _chunks(self, table: _Table, starts: np.ndarray, ends: np.ndarray):
+        """(partition, node, lo, hi) for every non-empty partition range, split at max_batch_size."""
+        for p in range(self.num_partitions):
+            lo, end = int(starts[p]), int(ends[p])
+            while lo < end:
+                hi = min(lo + self.max_batch_size, end)
+                yield p, table.routes[p], lo, hi
+                lo = hi
+
+    # ------------------------------------------------------------------ pipelines
+
+    def _execute(self, batches: dict[str, list[_Cmd]], *, respect_backoff: bool) -> dict[str, Any]:
+        """Send every node's commands, then read every node's replies.
+
+        Returns per node: a list of replies (ResponseError objects for error replies), the exception that broke
+        the node's pipeline, or _SKIPPED (node backing off, nothing sent). Every connection taken is given back,
+        whatever happens (a connection left mid-reply is closed, never reused).
+        """
+        results: dict[str, Any] = {}
+        in_flight: list[tuple[_Node, Connection, list[_Cmd]]] = []
+        now = time.monotonic()
+        try:
+            for name, cmds in batches.items():
+                node = self._nodes[name]
+                if respect_backoff and not node.may_try(now):
+                    results[name] = _SKIPPED
+                    continue
+                try:
+                    conn = node.acquire(self.timeout_s * 4)
+                except (RedisError, OSError) as exc:
+                    self._node_failed(node, exc, results)
+                    continue
+                if conn is None:  # every connection busy for long: not the node's fault
+                    results[name] = RedisClusterTierError(f"all connections to {name} busy")
+                    continue
+                in_flight.append((node, conn, cmds))
+                try:
+                    conn.send_packed_command([part for cmd in cmds for part in cmd.parts], check_health=False)
+                except (RedisError, OSError) as exc:
+                    in_flight.pop()
+                    node.release(conn, broken=True)
+                    self._node_failed(node, exc, results)
+            while in_flight:
+                node, conn, cmds = in_flight[0]
+                replies: list[Any] = []
+                try:
+                    for _ in cmds:
+                        try:
+                            replies.append(conn.read_response())
+                        except ResponseError as exc:  # one command failed; the connection is still in sync
+                            replies.append(exc)
+                except (RedisError, OSError) as exc:
+                    in_flight.pop(0)
+                    node.release(conn, broken=True)
+                    self._node_failed(node, exc, results)
+                    continue
+                in_flight.pop(0)
+                node.release(conn)
+                node.succeeded()
+                if any(isinstance(r, ResponseError) for r in replies):
+                    # MOVED/ASK/CLUSTERDOWN/TRYAGAIN: our slot map is stale or the cluster is reconfiguring.
+                    self._request_refresh()
+                results[node.name] = replies
+        finally:
+            for node, conn, _ in in_flight:  # only on an unexpected exception
+                node.release(conn, broken=True)
+        return results
+
+    def _node_failed(self, node: _Node, exc: BaseException, results: dict[str, Any]) -> None:
+        node.failed(exc)
+        self._request_refresh()
+        results[node.name] = exc
+
+    # ------------------------------------------------------------------ fetch
+
+    def fetch(self, tag: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of `keys` -> (values float32 (n, dim) CPU, found bool (n,) CPU); missing rows are zeros.
+
+        Never raises for a cluster problem: keys whose node cannot answer are reported not found and counted in
+        `stats()[tag].errors`. Raises KeyError for an undeclared tag, TypeError/ValueError for bad keys.
+        """
+        table = self._table(tag)
+        keys_np = self._keys_numpy(keys)
+        n, dim = keys_np.size, table.dim
+        out = np.zeros((n, dim), np.float32)
+        found = np.zeros(n, np.bool_)
+        errors = skipped = failed = 0
+        if n:
+            try:
+                errors, skipped, failed = self._fetch_into(table, keys_np, out, found)
+            except Exception:  # the contract: a lookup never sees a tier failure, whatever its cause
+                logger.exception("redis_cluster: fetch of %d keys from %s failed unexpectedly; reported missing",
+                                 n, tag)
+                out[:] = 0
+                found[:] = False
+                errors, skipped, failed = n, 0, 1
+        nfound = int(found.sum())
+        with self._stats_lock:
+            s = table.stats
+            s.fetches += 1
+            s.keys_requested += n
+            s.keys_found += nfound
+            s.errors += errors
+            s.keys_skipped += skipped
+            s.failed_requests += failed
+        return torch.from_numpy(out), torch.from_numpy(found)
+
+    def _fetch_into(self, table: _Table, keys_np: np.ndarray, out: np.ndarray,
+                    found: np.ndarray) -> tuple[int, int, int]:
+        """The network part of fetch: fills out/found; returns (errors, skipped, failed requests)."""
+        n = keys_np.size
+        errors = skipped = failed = 0
+        order, starts, ends = self._plan(keys_np)
+        fields = _bulk_rows([_key_bytes(keys_np[order])], n)  # (n, 14): "$8\r\n<key>\r\n"
+        batches: dict[str, list[_Cmd]] = {}
+        for p, node, lo, hi in self._chunks(table, starts, ends):
+            if node is None:
+                errors += hi - lo
+                continue
+            head = _header(2 + hi - lo, (b"HMGET", table.hkeys[p]))
+            batches.setdefault(node, []).append(_Cmd([head, memoryview(fields[lo:hi])], table, p, lo, hi, "v"))
+        results = self._execute(batches, respect_backoff=True)
+        meta_hits: list[tuple[str, _Cmd, np.ndarray]] = []
+        for name, result in results.items():
+            cmds = batches[name]
+            if not isinstance(result, list):
+                count = sum(c.hi - c.lo for c in cmds)
+                errors += count
+                if result is _SKIPPED:
+                    skipped += count
+                else:
+                    failed += 1
+                continue
+            for cmd, reply in zip(cmds, result):
+                hit_mask = self._decode(table, cmd, reply, order, out, found)
+                if hit_mask is None:
+                    errors += cmd.hi - cmd.lo
+                    failed += 1
+                elif self.keeps_meta and hit_mask.any():
+                    meta_hits.append((name, cmd, hit_mask))
+        if meta_hits:
+            self._touch_meta(table, fields, meta_hits)
+        return errors, skipped, failed
+
+    def _decode(self, table: _Table, cmd: _Cmd, reply: Any, order: np.ndarray, out: np.ndarray,
+                found: np.ndarray) -> np.ndarray | None:
+        """Scatter one HMGET reply into `out`/`found`; returns the hit mask over [lo, hi), None on an error reply."""
+        m = cmd.hi - cmd.lo
+        if not isinstance(reply, list) or len(reply) != m:
+            if isinstance(reply, ResponseError):
+                logger.debug("redis_cluster: HMGET on %s failed: %s", table.hkeys[cmd.part], reply)
+            else:
+                logger.warning("redis_cluster: unexpected HMGET reply for %s: %s", table.hkeys[cmd.part],
+                               type(reply).__name__)
+            return None
+        row_bytes = table.dim * 4
+        misses = reply.count(None)
+        if misses == m:
+            return np.zeros(m, np.bool_)
+        if misses == 0:
+            mask = np.ones(m, np.bool_)
+            data = b"".join(reply)
+        else:
+            mask = np.fromiter(map(operator.is_not, reply, itertools.repeat(None)), np.bool_, m)
+            data = b"".join(filter(None, reply))  # stored values are never empty
+        hits = int(mask.sum())
+        if len(data) != hits * row_bytes:
+            # Some stored row has the wrong size (another table under this tag?): keep only the good rows.
+            sizes = np.fromiter((len(v) if v is not None else -1 for v in reply), np.int64, m)
+            bad = mask & (sizes != row_bytes)
+            logger.warning("redis_cluster: %d rows of %s have a size other than %d bytes; treated as missing",
+                           int(bad.sum()), table.hkeys[cmd.part], row_bytes)
+            mask = sizes == row_bytes
+            data = b"".join(v for v, ok in zip(reply, mask) if ok)
+            hits = int(mask.sum())
+        idx = order[cmd.lo : cmd.hi]
+        if hits != m:
+            idx = idx[mask]
+        out[idx] = np.frombuffer(data, np.float32).reshape(-1, table.dim)
+        found[idx] = True
+        return mask
+
+    def _meta_commands(self, table: _Table, p: int, rows: np.ndarray, m: int, value: bytes | None) -> list[bytes]:
+        """Meta update for `m` field rows ((m, 14) RESP field args) of partition p: HSET t f value ... (LRU /
+        reset) or, with value None, an LFU increment of each field."""
+        if value is None:
+            head = _header(3 + m + 1, (b"EVAL", _LFU_SCRIPT, b"1", table.tkeys[p]))
+            return [head, memoryview(rows)]
+        val = b"$%d\r\n%s\r\n" % (len(value), value)
+        body = np.empty((m, rows.shape[1] + len(val)), np.uint8)
+        body[:, : rows.shape[1]] = rows
+        body[:, rows.shape[1] :] = np.frombuffer(val, np.uint8)
+        return [_header(2 + 2 * m, (b"HSET", table.tkeys[p])), memoryview(body)]
+
+    def _touch_meta(self, table: _Table, fields: np.ndarray, hits: list[tuple[str, _Cmd, np.ndarray]]) -> None:
+        """LRU time / LFU count of the keys a fetch found (only when overflow handling needs it)."""
+        value = None if self.overflow_policy == "evict_least_used" else str(int(time.time() * 1000)).encode()
+        batches: dict[str, list[_Cmd]] = {}
+        for name, cmd, mask in hits:
+            rows = np.ascontiguousarray(fields[cmd.lo : cmd.hi][mask])
+            parts = self._meta_commands(table, cmd.part, rows, int(mask.sum()), value)
+            batches.setdefault(name, []).append(_Cmd(parts, table, cmd.part, kind="m"))
+        results = self._execute(batches, respect_backoff=True)
+        for name, result in results.items():
+            if not isinstance(result, list) or any(isinstance(r, ResponseError) for r in result):
+                logger.debug("redis_cluster: meta update on %s failed: %r", name, result)
+
+    # ------------------------------------------------------------------ writes
+
+    def _write_batches(self, table: _Table, batches: dict[str, list[_Cmd]], what: str) -> list[tuple[_Cmd, Any]]:
+        """Run write pipelines on every node (no backoff skipping: writes always try); returns (cmd, reply) of
+        the value commands; raises RedisClusterTierError after all nodes were tried if any failed."""
+        results = self._execute(batches, respect_backoff=False)
+        out: list[tuple[_Cmd, Any]] = []
+        failures = []
+        not_written = 0
+        for name, result in results.items():
+            cmds = batches[name]
+            if not isinstance(result, list):
+                failures.append(f"{name}: {type(result).__name__}: {result}")
+                not_written += sum(c.hi - c.lo for c in cmds if c.kind == "v")
+                continue
+            for cmd, reply in zip(cmds, result):
+                if isinstance(reply, ResponseError):
+                    failures.append(f"{name}: {reply}")
+                    if cmd.kind == "v":
+                        not_written += cmd.hi - cmd.lo
+                elif cmd.kind == "v":
+                    out.append((cmd, reply))
+        if failures:
+            with self._stats_lock:
+                table.stats.failed_requests += len(failures)
+                table.stats.keys_not_written += not_written
+            raise RedisClusterTierError(
+                f"redis_cluster: {what} of {table.tag!r} incomplete, {not_written} keys not written: "
+                f"{'; '.join(failures[:4])}{' ...' if len(failures) > 4 else ''}"
+            )
+        return out
+
+    def insert(self, tag: str, keys: torch.Tensor, values: torch.Tensor) -> int:
+        """Insert or overwrite rows (keys int64 (n,), values float32 (n, dim)); returns how many keys were new.
+
+        With a finite overflow_margin, partitions above it are then pruned (see `overflow_policy`). Raises
+        RedisClusterTierError when a node could not be written (rows on the other nodes are written).
+        """
+        table = self._table(tag)
+        keys_np = self._keys_numpy(keys)
+        vals_np = self._values_numpy(values, keys_np.size, table.dim)
+        return self._insert_numpy(table, keys_np, vals_np)
+
+    def _insert_numpy(self, table: _Table, keys_np: np.ndarray, vals_np: np.ndarray) -> int:
+        n = keys_np.size
+        if n == 0:
+            return 0
+        order, starts, ends = self._plan(keys_np)
+        sorted_keys = keys_np[order]
+        key_cols = _key_bytes(sorted_keys)
+        # One row = "$8\r\n<key>\r\n$<rb>\r\n<row bytes>\r\n"; a stable sort keeps the last duplicate last.
+        rows = _bulk_rows([key_cols, vals_np[order].view(np.uint8).reshape(n, table.dim * 4)], n)
+        meta_value = None
+        if self.keeps_meta:
+            meta_value = b"0" if self.overflow_policy == "evict_least_used" else str(int(time.time() * 1000)).encode()
+            fields = _bulk_rows([key_cols], n)
+        batches: dict[str, list[_Cmd]] = {}
+        touched: set[int] = set()
+        unrouted = 0
+        for p, node, lo, hi in self._chunks(table, starts, ends):
+            if node is None:
+                unrouted += hi - lo
+                continue
+            touched.add(p)
+            head = _header(2 + 2 * (hi - lo), (b"HSET", table.hkeys[p]))
+            cmds = batches.setdefault(node, [])
+            cmds.append(_Cmd([head, memoryview(rows[lo:hi])], table, p, lo, hi, "v"))
+            if meta_value is not None:
+                cmds.append(_Cmd(self._meta_commands(table, p, fields[lo:hi], hi - lo, meta_value), table, p,
+                                 kind="m"))
+        if unrouted:
+            raise RedisClusterTierError(f"redis_cluster: {unrouted} keys of {table.tag!r} map to slots no node "
+                                        f"serves; nothing was written")
+        replies = self._write_batches(table, batches, "insert")
+        new = sum(int(r) for _, r in replies)
+        with self._stats_lock:
+            table.stats.keys_inserted += n
+        if self.overflow_enabled:
+            self._resolve_overflow(table, sorted(touched))
+        return new
+
+    def erase(self, tag: str, keys: torch.Tensor) -> int:
+        """Remove keys (int64 (n,)); returns how many were present. Raises RedisClusterTierError on a node
+        that could not be written."""
+        table = self._table(tag)
+        keys_np = self._keys_numpy(keys)
+        n = keys_np.size
+        if n == 0:
+            return 0
+        order, starts, ends = self._plan(keys_np)
+        fields = _bulk_rows([_key_bytes(keys_np[order])], n)
+        batches: dict[str, list[_Cmd]] = {}
+        for p, node, lo, hi in self._chunks(table, starts, ends):
+            if node is None:
+                continue
+            cmds = batches.setdefault(node, [])
+            cmds.append(_Cmd([_header(2 + hi - lo, (b"HDEL", table.hkeys[p])), memoryview(fields[lo:hi])],
+                             table, p, lo, hi, "v"))
+            if self.keeps_meta:
+                cmds.append(_Cmd([_header(2 + hi - lo, (b"HDEL", table.tkeys[p])), memoryview(fields[lo:hi])],
+                                 table, p, kind="m"))
+        return sum(int(r) for _, r in self._write_batches(table, batches, "erase"))
+
+    def size(self, tag: str) -> int:
+        """Keys stored for `tag` (HLEN of every partition). Raises RedisClusterTierError when a node is down."""
+        table = self._table(tag)
+        return sum(self._partition_sizes(table, range(self.num_partitions)).values())
+
+    def _partition_sizes(self, table: _Table, parts: Sequence[int]) -> dict[int, int]:
+        batches: dict[str, list[_Cmd]] = {}
+        for p in parts:
+            node = table.routes[p]
+            if node is None:
+                raise RedisClusterTierError(f"redis_cluster: partition {p} of {table.tag!r} is on a slot no node "
+                                            f"serves")
+            batches.setdefault(node, []).append(_Cmd([_pack_args([b"HLEN", table.hkeys[p]])], table, p, kind="v"))
+        return {cmd.part: int(r) for cmd, r in self._write_batches(table, batches, "size")}
+
+    # ------------------------------------------------------------------ overflow
+
+    def _resolve_overflow(self, table: _Table, parts: Sequence[int]) -> None:
+        """Prune every partition above overflow_margin to margin * target keys by the overflow policy."""
+        target = int(self.overflow_margin * self.overflow_resolution_target)
+        for p, size in self._partition_sizes(table, parts).items():
+            if size <= self.overflow_margin:
+                continue
+            victims = self._pick_victims(table, p, size - target)
+            evicted = 0
+            node = self._nodes[table.routes[p]]
+            for start in range(0, len(victims), self.max_batch_size):
+                chunk = victims[start : start + self.max_batch_size]
+                cmds = [_pack_args([b"HDEL", table.hkeys[p], *chunk])]
+                if self.keeps_meta:
+                    cmds.append(_pack_args([b"HDEL", table.tkeys[p], *chunk]))
+                replies = self._call(node, cmds)
+                if isinstance(replies[0], ResponseError):
+                    raise RedisClusterTierError(f"redis_cluster: eviction in {table.hkeys[p]!r} failed: "
+                                                f"{replies[0]}")
+                evicted += int(replies[0])
+            logger.debug("redis_cluster: %s partition %d held %d > %d keys; evicted %d (%s)", table.tag, p, size,
+                         self.overflow_margin, evicted, self.overflow_policy)
+            with self._stats_lock:
+                table.stats.keys_evicted += evicted
+
+    def _pick_victims(self, table: _Table, p: int, count: int) -> list[bytes]:
+        """`count` fields of partition p to evict: random, least used (LFU) or oldest (LRU) first."""
+        node = self._nodes[table.routes[p]]
+        if self.overflow_policy == "evict_random":
+            (reply,) = self._call(node, [_pack_args([b"HRANDFIELD", table.hkeys[p], b"%d" % count])])
+            if isinstance(reply, ResponseError):
+                raise RedisClusterTierError(f"redis_cluster: HRANDFIELD on {table.hkeys[p]!r} failed: {reply}")
+            return list(reply)
+        fields_reply, meta_reply = self._call(node, [_pack_args([b"HKEYS", table.hkeys[p]]),
+                                                     _pack_args([b"HGETALL", table.tkeys[p]])])
+        for reply in (fields_reply, meta_reply):
+            if isinstance(reply, ResponseError):
+                raise RedisClusterTierError(f"redis_cluster: reading {table.hkeys[p]!r} for eviction failed: {reply}")
+        meta = meta_reply if isinstance(meta_reply, dict) else dict(zip(meta_reply[0::2], meta_reply[1::2]))
+        # Keys without meta (written before meta was kept) count as least used / oldest.
+        scores = np.fromiter((int(meta.get(f, 0)) for f in fields_reply), np.int64, len(fields_reply))
+        pick = np.argsort(scores, kind="stable")[:count]
+        return [fields_reply[i] for i in pick.tolist()]
+
+    # ------------------------------------------------------------------ bulk load / stats / close
+
+    def load(self, tag: str, table: "Any", progress: bool = True) -> int:
+        """Write every row of a `hps_core.tables.TableFiles` into the cluster (tqdm bar when `progress`).
+
+        Returns rows loaded. Raises ValueError when the files' dim differs from the table's, and
+        RedisClusterTierError when a node cannot be written.
+        """
+        t = self._table(tag)
+        if table.dim != t.dim:
+            raise ValueError(f"redis_cluster: table files {table.path} have dim {table.dim}, table {tag!r} has "
+                             f"dim {t.dim}")
+        # ~32 MB of row bytes per block: big enough for full max_batch_size commands, small enough for RAM.
+        chunk_rows = max(1024, min(1 << 16, (32 << 20) // (t.dim * 4 + 32)))
+        loaded = 0
+        for keys, vectors in table.iter_chunks(chunk_rows, progress=progress, desc=f"redis_cluster <- {tag}"):
+            self._insert_numpy(t, np.ascontiguousarray(keys, dtype=np.int64),
+                               np.ascontiguousarray(vectors, dtype=np.float32))
+            loaded += len(keys)
+        logger.info("redis_cluster: loaded %d rows into %s", loaded, tag)
+        return loaded
+
+    def stats(self) -> dict[str, RedisTierStats]:
+        """Counters per tag (copies): TierStats + keys_skipped, failed_requests, keys_not_written."""
+        with self._stats_lock:
+            return {tag: dataclasses.replace(t.stats) for tag, t in self._tables.items()}
+
+    def close(self) -> None:
+        """Stop the topology thread and close every connection. Idempotent."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        self._stop.set()
+        self._refresh_wanted.set()
+        refresher = getattr(self, "_refresher", None)
+        if refresher is not None and refresher is not threading.current_thread():
+            refresher.join(timeout=5)
+        for node in list(self._nodes.values()):
+            node.close()
