@@ -1,0 +1,123 @@
+// Helpers shared by the CPU cache kernels (cache_*_cpu.cpp): the bucket probe and the score rules.
+// Header only, included by the CPU kernel files; the CUDA twins use cache_layout.h directly.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "cache_layout.h"
+#include "cache_state.h"
+#include "checks.h"
+
+namespace hps {
+namespace cpu {
+
+constexpr int32_t kScoreMax = std::numeric_limits<int32_t>::max();
+constexpr int32_t kScoreMin = std::numeric_limits<int32_t>::min();
+
+// Hash of one key, computed once and used for both the bucket and the digest.
+struct KeyHash {
+  int64_t key;     // the key widened to int64 (sign extension)
+  int64_t base;    // first slot of its bucket
+  uint8_t digest;  // never kEmptyDigest
+};
+
+inline KeyHash hash_key(int64_t key, int64_t num_buckets) {
+  const uint64_t h = mix64(key_bits(key));
+  return {key, bucket_of(h, num_buckets) * kBucketSize, digest_of(h)};
+}
+
+// Slot holding the key, or -1. A slot matches iff its digest equals the key's digest AND its stored key equals
+// the key (the digest is only a filter); the lowest matching slot wins (a bucket never holds a key twice).
+// The 32 digests are compared first into a bit mask (a loop without early exit, which the compiler vectorises);
+// only the slots whose digest matches have their 8-byte key read.
+inline int64_t probe(const int64_t* slot_keys, const uint8_t* digests, const KeyHash& k) {
+  static_assert(kBucketSize == 32, "the probe mask is 32 bits");
+  const uint8_t* d = digests + k.base;
+  uint32_t mask = 0;
+  for (int j = 0; j < 32; ++j) mask |= static_cast<uint32_t>(d[j] == k.digest) << j;
+  while (mask != 0) {
+    const int j = __builtin_ctz(mask);
+    if (slot_keys[k.base + j] == k.key) return k.base + j;
+    mask &= mask - 1;
+  }
+  return -1;
+}
+
+// LRU score of a touch at `clock`: the clock, saturated to the int32 score range. The engine halves the clock
+// before it reaches kClockLimit (2^30), so saturation only guards state written by hand.
+inline int32_t score_from_clock(int64_t clock) {
+  if (clock > kScoreMax) return kScoreMax;
+  if (clock < kScoreMin) return kScoreMin;
+  return static_cast<int32_t>(clock);
+}
+
+// LFU hit: +1, saturating at INT32_MAX. Atomic (CAS loop) because duplicate keys in one find batch may be
+// served by different threads; the final score is min(old + hits, INT32_MAX) whatever the interleaving.
+inline void lfu_bump_atomic(int32_t* score) {
+  int32_t cur = __atomic_load_n(score, __ATOMIC_RELAXED);
+  while (cur != kScoreMax &&
+         !__atomic_compare_exchange_n(score, &cur, cur + 1, /*weak=*/true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+}
+
+// Every entry point: state checks (cache_state.h) plus "on the CPU". Returns num_buckets.
+inline int64_t check_cpu_state(const at::Tensor& slot_keys, const at::Tensor& digests, const at::Tensor& scores,
+                               const at::Tensor& values, const at::Tensor& clock) {
+  HPS_CHECK_CPU(slot_keys);
+  return check_cache_state(slot_keys, digests, scores, values, clock);
+}
+
+// For the ops that take only part of the state (contains, assign, erase, export_batch, size): the same
+// dtype/shape/device checks on the tensors they do take. Returns num_buckets.
+inline int64_t check_cpu_digests(const at::Tensor& digests) {
+  HPS_CHECK_CPU(digests);
+  HPS_CHECK_DTYPE(digests, at::kByte);
+  HPS_CHECK_DIM(digests, 1);
+  HPS_CHECK_CONTIGUOUS(digests);
+  const int64_t slots = digests.size(0);
+  TORCH_CHECK_VALUE(slots > 0 && slots % kBucketSize == 0, "cache slot count must be a positive multiple of ",
+                    kBucketSize, ", found ", slots);
+  return slots / kBucketSize;
+}
+
+inline int64_t check_cpu_keys_digests(const at::Tensor& slot_keys, const at::Tensor& digests) {
+  HPS_CHECK_CPU(slot_keys);
+  HPS_CHECK_DTYPE(slot_keys, at::kLong);
+  HPS_CHECK_DIM(slot_keys, 1);
+  HPS_CHECK_CONTIGUOUS(slot_keys);
+  HPS_CHECK_SAME_DEVICE(digests, slot_keys);
+  const int64_t num_buckets = check_cpu_digests(digests);
+  TORCH_CHECK_VALUE(slot_keys.size(0) == digests.size(0), "slot_keys must have shape (", digests.size(0),
+                    ",), found ", slot_keys.sizes());
+  return num_buckets;
+}
+
+inline void check_cpu_values(const at::Tensor& values, const at::Tensor& slot_keys) {
+  HPS_CHECK_DTYPE(values, at::kFloat);
+  HPS_CHECK_DIM(values, 2);
+  HPS_CHECK_CONTIGUOUS(values);
+  HPS_CHECK_SAME_DEVICE(values, slot_keys);
+  TORCH_CHECK_VALUE(values.size(0) == slot_keys.size(0), "values must have ", slot_keys.size(0), " rows, found ",
+                    values.size(0));
+}
+
+inline void check_cpu_scores(const at::Tensor& scores, const at::Tensor& digests) {
+  HPS_CHECK_DTYPE(scores, at::kInt);
+  HPS_CHECK_CONTIGUOUS(scores);
+  HPS_CHECK_SAME_DEVICE(scores, digests);
+  TORCH_CHECK_VALUE(scores.dim() == 1 && scores.size(0) == digests.size(0), "scores must have shape (",
+                    digests.size(0), ",), found ", scores.sizes());
+}
+
+inline void check_cpu_clock(const at::Tensor& clock, const at::Tensor& scores) {
+  HPS_CHECK_DTYPE(clock, at::kLong);
+  HPS_CHECK_CONTIGUOUS(clock);
+  HPS_CHECK_SAME_DEVICE(clock, scores);
+  TORCH_CHECK_VALUE(clock.numel() == 1, "clock must hold one element, found shape ", clock.sizes());
+}
+
+}  // namespace cpu
+}  // namespace hps

@@ -1,0 +1,167 @@
+// CPU twins of cache_insert_or_assign and cache_assign (hps_ops.cpp contract).
+//
+// insert_or_assign: the contract is "keys applied in input order, one at a time". Buckets never interact, so the
+// keys are grouped by bucket (stable: input order kept inside a bucket) and each bucket's keys are walked in order
+// by one thread, with a 32-bit mask of the slots this call has written (never evicted, refused when full). Buckets
+// run in parallel; the result equals the sequential one exactly. This is also the CUDA twin's decomposition.
+//
+// assign: slots are resolved in parallel (read-only probes), then rows are copied in input order so the last
+// duplicate of a key wins.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "cpu/cache_cpu_common.h"
+
+namespace hps {
+namespace {
+
+enum Count { kInserted = 0, kAssigned = 1, kEvicted = 2, kRefused = 3 };
+
+// Hash every key (widened to int64) in parallel.
+std::vector<cpu::KeyHash> hash_all(const at::Tensor& keys, int64_t num_buckets) {
+  const int64_t n = keys.size(0);
+  std::vector<cpu::KeyHash> hk(static_cast<size_t>(n));
+  AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "cache_hash_cpu", [&] {
+    const index_t* kp = keys.data_ptr<index_t>();
+    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) hk[i] = cpu::hash_key(static_cast<int64_t>(kp[i]), num_buckets);
+    });
+  });
+  return hk;
+}
+
+at::Tensor cache_insert_or_assign_cpu(at::Tensor& slot_keys,          // (S,) int64
+                                      at::Tensor& digests,            // (S,) uint8
+                                      at::Tensor& scores,             // (S,) int32
+                                      at::Tensor& values,             // (S, D) float32
+                                      const at::Tensor& clock,        // (1,) int64, read only
+                                      const at::Tensor& keys,         // (n,) int32|int64
+                                      const at::Tensor& new_values,   // (n, D) float32
+                                      int64_t policy) {
+  const int64_t num_buckets = cpu::check_cpu_state(slot_keys, digests, scores, values, clock);
+  check_policy(policy);
+  check_query_keys(keys, slot_keys);
+  check_new_values(new_values, keys, values);
+  at::Tensor counts = at::zeros({4}, slot_keys.options());  // [inserted, assigned, evicted, refused]
+  const int64_t n = keys.size(0);
+  if (n == 0) return counts;
+
+  const std::vector<cpu::KeyHash> hk = hash_all(keys, num_buckets);
+  // (bucket base, input index), sorted: groups each bucket's keys, in input order inside the group.
+  std::vector<std::pair<int64_t, int64_t>> order(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) order[i] = {hk[i].base, i};
+  std::sort(order.begin(), order.end());
+  std::vector<int64_t> group_start;  // index into `order` of each bucket group's first key, plus n
+  for (int64_t i = 0; i < n; ++i) {
+    if (i == 0 || order[i].first != order[i - 1].first) group_start.push_back(i);
+  }
+  group_start.push_back(n);
+  const int64_t num_groups = static_cast<int64_t>(group_start.size()) - 1;
+
+  const int32_t new_score = policy == kPolicyLRU ? cpu::score_from_clock(clock.data_ptr<int64_t>()[0]) : 1;
+  const int64_t dim = values.size(1);
+  const size_t row_bytes = static_cast<size_t>(dim) * sizeof(float);
+  int64_t* sk = slot_keys.data_ptr<int64_t>();
+  uint8_t* dg = digests.data_ptr<uint8_t>();
+  int32_t* sc = scores.data_ptr<int32_t>();
+  float* val = values.data_ptr<float>();
+  const float* nv = new_values.data_ptr<float>();
+  std::atomic<int64_t> total[4] = {{0}, {0}, {0}, {0}};
+
+  at::parallel_for(0, num_groups, 16, [&](int64_t g_begin, int64_t g_end) {
+    int64_t local[4] = {0, 0, 0, 0};
+    for (int64_t g = g_begin; g < g_end; ++g) {
+      uint32_t written = 0;  // bit j: slot base + j was inserted or assigned by this call
+      for (int64_t o = group_start[g]; o < group_start[g + 1]; ++o) {
+        const int64_t i = order[o].second;
+        const cpu::KeyHash& k = hk[i];
+        int64_t s = cpu::probe(sk, dg, k);
+        if (s >= 0) {  // present (before this call or inserted earlier in it): assign, score untouched
+          std::memcpy(val + s * dim, nv + i * dim, row_bytes);
+          written |= uint32_t(1) << (s - k.base);
+          ++local[kAssigned];
+          continue;
+        }
+        for (int64_t j = 0; j < kBucketSize; ++j) {  // lowest free slot
+          if (dg[k.base + j] == kEmptyDigest) {
+            s = k.base + j;
+            break;
+          }
+        }
+        if (s < 0) {  // full: lowest score among slots not written by this call, ties to the lowest index
+          for (int64_t j = 0; j < kBucketSize; ++j) {
+            if ((written >> j) & 1u) continue;
+            if (s < 0 || sc[k.base + j] < sc[s]) s = k.base + j;
+          }
+          if (s < 0) {
+            ++local[kRefused];
+            continue;
+          }
+          ++local[kEvicted];
+        }
+        sk[s] = k.key;
+        dg[s] = k.digest;
+        sc[s] = new_score;
+        std::memcpy(val + s * dim, nv + i * dim, row_bytes);
+        written |= uint32_t(1) << (s - k.base);
+        ++local[kInserted];
+      }
+    }
+    for (int c = 0; c < 4; ++c) total[c].fetch_add(local[c], std::memory_order_relaxed);
+  });
+  int64_t* cp = counts.data_ptr<int64_t>();
+  for (int c = 0; c < 4; ++c) cp[c] = total[c].load();
+  return counts;
+}
+
+at::Tensor cache_assign_cpu(const at::Tensor& slot_keys,   // (S,) int64
+                            const at::Tensor& digests,     // (S,) uint8
+                            at::Tensor& values,            // (S, D) float32
+                            const at::Tensor& keys,        // (n,) int32|int64
+                            const at::Tensor& new_values)  // (n, D) float32
+{
+  const int64_t num_buckets = cpu::check_cpu_keys_digests(slot_keys, digests);
+  cpu::check_cpu_values(values, slot_keys);
+  check_query_keys(keys, slot_keys);
+  check_new_values(new_values, keys, values);
+  at::Tensor count = at::zeros({}, slot_keys.options());  // 0-d: keys (occurrences) that were present
+  const int64_t n = keys.size(0);
+  if (n == 0) return count;
+
+  const std::vector<cpu::KeyHash> hk = hash_all(keys, num_buckets);
+  const int64_t* sk = slot_keys.data_ptr<int64_t>();
+  const uint8_t* dg = digests.data_ptr<uint8_t>();
+  std::vector<int64_t> slot(static_cast<size_t>(n));
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) slot[i] = cpu::probe(sk, dg, hk[i]);
+  });
+  const int64_t dim = values.size(1);
+  const size_t row_bytes = static_cast<size_t>(dim) * sizeof(float);
+  float* val = values.data_ptr<float>();
+  const float* nv = new_values.data_ptr<float>();
+  int64_t assigned = 0;
+  for (int64_t i = 0; i < n; ++i) {  // input order: the last duplicate's row is the one left
+    if (slot[i] < 0) continue;
+    std::memcpy(val + slot[i] * dim, nv + i * dim, row_bytes);
+    ++assigned;
+  }
+  count.fill_(assigned);
+  return count;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hps, CPU, m) {
+  m.impl("cache_insert_or_assign", &cache_insert_or_assign_cpu);
+  m.impl("cache_assign", &cache_assign_cpu);
+}
+
+}  // namespace hps

@@ -1,0 +1,255 @@
+"""Typed Python wrappers over the embedding-cache ops `torch.ops.hps.*`, each with its fake (meta) kernel.
+
+The ops and their contract are declared once in cuda_ext/csrc/hps_ops.cpp; the state tensors are described in
+cuda_ext/csrc/cache_state.h. The fake kernels below give shapes and dtypes only, so the ops work under
+`torch.compile`, `torch.export` and FakeTensor tracing: every data-dependent size comes back as a fixed-capacity
+buffer plus a count tensor.
+
+Importing this module loads the native extension (hps_core._C); it raises ImportError with the reason if the
+extension cannot be used.
+
+Example:
+    >>> import torch
+    >>> from hps_core import ops
+    >>> bucket, digest = ops.hash_keys(torch.tensor([1, -1]), num_buckets=4)
+    >>> ops.bucket_size()
+    32
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from hps_core._loader import load_extension
+
+load_extension()
+
+__all__ = [
+    "POLICY_LRU",
+    "POLICY_LFU",
+    "POLICIES",
+    "bucket_size",
+    "clock_limit",
+    "hash_keys",
+    "cache_find",
+    "cache_contains",
+    "cache_insert_or_assign",
+    "cache_assign",
+    "cache_erase",
+    "cache_export_batch",
+    "cache_clear",
+    "cache_size",
+    "cache_decay",
+]
+
+# Policy codes of the `policy` argument (cache_layout.h: kPolicyLRU, kPolicyLFU). NOTE: no op exports them, so they
+# are the one pair of constants mirrored here; the C++ check_policy names both values if they ever drift.
+POLICY_LRU = 0
+POLICY_LFU = 1
+POLICIES = {"lru": POLICY_LRU, "lfu": POLICY_LFU}
+
+
+@functools.cache
+def bucket_size() -> int:
+    """Slots per bucket (kBucketSize, 32), read from the extension."""
+    return int(torch.ops.hps.bucket_size())
+
+
+@functools.cache
+def clock_limit() -> int:
+    """kClockLimit (2**30): the LRU clock is halved (with the scores) before it reaches this."""
+    return int(torch.ops.hps.clock_limit())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Wrappers. Devices: every tensor of one call on one device (CPU kernels always; CUDA when the extension has them).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def hash_keys(keys: Tensor, num_buckets: int) -> tuple[Tensor, Tensor]:
+    """Bucket and digest of each key, as the cache kernels compute them.
+
+    Args:
+        keys: (n,) int32 or int64 (int32 keys are sign-extended: -5 and -5L are one key).
+        num_buckets: in [1, 2**32).
+
+    Returns:
+        bucket (n,) int64 in [0, num_buckets), digest (n,) uint8 in [1, 255].
+    """
+    return torch.ops.hps.hash_keys.default(keys, num_buckets)
+
+
+def cache_find(
+    slot_keys: Tensor, digests: Tensor, scores: Tensor, values: Tensor, clock: Tensor, keys: Tensor, policy: int
+) -> tuple[Tensor, Tensor]:
+    """Look keys up; hits are copied out and their scores touched (mutates `scores`, and `clock` if n > 0).
+
+    Args:
+        slot_keys (S,) int64, digests (S,) uint8, scores (S,) int32, values (S, D) float32, clock (1,) int64: the
+            cache state; keys: (n,) int32/int64; policy: POLICY_LRU or POLICY_LFU.
+
+    Returns:
+        out (n, D) float32 (zero rows for misses), found (n,) bool.
+    """
+    return torch.ops.hps.cache_find.default(slot_keys, digests, scores, values, clock, keys, policy)
+
+
+def cache_contains(slot_keys: Tensor, digests: Tensor, keys: Tensor) -> Tensor:
+    """found (n,) bool for keys (n,) int32/int64; changes nothing."""
+    return torch.ops.hps.cache_contains.default(slot_keys, digests, keys)
+
+
+def cache_insert_or_assign(
+    slot_keys: Tensor,
+    digests: Tensor,
+    scores: Tensor,
+    values: Tensor,
+    clock: Tensor,
+    keys: Tensor,
+    new_values: Tensor,
+    policy: int,
+) -> Tensor:
+    """Insert new keys / overwrite present ones, as if one at a time in input order (mutates the state).
+
+    Args:
+        keys: (n,) int32/int64; new_values: (n, D) float32; the rest: the cache state (see cache_find).
+
+    Returns:
+        counts (4,) int64: [inserted, assigned, evicted, refused]; inserted + assigned + refused == n and evicted
+        counts the inserts that displaced a key.
+    """
+    return torch.ops.hps.cache_insert_or_assign.default(
+        slot_keys, digests, scores, values, clock, keys, new_values, policy
+    )
+
+
+def cache_assign(slot_keys: Tensor, digests: Tensor, values: Tensor, keys: Tensor, new_values: Tensor) -> Tensor:
+    """Overwrite the rows of present keys only (mutates `values`); last duplicate wins.
+
+    Returns:
+        0-d int64: the number of keys (occurrences in `keys`) that were present.
+    """
+    return torch.ops.hps.cache_assign.default(slot_keys, digests, values, keys, new_values)
+
+
+def cache_erase(slot_keys: Tensor, digests: Tensor, scores: Tensor, keys: Tensor) -> Tensor:
+    """Free the slots of present keys (digest and score set to 0; mutates `digests`, `scores`).
+
+    Returns:
+        0-d int64: slots freed (a key given twice counts once).
+    """
+    return torch.ops.hps.cache_erase.default(slot_keys, digests, scores, keys)
+
+
+def cache_export_batch(
+    slot_keys: Tensor, digests: Tensor, values: Tensor, start: int, end: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Occupied slots of the slot range [start, end), in slot order, packed into fixed-capacity buffers.
+
+    Returns:
+        keys (end - start,) int64, values (end - start, D) float32, count 0-d int64; entries past count are zero.
+    """
+    return torch.ops.hps.cache_export_batch.default(slot_keys, digests, values, start, end)
+
+
+def cache_clear(digests: Tensor, scores: Tensor, clock: Tensor) -> None:
+    """Empty every slot; scores and clock to zero (mutates all three)."""
+    torch.ops.hps.cache_clear.default(digests, scores, clock)
+
+
+def cache_size(digests: Tensor) -> Tensor:
+    """Occupied slots, 0-d int64."""
+    return torch.ops.hps.cache_size.default(digests)
+
+
+def cache_decay(scores: Tensor, clock: Tensor, policy: int) -> None:
+    """Halve every score (floor); for LRU the clock too (mutates `scores`, and `clock` under LRU)."""
+    torch.ops.hps.cache_decay.default(scores, clock, policy)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fake kernels: shapes and dtypes only (no data is read). Checks are limited to what shapes decide.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fake_check_keys(keys: Tensor) -> None:
+    torch._check(keys.dim() == 1, lambda: f"keys must be 1-D, found shape {tuple(keys.shape)}")
+    torch._check(
+        keys.dtype in (torch.int32, torch.int64), lambda: f"keys must be int64 or int32, found {keys.dtype}"
+    )
+
+
+@torch.library.register_fake("hps::hash_keys")
+def _hash_keys_fake(keys: Tensor, num_buckets: int) -> tuple[Tensor, Tensor]:
+    _fake_check_keys(keys)
+    n = keys.shape[0]
+    return keys.new_empty((n,), dtype=torch.int64), keys.new_empty((n,), dtype=torch.uint8)
+
+
+@torch.library.register_fake("hps::cache_find")
+def _cache_find_fake(slot_keys, digests, scores, values, clock, keys, policy):
+    _fake_check_keys(keys)
+    n = keys.shape[0]
+    return values.new_empty((n, values.shape[1])), keys.new_empty((n,), dtype=torch.bool)
+
+
+@torch.library.register_fake("hps::cache_contains")
+def _cache_contains_fake(slot_keys, digests, keys):
+    _fake_check_keys(keys)
+    return keys.new_empty((keys.shape[0],), dtype=torch.bool)
+
+
+@torch.library.register_fake("hps::cache_insert_or_assign")
+def _cache_insert_or_assign_fake(slot_keys, digests, scores, values, clock, keys, new_values, policy):
+    _fake_check_keys(keys)
+    torch._check(new_values.dim() == 2, lambda: f"new_values must be 2-D, found shape {tuple(new_values.shape)}")
+    return slot_keys.new_empty((4,), dtype=torch.int64)
+
+
+@torch.library.register_fake("hps::cache_assign")
+def _cache_assign_fake(slot_keys, digests, values, keys, new_values):
+    _fake_check_keys(keys)
+    return slot_keys.new_empty((), dtype=torch.int64)
+
+
+@torch.library.register_fake("hps::cache_erase")
+def _cache_erase_fake(slot_keys, digests, scores, keys):
+    _fake_check_keys(keys)
+    return slot_keys.new_empty((), dtype=torch.int64)
+
+
+@torch.library.register_fake("hps::cache_export_batch")
+def _cache_export_batch_fake(slot_keys, digests, values, start, end):
+    torch._check(
+        0 <= start <= end <= slot_keys.shape[0],
+        lambda: f"export_batch needs 0 <= start <= end <= slots ({slot_keys.shape[0]}), found start={start}, end={end}",
+    )
+    cap = end - start
+    return (
+        slot_keys.new_empty((cap,), dtype=torch.int64),
+        values.new_empty((cap, values.shape[1])),
+        slot_keys.new_empty((), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("hps::cache_clear")
+def _cache_clear_fake(digests, scores, clock):
+    return None
+
+
+@torch.library.register_fake("hps::cache_size")
+def _cache_size_fake(digests):
+    return digests.new_empty((), dtype=torch.int64)
+
+
+@torch.library.register_fake("hps::cache_decay")
+def _cache_decay_fake(scores, clock, policy):
+    return None
+
+
+# The lookup-pipeline ops keep their wrappers and fake kernels in pipeline_ops; importing it here registers them
+# whenever this module (the extension's declared python module) is imported.
+from hps_core import pipeline_ops as _pipeline_ops  # noqa: E402,F401
