@@ -19,6 +19,20 @@
 //  * export_batch: occupied slots of [start, end) in slot order, as fixed-capacity (end - start) buffers + count.
 //  * clear: every slot empty, scores and clock zero.  size: occupied slot count (0-d int64).
 //  * decay: scores halved (LFU ageing; for LRU the clock is halved too, which keeps the recency order).
+//
+// Lookup-pipeline ops (same on both devices; no host synchronisation needed between them):
+//  * compact_misses(keys (n,), found (n,)) -> unique_keys (n,) int64: the distinct keys of the miss positions in
+//           ascending order; positions (n,) int64: the miss positions in ascending order; inverse (n,) int64:
+//           for each miss position the index of its key in unique_keys; counts (2,) int64 = [misses, unique].
+//           Buffers are of capacity n; entries past the counts are unspecified.
+//  * scatter_rows(out (n, D), positions, inverse, rows (u, D), counts): out[positions[i]] = rows[inverse[i]]
+//           for i < counts[0].
+//  * bag_reduce(values (n, D), offsets (B+1,) int64 with offsets[B] == n, weights (n,) float32 or None, mode)
+//           -> (B, D): per bag the sum (mode 0), mean (1) or sqrtn (2) of w_i * v_i; mean divides by sum(w),
+//           sqrtn by sqrt(sum(w^2)) (w = 1 without weights); an empty bag, or a zero divisor, gives zeros.
+//  * gather_rows(table (N, D), rows (n,) int64) -> (n, D) on rows' device: out[i] = table[rows[i]]; a row id
+//           outside [0, N) gives a zero row. On CUDA the table may live in pinned host memory: the kernel reads
+//           it zero-copy over the bus (HPS's "uvm" mode) - or in device memory.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -30,6 +44,9 @@ void register_host_map_class(torch::Library& m);
 }  // namespace hps
 
 TORCH_LIBRARY(hps, m) {
+  // Where the fake (meta) kernels live: tracing imports it on demand, so FakeTensor/compile work without a
+  // prior `import hps_core.ops`.
+  m.set_python_module("hps_core.ops");
   // Constants shared with Python come from here, not copied.
   m.def("bucket_size() -> int", []() -> int64_t { return hps::kBucketSize; });
   m.def("clock_limit() -> int", []() -> int64_t { return hps::kClockLimit; });
@@ -52,6 +69,11 @@ TORCH_LIBRARY(hps, m) {
   m.def("cache_clear(Tensor(a!) digests, Tensor(b!) scores, Tensor(c!) clock) -> ()");
   m.def("cache_size(Tensor digests) -> Tensor");
   m.def("cache_decay(Tensor(a!) scores, Tensor(b!) clock, int policy) -> ()");
+
+  m.def("compact_misses(Tensor keys, Tensor found) -> (Tensor unique_keys, Tensor positions, Tensor inverse, Tensor counts)");
+  m.def("scatter_rows(Tensor(a!) out, Tensor positions, Tensor inverse, Tensor rows, Tensor counts) -> ()");
+  m.def("bag_reduce(Tensor values, Tensor offsets, Tensor? weights, int mode) -> Tensor");
+  m.def("gather_rows(Tensor table, Tensor rows) -> Tensor");
 
   hps::register_host_map_class(m);
 }
