@@ -25,9 +25,11 @@ $(VENV)/.installed: requirements.txt
 
 setup: $(VENV)/.installed
 
-# Incremental rebuild of hps_core._C (ninja keeps build/ between runs).
+# Incremental rebuild of hps_core._C (ninja keeps build/ between runs), then the TF plugin's HpsLookup op
+# (g++ against the installed TF; cached per TF version and source hash, so a no-op when up to date).
 build: setup
 	$(PY) setup.py -q build_ext --inplace
+	$(PY) -m interop.tf_op.build
 
 test: system-deps build
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
