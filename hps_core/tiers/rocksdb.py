@@ -1,0 +1,719 @@
+"""RocksDB tier (HPS "persistent_db" of type rocks_db) over rocksdict, in raw mode.
+
+On-disk layout, compatible with HPS's RocksDB backend:
+
+    column family "<tag>"  (tag = "hps_et.<model>.<table>")   one per table
+        key   = the int64 key as 8 little-endian bytes (HPS: the raw native bytes of the key)
+        value = dim float32 as little-endian bytes (4 * dim bytes)
+    column family "default"                                     our metadata (HPS leaves it empty)
+        b"hps/dim/<tag>"   -> dim as ASCII decimal
+        b"hps/count/<tag>" -> exact number of keys as ASCII decimal (absent = unknown: recounted on demand)
+
+Counting: RocksDB has no exact key count (its "estimate-num-keys" property is an estimate), so `insert` and
+`erase` look the keys up before writing (they must report how many keys were new / present anyway) and write the new
+count in the same WriteBatch as the rows, atomically. `load` removes the count before it starts and writes it back
+when done; a directory whose count is missing (a crash mid-load, a DB written by HPS) is counted once by iteration
+on the first `size()` and the count is stored again. HPS's size() check was inverted; this one is exact.
+
+Column families that exist when the tier opens are opened with it (an engine restarted over the directory sees its
+tables); a family without a dim entry (written by HPS) takes its dim from the length of its first value.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import json
+import logging
+import operator
+import os
+import pathlib
+import tempfile
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import rocksdict
+import torch
+
+from hps_core.tiers.base import Tier, TierStats
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hps_core.tables import TableFiles
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RocksDBTier"]
+
+_KEY_DTYPE = np.dtype("<i8")
+_VALUE_DTYPE = np.dtype("<f4")
+# Bytewise order of little-endian int64 key bytes (RocksDB's default comparator) = integer order of the same
+# 8 bytes read as a big-endian uint64. SST files must be written in that order.
+_KEY_ORDER_DTYPE = np.dtype(">u8")
+
+_DIM_PREFIX = b"hps/dim/"
+_COUNT_PREFIX = b"hps/count/"
+_DEFAULT_CF = "default"
+
+# Table bytes per SST file when loading (1 GiB: 2 M rows of dim 128). A block costs 16 bytes per row of RAM (its
+# sort order and sorted keys); its vectors are gathered slab by slab. Larger tables give several files whose key
+# ranges overlap; RocksDB ingests them in order (later rows win) into level 0 and compacts them in the background.
+_LOAD_BLOCK_BYTES = 1 << 30
+# Rows turned into Python bytes objects at a time while writing an SST file (bounds the Python-object memory).
+_SST_PUT_ROWS = 1 << 16
+
+_LOAD_METHODS = ("sst", "write_batch")
+
+
+@dataclasses.dataclass
+class _Table:
+    """One column family: its rocksdict handle(s), dim and the exact key count (None = unknown, recount)."""
+
+    dim: int | None
+    cf: Any  # rocksdict.Rdict bound to the column family; None for a tag declared on a read-only DB lacking it
+    handle: Any  # rocksdict.ColumnFamily for WriteBatch; None when read-only
+    count: int | None
+    stats: TierStats = dataclasses.field(default_factory=TierStats)
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a positive int, got bool {value!r}")
+    try:
+        as_int = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}") from None
+    if as_int <= 0:
+        raise ValueError(f"{name} must be a positive int, got {as_int}")
+    return as_int
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _keys_numpy(keys: Any, name: str = "keys") -> np.ndarray:
+    """A CPU int64 (n,) torch tensor -> contiguous little-endian int64 numpy array (no copy when possible)."""
+    if not isinstance(keys, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (int64 (n,) on CPU), got {type(keys).__name__}")
+    if keys.dtype != torch.int64:
+        raise TypeError(f"{name} must have dtype torch.int64, got {keys.dtype}")
+    if keys.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (n,), got shape {tuple(keys.shape)}")
+    if keys.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got device {keys.device}")
+    return np.ascontiguousarray(keys.detach().numpy(), dtype=_KEY_DTYPE)
+
+
+def _values_numpy(values: Any, n: int, dim: int, tag: str) -> np.ndarray:
+    """A CPU float32 (n, dim) tensor -> contiguous little-endian float32 numpy array."""
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"values must be a torch.Tensor (float32 (n, dim) on CPU), got {type(values).__name__}")
+    if values.dtype != torch.float32:
+        raise TypeError(f"values must have dtype torch.float32, got {values.dtype}")
+    if values.device.type != "cpu":
+        raise ValueError(f"values must be on the CPU, got device {values.device}")
+    if values.dim() != 2 or values.shape[1] != dim:
+        raise ValueError(f"values for {tag!r} must have shape (n, dim={dim}), got {tuple(values.shape)}")
+    if values.shape[0] != n:
+        raise ValueError(f"keys has {n} rows but values has {values.shape[0]} (shape {tuple(values.shape)})")
+    return np.ascontiguousarray(values.detach().numpy(), dtype=_VALUE_DTYPE)
+
+
+def _key_bytes(keys: np.ndarray) -> list[bytes]:
+    """int64 (n,) -> n 8-byte little-endian `bytes` (numpy void items keep trailing zero bytes, unlike 'S8')."""
+    return keys.view("V8").tolist()
+
+
+def _row_bytes(rows: np.ndarray) -> list[bytes]:
+    """float32 (n, dim) contiguous -> n `bytes` of 4 * dim bytes each."""
+    return rows.view(f"V{rows.shape[1] * rows.itemsize}").ravel().tolist()
+
+
+def _byte_order(keys: np.ndarray) -> np.ndarray:
+    """Stable permutation that sorts `keys` by their little-endian bytes (RocksDB's bytewise order)."""
+    return np.argsort(keys.view(_KEY_ORDER_DTYPE), kind="stable")
+
+
+def _sorted_unique_last(keys: np.ndarray) -> np.ndarray:
+    """Row indices that sort `keys` by byte order, keeping only the last row of each repeated key."""
+    order = _byte_order(keys)
+    ordered = keys[order]
+    keep = np.ones(len(order), dtype=bool)
+    keep[:-1] = ordered[1:] != ordered[:-1]  # stable sort: the last of a run is the last occurrence
+    return order[keep]
+
+
+class RocksDBTier(Tier):
+    """Persistent tier: one RocksDB directory, one column family per table tag, raw bytes in and out.
+
+    Args:
+        path: database directory; created when missing (unless read_only). An existing path must be a RocksDB
+            directory (or an empty directory).
+        num_threads: RocksDB background parallelism (HPS `num_threads`, `IncreaseParallelism`).
+        read_only: open read-only (HPS `OpenForReadOnly`); works beside a writer (it sees the data present when
+            it opened); every write raises PermissionError.
+        max_batch_size: keys per MultiGet / WriteBatch (HPS `max_batch_size`).
+        wal: write-ahead log on for `insert`/`erase` (durable against a crash; off is faster, and `close()` still
+            flushes). Bulk `load` never uses the WAL: it writes SST files or flushes at the end.
+        block_cache_mb: RocksDB block cache, filled as blocks are read (`OptimizeForPointLookup`; HPS used 8 MB,
+            leaving the rest to the OS page cache). A table that fits in it is served ~1.5x faster (measured:
+            benchmarks/results/rocksdb_cpu.md).
+        sort_fetch_keys: sort each MultiGet chunk by key bytes with numpy and un-permute the results (rocksdict's
+            MultiGet otherwise sorts them itself, with RocksDB's comparator).
+
+    All tensors are CPU tensors: keys int64 (n,), values float32 (n, dim).
+
+    Raises (at construction):
+        ValueError: the path is a file, a non-empty directory that is not a RocksDB database, a rocksdict database
+            in non-raw mode, or cannot be created; bad arguments.
+        FileNotFoundError: read_only and no database at `path`.
+        RuntimeError: RocksDB refused to open the database (e.g. another process holds it for writing).
+
+    Example:
+        >>> with RocksDBTier("pdb") as db:
+        ...     db.create_table("hps_et.m.t0", 4)
+        ...     db.insert("hps_et.m.t0", torch.tensor([1, 2]), torch.ones(2, 4))
+        ...     values, found = db.fetch("hps_et.m.t0", torch.tensor([2, 3]))   # (2, 4) float32, [True, False]
+    """
+
+    name = "rocksdb"
+    persistent = True
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        num_threads: int = 16,
+        read_only: bool = False,
+        max_batch_size: int = 65536,
+        *,
+        wal: bool = True,
+        block_cache_mb: int = 1024,
+        sort_fetch_keys: bool = True,
+    ) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
+        self.path = pathlib.Path(path)
+        self.num_threads = _positive_int(num_threads, "num_threads")
+        self.read_only = _check_bool(read_only, "read_only")
+        self.max_batch_size = _positive_int(max_batch_size, "max_batch_size")
+        self.wal = _check_bool(wal, "wal")
+        self.block_cache_mb = _positive_int(block_cache_mb, "block_cache_mb")
+        self.sort_fetch_keys = _check_bool(sort_fetch_keys, "sort_fetch_keys")
+
+        self._write_lock = threading.Lock()  # insert / erase / load / create_table / recount: one at a time
+        self._stats_lock = threading.Lock()  # counters bumped by concurrent fetches
+        self._tables: dict[str, _Table] = {}
+        self._db: Any = None
+        self._closed = False
+
+        self._check_path()
+        self._options = self._make_options()
+        existing = self._existing_column_families()
+        access = rocksdict.AccessType.read_only(False) if self.read_only else rocksdict.AccessType.read_write()
+        try:
+            self._db = rocksdict.Rdict(
+                str(self.path),
+                self._options,
+                column_families={cf: self._options for cf in existing},
+                access_type=access,
+            )
+        except Exception as exc:
+            mode = "read-only" if self.read_only else "read-write"
+            raise RuntimeError(
+                f"RocksDBTier: RocksDB could not open {self.path} {mode}: {exc}"
+                + ("" if self.read_only else " (is another process using it? open it with read_only=True)")
+            ) from exc
+
+        self._write_options = rocksdict.WriteOptions()
+        self._write_options.disable_wal = not self.wal
+        self._bulk_write_options = rocksdict.WriteOptions()
+        self._bulk_write_options.disable_wal = True
+        self._read_options = rocksdict.ReadOptions()
+        self._meta_handle = None if self.read_only else self._db.get_column_family_handle(_DEFAULT_CF)
+
+        try:
+            for tag in existing:
+                if tag != _DEFAULT_CF:
+                    self._open_existing(tag)
+        except BaseException:
+            self.close()  # release the directory lock before reporting
+            raise
+        logger.info(
+            "RocksDBTier: opened %s (%s) with %d tables: %s",
+            self.path,
+            "read-only" if self.read_only else "read-write",
+            len(self._tables),
+            ", ".join(f"{t} (dim {v.dim})" for t, v in self._tables.items()) or "-",
+        )
+
+    # ----------------------------------------------------------------------------------------------- opening
+
+    def _check_path(self) -> None:
+        """Refuse paths that are not (or cannot become) a raw-mode RocksDB directory, before RocksDB touches them."""
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"RocksDBTier: path {p} exists and is not a directory (expected a RocksDB directory)")
+        if self.read_only:
+            if not (p / "CURRENT").is_file():
+                raise FileNotFoundError(f"RocksDBTier: read_only=True but there is no RocksDB database at {p}")
+        elif not p.exists():
+            try:
+                p.mkdir(parents=True)
+            except OSError as exc:
+                raise ValueError(f"RocksDBTier: cannot create the database directory {p}: {exc}") from exc
+        elif any(p.iterdir()) and not (p / "CURRENT").is_file():
+            raise ValueError(
+                f"RocksDBTier: {p} is a non-empty directory but not a RocksDB database (no CURRENT file); "
+                "give an empty or new directory"
+            )
+        if not self.read_only and not os.access(p, os.W_OK | os.X_OK):
+            raise ValueError(f"RocksDBTier: database directory {p} is not writable (open it with read_only=True)")
+        config = p / "rocksdict-config.json"
+        if config.is_file():
+            # NOTE: rocksdict opens a non-raw database in raw mode without complaint; its config file tells.
+            try:
+                raw = json.loads(config.read_text()).get("raw_mode")
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"RocksDBTier: cannot read {config}: {exc}") from exc
+            if raw is False:
+                raise ValueError(
+                    f"RocksDBTier: {p} is a rocksdict database in non-raw mode ({config} has raw_mode false); "
+                    "its keys and values are pickled, not raw bytes"
+                )
+
+    def _make_options(self) -> rocksdict.Options:
+        opts = rocksdict.Options(raw_mode=True)
+        opts.create_if_missing(True)
+        opts.create_missing_column_families(True)
+        opts.increase_parallelism(self.num_threads)
+        # Block cache + bloom filters + hash index inside data blocks: what HPS set (with an 8 MB cache).
+        opts.optimize_for_point_lookup(self.block_cache_mb)
+        # float32 embeddings do not compress: snappy would only cost CPU on every write and read.
+        opts.set_compression_type(rocksdict.DBCompressionType.none())
+        return opts
+
+    def _existing_column_families(self) -> list[str]:
+        if not (self.path / "CURRENT").is_file():
+            return [_DEFAULT_CF]
+        try:
+            return list(rocksdict.Rdict.list_cf(str(self.path), self._options))
+        except Exception as exc:
+            raise RuntimeError(f"RocksDBTier: cannot list the column families of {self.path}: {exc}") from exc
+
+    def _meta_get(self, prefix: bytes, tag: str) -> int | None:
+        raw = self._db.get(prefix + tag.encode())
+        return None if raw is None else int(raw)
+
+    def _open_existing(self, tag: str) -> None:
+        cf = self._db.get_column_family(tag)
+        handle = None if self.read_only else self._db.get_column_family_handle(tag)
+        dim = self._meta_get(_DIM_PREFIX, tag)
+        if dim is None:
+            # A family we did not write (HPS): the first value's length gives the dim.
+            for value in cf.values():
+                if len(value) % _VALUE_DTYPE.itemsize or not value:
+                    raise ValueError(
+                        f"RocksDBTier: column family {tag!r} in {self.path} holds a {len(value)}-byte value, "
+                        "not a whole number of float32"
+                    )
+                dim = len(value) // _VALUE_DTYPE.itemsize
+                break
+            if dim is not None and not self.read_only:
+                self._db.put(_DIM_PREFIX + tag.encode(), str(dim).encode(), self._write_options)
+        self._tables[tag] = _Table(dim=dim, cf=cf, handle=handle, count=self._meta_get(_COUNT_PREFIX, tag))
+
+    # --------------------------------------------------------------------------------------------- helpers
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"RocksDBTier({self.path}) is closed")
+
+    def _check_writable(self, what: str, tag: str) -> None:
+        if self.read_only:
+            raise PermissionError(f"RocksDBTier({self.path}) is open read-only: {what} into {tag!r} refused")
+
+    def _table(self, tag: str) -> _Table:
+        self._check_open()
+        table = self._tables.get(tag)
+        if table is None:
+            raise KeyError(f"unknown table tag {tag!r} in RocksDBTier({self.path}); known tags: {sorted(self._tables)}")
+        return table
+
+    def _table_dim(self, tag: str, table: _Table) -> int:
+        if table.dim is None:
+            raise ValueError(
+                f"table {tag!r} in RocksDBTier({self.path}) is empty and has no recorded dim: call create_table"
+            )
+        return table.dim
+
+    def _count_entry(self, tag: str, count: int) -> tuple[bytes, bytes]:
+        return _COUNT_PREFIX + tag.encode(), str(count).encode()
+
+    def _new_batch(self, table: _Table) -> rocksdict.WriteBatch:
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        batch.set_default_column_family(table.handle)
+        return batch
+
+    def _present(self, table: _Table, unique_keys: np.ndarray) -> int:
+        """How many of `unique_keys` are stored (a MultiGet; values are fetched and dropped)."""
+        found = table.cf.get(_key_bytes(unique_keys), read_opt=self._read_options)
+        return len(found) - found.count(None)
+
+    # ------------------------------------------------------------------------------------------ Tier API
+
+    def tables(self) -> dict[str, int | None]:
+        """{tag: dim} of every table this tier knows (None: an empty family written by another tool)."""
+        self._check_open()
+        return {tag: t.dim for tag, t in self._tables.items()}
+
+    def create_table(self, tag: str, dim: int) -> None:
+        """Declare table `tag` of `dim` float32 per row: creates its column family and records the dim.
+
+        Idempotent for the same dim; another dim for an existing tag raises ValueError naming both. On a read-only
+        tier a tag the database lacks is declared empty (every fetch misses) rather than refused, so an engine can
+        start over a read-only database that serves only some of its tables.
+        """
+        if not isinstance(tag, str) or not tag or tag == _DEFAULT_CF:
+            raise ValueError(f"tag must be a non-empty str other than {_DEFAULT_CF!r}, got {tag!r}")
+        dim = _positive_int(dim, "dim")
+        self._check_open()
+        with self._write_lock:
+            table = self._tables.get(tag)
+            if table is not None:
+                if table.dim is None:
+                    if not self.read_only:
+                        self._db.put(_DIM_PREFIX + tag.encode(), str(dim).encode(), self._write_options)
+                    table.dim = dim
+                elif table.dim != dim:
+                    raise ValueError(
+                        f"table {tag!r} already exists in RocksDBTier({self.path}) with dim {table.dim}; "
+                        f"create_table asked for dim {dim}"
+                    )
+                return
+            if self.read_only:
+                logger.warning("RocksDBTier(%s) is read-only and has no table %r: every key misses", self.path, tag)
+                self._tables[tag] = _Table(dim=dim, cf=None, handle=None, count=0)
+                return
+            cf = self._db.create_column_family(tag, self._options)
+            handle = self._db.get_column_family_handle(tag)
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            batch.put(_DIM_PREFIX + tag.encode(), str(dim).encode())
+            batch.put(*self._count_entry(tag, 0))
+            self._db.write(batch, self._write_options)
+            self._tables[tag] = _Table(dim=dim, cf=cf, handle=handle, count=0)
+            logger.info("RocksDBTier(%s): created table %s (dim %d)", self.path, tag, dim)
+
+    def fetch(self, tag: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of `keys` -> (values float32 (n, dim), found bool (n,)), CPU; missing rows are zeros.
+
+        One MultiGet per `max_batch_size` keys. A RocksDB read error (or a stored value of the wrong length)
+        reports those keys as not found and counts them in `stats()[tag].errors`; it never raises.
+        Safe from several threads at once; NOTE: rocksdict (0.3.29) holds the GIL inside MultiGet, so concurrent
+        fetches do not run in parallel.
+
+        Example:
+            >>> values, found = tier.fetch("hps_et.m.t0", torch.tensor([1, 5], dtype=torch.int64))
+        """
+        table = self._table(tag)
+        np_keys = _keys_numpy(keys)
+        dim = self._table_dim(tag, table)
+        n = len(np_keys)
+        if not n or table.cf is None:
+            values, found = torch.zeros((n, dim), dtype=torch.float32), torch.zeros(n, dtype=torch.bool)
+            hits = errors = 0
+        else:
+            values, found = torch.empty((n, dim), dtype=torch.float32), torch.empty(n, dtype=torch.bool)
+            hits, errors = self._multi_get(tag, table, np_keys, values.numpy(), found.numpy())
+        with self._stats_lock:
+            s = table.stats
+            s.fetches += 1
+            s.keys_requested += n
+            s.keys_found += hits
+            s.errors += errors
+        return values, found
+
+    def _multi_get(
+        self, tag: str, table: _Table, keys: np.ndarray, out: np.ndarray, out_found: np.ndarray
+    ) -> tuple[int, int]:
+        """Fill out (n, dim) and out_found (n,) from MultiGets of `max_batch_size` keys; returns (hits, errors).
+
+        Per chunk: MultiGet with a shared all-zero row as the default (a miss returns that very object, so
+        `is not` tells hits from misses even for stored all-zero rows), one join of the values, one frombuffer,
+        and one copy into `out` (a scatter back to input order when the keys were sorted). No per-key numpy or
+        float work.
+        """
+        dim = out.shape[1]
+        row_bytes = dim * _VALUE_DTYPE.itemsize
+        zero_row = bytes(row_bytes)
+        hits = errors = 0
+        for start in range(0, len(keys), self.max_batch_size):
+            chunk = keys[start : start + self.max_batch_size]
+            stop = start + len(chunk)
+            # Where the i-th MultiGet result goes: sorted chunk -> a permutation of start..stop, else a slice.
+            where: slice | np.ndarray = slice(start, stop)
+            if self.sort_fetch_keys and len(chunk) > 1:
+                order = _byte_order(chunk)
+                chunk, where = chunk[order], order + start
+            try:
+                got = table.cf.get(_key_bytes(chunk), default=zero_row, read_opt=self._read_options)
+            except Exception as exc:  # a tier that fails reports misses, never raises into a lookup
+                logger.error("RocksDBTier(%s): MultiGet of %d keys from %s failed: %s", self.path, len(chunk), tag, exc)
+                out[start:stop] = 0
+                out_found[start:stop] = False
+                errors += len(chunk)
+                continue
+            hit = np.fromiter(map(operator.is_not, got, itertools.repeat(zero_row)), dtype=bool, count=len(got))
+            joined = b"".join(got)
+            if len(joined) != len(got) * row_bytes:  # a stored value of another size: report it missing
+                lengths = np.fromiter(map(len, got), dtype=np.int64, count=len(got))
+                bad = lengths != row_bytes
+                logger.error(
+                    "RocksDBTier(%s): %d values of %s are not %d bytes (dim %d): reported as missing",
+                    self.path, int(bad.sum()), tag, row_bytes, dim,
+                )
+                errors += int(bad.sum())
+                hit &= ~bad
+                joined = b"".join([zero_row if b else v for v, b in zip(got, bad.tolist())])
+            out[where] = np.frombuffer(joined, dtype=_VALUE_DTYPE).reshape(-1, dim)
+            out_found[where] = hit
+            hits += int(np.count_nonzero(hit))
+        return hits, errors
+
+    def insert(self, tag: str, keys: torch.Tensor, values: torch.Tensor) -> int:
+        """Insert or overwrite rows (keys int64 (n,), values float32 (n, dim)); returns how many keys were new.
+
+        Duplicate keys in one call: the last row wins and the key counts once. Written in WriteBatches of
+        `max_batch_size` rows (WAL per `wal`); each batch also carries the table's new key count.
+        """
+        table = self._table(tag)
+        np_keys = _keys_numpy(keys)
+        dim = self._table_dim(tag, table)
+        np_values = _values_numpy(values, len(np_keys), dim, tag)
+        self._check_writable("insert", tag)
+        new_total = 0
+        with self._write_lock:
+            for start in range(0, len(np_keys), self.max_batch_size):
+                chunk = np_keys[start : start + self.max_batch_size]
+                unique = np.unique(chunk)
+                new = len(unique) - self._present(table, unique)
+                batch = self._new_batch(table)
+                rows = _row_bytes(np_values[start : start + len(chunk)])
+                collections.deque(map(batch.put, _key_bytes(chunk), rows), maxlen=0)
+                if table.count is not None:
+                    batch.put(*self._count_entry(tag, table.count + new), self._meta_handle)
+                self._db.write(batch, self._write_options)
+                if table.count is not None:
+                    table.count += new
+                new_total += new
+            with self._stats_lock:
+                table.stats.keys_inserted += len(np_keys)
+        return new_total
+
+    def erase(self, tag: str, keys: torch.Tensor) -> int:
+        """Remove keys (int64 (n,)); returns how many distinct keys were present."""
+        table = self._table(tag)
+        np_keys = _keys_numpy(keys)
+        self._check_writable("erase", tag)
+        removed = 0
+        with self._write_lock:
+            for start in range(0, len(np_keys), self.max_batch_size):
+                unique = np.unique(np_keys[start : start + self.max_batch_size])
+                present = self._present(table, unique)
+                if not present:
+                    continue
+                batch = self._new_batch(table)
+                collections.deque(map(batch.delete, _key_bytes(unique)), maxlen=0)
+                if table.count is not None:
+                    batch.put(*self._count_entry(tag, table.count - present), self._meta_handle)
+                self._db.write(batch, self._write_options)
+                if table.count is not None:
+                    table.count -= present
+                removed += present
+            with self._stats_lock:
+                table.stats.keys_evicted += removed
+        return removed
+
+    def size(self, tag: str) -> int:
+        """Exact number of keys stored for `tag` (kept by insert/erase/load; counted by iteration when unknown)."""
+        table = self._table(tag)
+        if table.count is None:
+            with self._write_lock:
+                if table.count is None:
+                    table.count = self._recount(tag, table)
+        return table.count
+
+    def _recount(self, tag: str, table: _Table) -> int:
+        """Count the keys of a family by iterating it (caller holds the write lock); store the count if writable."""
+        logger.info("RocksDBTier(%s): counting the keys of %s", self.path, tag)
+        count = sum(1 for _ in table.cf.keys())
+        if not self.read_only:
+            self._db.put(*self._count_entry(tag, count), self._write_options)
+        return count
+
+    def load(self, tag: str, table: "TableFiles", progress: bool = True, *, method: str = "sst") -> int:
+        """Bulk-load table files (`TableFiles`: keys int64 (N,), vectors float32 (N, dim)); returns rows read.
+
+        Rows already stored are overwritten; a key repeated in the files keeps its last row.
+        method="sst" (default, faster): each block of rows is sorted by key bytes, de-duplicated and written to an
+        SST file; all files are ingested at the end in one call (nothing is visible, and nothing written, if a
+        block fails). method="write_batch": WriteBatches of `max_batch_size` rows without WAL, flushed at the end.
+        The key count is exact afterwards: computed from the loaded keys when the table was empty (8 bytes of RAM per
+        row while loading), else recounted by iterating the table.
+        """
+        if method not in _LOAD_METHODS:
+            raise ValueError(f"method must be one of {list(_LOAD_METHODS)}, got {method!r}")
+        progress = _check_bool(progress, "progress")
+        rt = self._table(tag)
+        self._check_writable("load", tag)
+        if not all(hasattr(table, a) for a in ("dim", "num_keys", "iter_chunks")):
+            raise TypeError(
+                f"table must be a hps_core.tables.TableFiles (dim, num_keys, iter_chunks), got {type(table).__name__}"
+            )
+        files_dim = _positive_int(table.dim, "table.dim")
+        num_rows = operator.index(table.num_keys)
+        dim = self._table_dim(tag, rt) if rt.dim is not None else files_dim
+        if files_dim != dim:
+            raise ValueError(
+                f"table files {str(getattr(table, 'path', table))!r} have dim {files_dim}, table {tag!r} has dim {dim}"
+            )
+        row_bytes = _KEY_DTYPE.itemsize + dim * _VALUE_DTYPE.itemsize
+        block_rows = max(1, _LOAD_BLOCK_BYTES // row_bytes) if method == "sst" else self.max_batch_size
+        desc = f"rocksdb load {tag}"
+
+        with self._write_lock:
+            was_empty = rt.count == 0
+            if rt.dim is None:
+                self._db.put(_DIM_PREFIX + tag.encode(), str(dim).encode(), self._write_options)
+                rt.dim = dim
+            # Count unknown while loading: a crash mid-load leaves no stale count behind.
+            self._db.delete(_COUNT_PREFIX + tag.encode(), self._write_options)
+            rt.count = None
+            unique_blocks: list[np.ndarray] = []
+            try:
+                chunks = table.iter_chunks(block_rows, progress=progress, desc=desc)
+                if method == "sst":
+                    rows = self._load_sst(rt, chunks, dim, unique_blocks)
+                else:
+                    rows = self._load_write_batch(rt, chunks, dim, unique_blocks)
+            except BaseException:
+                rt.count = self._recount(tag, rt)  # whatever made it in (nothing, for a failed SST load)
+                raise
+            if was_empty:
+                # Exact without iterating RocksDB: the distinct keys of the files.
+                if len(unique_blocks) <= 1:
+                    rt.count = sum(len(u) for u in unique_blocks)
+                else:  # a key may repeat across blocks
+                    rt.count = len(np.unique(np.concatenate(unique_blocks)))
+                self._db.put(*self._count_entry(tag, rt.count), self._write_options)
+            else:
+                rt.count = self._recount(tag, rt)
+            if rows != num_rows:
+                logger.warning("RocksDBTier(%s): table files of %s announced %d rows, read %d",
+                               self.path, tag, num_rows, rows)
+            with self._stats_lock:
+                rt.stats.keys_inserted += rows
+        logger.info("RocksDBTier(%s): loaded %d rows into %s (%s), %d keys stored",
+                    self.path, rows, tag, method, rt.count)
+        return rows
+
+    @staticmethod
+    def _check_chunk(keys: Any, vectors: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        keys, vectors = np.asarray(keys), np.asarray(vectors)
+        if keys.ndim != 1 or keys.dtype != _KEY_DTYPE:
+            raise TypeError(f"table files yielded keys of dtype {keys.dtype} shape {keys.shape}, expected int64 (m,)")
+        if vectors.dtype != _VALUE_DTYPE or vectors.shape != (len(keys), dim):
+            raise TypeError(
+                f"table files yielded vectors of dtype {vectors.dtype} shape {vectors.shape}, "
+                f"expected float32 ({len(keys)}, {dim})"
+            )
+        return keys, vectors
+
+    def _load_sst(self, rt: _Table, chunks: Any, dim: int, unique_blocks: list[np.ndarray]) -> int:
+        rows = 0
+        with tempfile.TemporaryDirectory(prefix=".hps_ingest_", dir=self.path) as staging:
+            paths = []
+            for keys, vectors in chunks:
+                keys, vectors = self._check_chunk(keys, vectors, dim)
+                rows += len(keys)
+                if not len(keys):
+                    continue
+                keep = _sorted_unique_last(keys)
+                sorted_keys = keys[keep]
+                unique_blocks.append(sorted_keys)
+                sst_path = os.path.join(staging, f"{len(paths):06d}.sst")
+                writer = rocksdict.SstFileWriter(self._options)
+                writer.open(sst_path)
+                # Rows gathered from the memory map in key-byte order, a slab at a time into one reused buffer
+                # (a fresh copy of the whole block would cost its size in RAM and page faults).
+                slab = np.empty((min(_SST_PUT_ROWS, len(keep)), dim), dtype=_VALUE_DTYPE)
+                for s in range(0, len(keep), _SST_PUT_ROWS):
+                    part = keep[s : s + _SST_PUT_ROWS]
+                    rows_out = slab[: len(part)]
+                    np.take(vectors, part, axis=0, out=rows_out)
+                    collections.deque(
+                        map(writer.__setitem__, _key_bytes(sorted_keys[s : s + len(part)]), _row_bytes(rows_out)),
+                        maxlen=0,
+                    )
+                writer.finish()
+                paths.append(sst_path)
+            if paths:
+                opts = rocksdict.IngestExternalFileOptions()
+                opts.set_move_files(True)  # hard-link into the DB (same filesystem) rather than copy
+                # One call: files ingested later get newer sequence numbers, so a later block wins on overlap.
+                rt.cf.ingest_external_file(paths, opts)
+        return rows
+
+    def _load_write_batch(self, rt: _Table, chunks: Any, dim: int, unique_blocks: list[np.ndarray]) -> int:
+        rows = 0
+        for keys, vectors in chunks:
+            keys, vectors = self._check_chunk(keys, vectors, dim)
+            rows += len(keys)
+            if not len(keys):
+                continue
+            unique_blocks.append(np.unique(keys))
+            batch = self._new_batch(rt)
+            collections.deque(map(batch.put, _key_bytes(keys), _row_bytes(np.ascontiguousarray(vectors))), maxlen=0)
+            self._db.write(batch, self._bulk_write_options)
+        rt.cf.flush()  # the rows went in without WAL: make them durable now
+        return rows
+
+    def stats(self) -> dict[str, TierStats]:
+        """Counters per tag (copies)."""
+        with self._stats_lock:
+            return {tag: dataclasses.replace(t.stats) for tag, t in self._tables.items()}
+
+    def close(self) -> None:
+        """Flush memtables (read-write) and close the database. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._write_lock:
+            cfs = [t.cf for t in self._tables.values() if t.cf is not None]
+            self._tables.clear()
+            self._meta_handle = None
+            try:
+                if not self.read_only:
+                    for cf in cfs:
+                        cf.flush()
+                for cf in cfs:
+                    cf.close()
+            finally:
+                del cfs
+                db, self._db = self._db, None
+                if db is not None:
+                    db.close()
+        logger.info("RocksDBTier: closed %s", self.path)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("read-only" if self.read_only else "read-write")
+        return f"RocksDBTier({str(self.path)!r}, {state}, tables={len(self._tables)})"
+
+    def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
+        try:
+            self.close()
+        except Exception:
+            pass
