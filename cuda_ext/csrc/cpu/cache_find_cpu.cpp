@@ -15,6 +15,21 @@
 namespace hps {
 namespace {
 
+// Pipeline distance (keys between stages) and the ring of in-flight keys (power of two, > 2 * kAhead).
+constexpr int64_t kAhead = 8;
+constexpr int64_t kRing = 32;
+static_assert(kRing > 2 * kAhead && (kRing & (kRing - 1)) == 0, "ring must hold the keys of all three stages");
+// Keys per parallel_for task: long enough that the pipeline's fill/drain (2 * kAhead keys) is negligible.
+constexpr int64_t kGrain = 2048;
+
+// One key between pipeline stages.
+struct Pending {
+  int64_t key;
+  int64_t base;   // first slot of its bucket
+  uint32_t mask;  // digest matches in the bucket (stage 2)
+  uint8_t digest;
+};
+
 std::tuple<at::Tensor, at::Tensor> cache_find_cpu(const at::Tensor& slot_keys, const at::Tensor& digests,
                                                   at::Tensor& scores,             // (S,) int32, touched
                                                   const at::Tensor& values,       // (S, D) float32
@@ -46,20 +61,52 @@ std::tuple<at::Tensor, at::Tensor> cache_find_cpu(const at::Tensor& slot_keys, c
 
   AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "cache_find_cpu", [&] {
     const index_t* kp = keys.data_ptr<index_t>();
-    at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const cpu::KeyHash k = cpu::hash_key(static_cast<int64_t>(kp[i]), num_buckets);
-        const int64_t s = cpu::probe(sk, dg, k);
-        f[i] = s >= 0;
-        if (s < 0) {
-          std::memset(o + i * dim, 0, row_bytes);
-          continue;
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      // Three-stage software pipeline over the keys of this chunk, kAhead keys apart, so that ~2*kAhead
+      // independent cache misses are in flight instead of one chain of dependent misses per key:
+      //   stage 1 (key i):            hash, prefetch the bucket's digest line;
+      //   stage 2 (key i - kAhead):   compare the 32 digests, prefetch the first candidate's key, row and score;
+      //   stage 3 (key i - 2*kAhead): confirm the key, copy (or zero) the row, touch the score.
+      Pending ring[kRing];
+      for (int64_t i = begin; i < end + 2 * kAhead; ++i) {
+        if (i < end) {
+          const cpu::KeyHash k = cpu::hash_key(static_cast<int64_t>(kp[i]), num_buckets);
+          Pending& p = ring[i & (kRing - 1)];
+          p.key = k.key;
+          p.base = k.base;
+          p.digest = k.digest;
+          __builtin_prefetch(dg + k.base, 0, 3);
         }
-        std::memcpy(o + i * dim, val + s * dim, row_bytes);
-        if (lru) {
-          __atomic_store_n(sc + s, lru_score, __ATOMIC_RELAXED);
-        } else {
-          cpu::lfu_bump_atomic(sc + s);
+        const int64_t j = i - kAhead;
+        if (j >= begin && j < end) {
+          Pending& p = ring[j & (kRing - 1)];
+          p.mask = cpu::digest_mask(dg + p.base, p.digest);
+          if (p.mask != 0) {
+            // The first digest match is the key's slot unless a false digest match (1/255 per occupied slot)
+            // precedes it; prefetching only that one is right almost always and costs nothing when wrong.
+            const int64_t s = p.base + __builtin_ctz(p.mask);
+            __builtin_prefetch(sk + s, 0, 3);
+            const char* row = reinterpret_cast<const char*>(val + s * dim);
+            for (size_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + off, 0, 3);
+            __builtin_prefetch(row + row_bytes - 1, 0, 3);
+            __builtin_prefetch(sc + s, 1, 3);
+          }
+        }
+        const int64_t m = i - 2 * kAhead;
+        if (m >= begin) {
+          const Pending& p = ring[m & (kRing - 1)];
+          const int64_t s = cpu::confirm(sk, p.base, p.mask, p.key);
+          f[m] = s >= 0;
+          if (s < 0) {
+            std::memset(o + m * dim, 0, row_bytes);
+            continue;
+          }
+          std::memcpy(o + m * dim, val + s * dim, row_bytes);
+          if (lru) {
+            __atomic_store_n(sc + s, lru_score, __ATOMIC_RELAXED);
+          } else {
+            cpu::lfu_bump_atomic(sc + s);
+          }
         }
       }
     });
