@@ -2,13 +2,16 @@
 # One call on the GPU machine (the `device` tool): build the CUDA variant, run the CUDA tests, run the GPU
 # benchmarks, leave logs and results under $OUT. Carry `.whl` (omegaconf, hydra-core, antlr4, rocksdict for
 # Python 3.12 - see benchmarks/README or the issue notes) so the engine imports there.
-#   usage (from the repo root on the device): bash benchmarks/device_run.sh [pytest|bench|all] [--quick]
+#   usage (from the repo root on the device): bash benchmarks/device_run.sh [pytest|bench|all] [bench_gpu args...]
 set -uo pipefail
 what=${1:-all}
-quick=${2:-}
+shift || true
 OUT=${OUT:-/tmp/hps_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 HPS_WITH_CUDA=1
+# NOTE: the image's default CC (the /opt/gcc wrapper) builds an extension that segfaults when an op formats an
+# error message; the system gcc does not.
+export CC=/usr/bin/gcc CXX=/usr/bin/g++
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -25,10 +28,10 @@ echo "[device] build rc=$rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/e
 if [ $rc -ne 0 ]; then tail -60 "$OUT/build.log"; exit $rc; fi
 python3 -c "import hps_core; print(hps_core.build_info())" | tee -a "$OUT/env.txt"
 if [ "$what" = pytest ] || [ "$what" = all ]; then
-  python3 -m pytest -m cuda -q -p no:cacheprovider tests/ops tests/engine -x --timeout 600 2>&1 | tee "$OUT/pytest_cuda.log" | tail -40
+  python3 -m pytest -m cuda -q -p no:cacheprovider tests/ops tests/engine --timeout 600 2>&1 | tee "$OUT/pytest_cuda.log" | tail -40
   echo "[device] pytest done after $(( $(date +%s) - start )) s"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 -m benchmarks.bench_gpu --out "$OUT/gpu_results.json" $quick 2>&1 | tee "$OUT/bench.log" | cut -c1-400
+  python3 -m benchmarks.bench_gpu --out "$OUT/gpu_results.json" "$@" 2>&1 | tee "$OUT/bench.log" | cut -c1-400
   echo "[device] bench done after $(( $(date +%s) - start )) s"
 fi

@@ -250,6 +250,9 @@ def _cache_decay_fake(scores, clock, policy):
     return None
 
 
-# The lookup-pipeline ops keep their wrappers and fake kernels in pipeline_ops; importing it here registers them
-# whenever this module (the extension's declared python module) is imported.
-from hps_core import pipeline_ops as _pipeline_ops  # noqa: E402,F401
+# The lookup-pipeline ops keep their wrappers and fake kernels in pipeline_ops, but the fakes must be registered
+# from this module (the extension's m.set_python_module): torch checks the registering module.
+from hps_core import pipeline_ops as _pipeline_ops  # noqa: E402
+
+for _name, _fake in _pipeline_ops.FAKE_KERNELS.items():
+    torch.library.register_fake(f"hps::{_name}", _fake)

@@ -1,0 +1,235 @@
+// CUDA twins of cache_insert_or_assign and cache_assign (hps_ops.cpp contract; results identical to
+// cpu/cache_insert_cpu.cpp).
+//
+// Parallel decomposition (both ops): the keys' buckets are computed and STABLY sorted (at::sort, no host sync), so
+// the keys of one bucket form a run in input order. Warp p starts work only if sorted position p begins a run;
+// it then walks the run's keys one by one, exactly as the CPU's sequential contract does:
+//   lane j holds slot j of the bucket (digest, key, score) in registers; for each key a ballot answers "present?",
+//   another "lowest free slot", and a warp min over (score, lane) of the slots not yet written by this call (a
+//   32-bit mask the warp holds) picks the eviction victim, ties to the lowest slot index. The warp copies each row
+//   with 16-byte accesses when possible. Buckets are independent, so runs need no ordering between them.
+// At the end of a run the rows are already written; a fence then publishes the slot keys/scores and finally the
+// digests, so a concurrent find never sees a new key before its row (an evicted slot is hidden - digest 0 - before
+// its row is overwritten).
+// Counts: per block in shared memory, one global atomicAdd per block and counter.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "cuda/cache_cuda_common.cuh"
+
+namespace hps {
+namespace {
+
+using namespace hps::cuda;
+
+enum Count { kInserted = 0, kAssigned = 1, kEvicted = 2, kRefused = 3 };
+
+// Orders (score, lane) so that an unsigned minimum is "lowest score, then lowest slot index".
+__device__ __forceinline__ uint64_t victim_order(int32_t score, int lane) {
+  const uint32_t biased = static_cast<uint32_t>(score) ^ 0x80000000u;
+  return (static_cast<uint64_t>(biased) << 32) | static_cast<uint32_t>(lane);
+}
+
+template <typename key_t, bool kVec4>
+__global__ void __launch_bounds__(kThreads)
+    cache_insert_or_assign_kernel(int64_t* __restrict__ slot_keys, uint8_t* __restrict__ digests,
+                                  int32_t* __restrict__ scores, float* __restrict__ values,
+                                  const int64_t* __restrict__ clock, const key_t* __restrict__ keys,
+                                  const float* __restrict__ new_values, const int64_t* __restrict__ sorted_bucket,
+                                  const int64_t* __restrict__ perm, int64_t n, int64_t dim, bool lru,
+                                  int64_t* __restrict__ counts) {
+  __shared__ unsigned long long block_counts[4];
+  if (threadIdx.x < 4) block_counts[threadIdx.x] = 0;
+  __syncthreads();
+
+  const int lane = lane_id();
+  const int32_t new_score = lru ? score_from_clock(clock[0]) : 1;
+  const int64_t stride = total_warps();
+  for (int64_t p = global_warp_id(); p < n; p += stride) {
+    if (!starts_run(sorted_bucket, p)) continue;
+    const int64_t bucket = sorted_bucket[p];
+    const int64_t base = bucket * kBucketSize;
+    uint8_t my_digest = digests[base + lane];
+    int64_t my_key = my_digest == kEmptyDigest ? 0 : slot_keys[base + lane];
+    int32_t my_score = scores[base + lane];
+    bool dirty = false;    // this lane's slot got a new key
+    uint32_t written = 0;  // bit j: slot j was inserted or assigned by this call (warp-uniform)
+    unsigned long long c[4] = {0, 0, 0, 0};
+
+    for (int64_t q = p; q < n && sorted_bucket[q] == bucket; ++q) {
+      const int64_t i = perm[q];
+      const int64_t key = static_cast<int64_t>(keys[i]);
+      const uint8_t digest = digest_of(mix64(key_bits(key)));
+      const float* src = new_values + i * dim;
+      const unsigned present = __ballot_sync(kFullMask, my_digest == digest && my_key == key);
+      if (present) {  // present before this call or inserted earlier in it: assign, score untouched
+        const int slot = __ffs(present) - 1;
+        warp_copy_row<kVec4>(values + (base + slot) * dim, src, dim, lane);
+        written |= 1u << slot;
+        ++c[kAssigned];
+        continue;
+      }
+      const unsigned free_slots = __ballot_sync(kFullMask, my_digest == kEmptyDigest);
+      int slot;
+      if (free_slots) {
+        slot = __ffs(free_slots) - 1;
+      } else {
+        const bool candidate = ((written >> lane) & 1u) == 0u;
+        const uint64_t best = warp_min_u64(candidate ? victim_order(my_score, lane) : ~uint64_t(0));
+        if (best == ~uint64_t(0)) {  // every slot written by this call
+          ++c[kRefused];
+          continue;
+        }
+        slot = static_cast<int>(best & 31u);
+        ++c[kEvicted];
+        // Hide the victim before its row changes (a concurrent reader must not pair its key with the new row).
+        if (lane == slot) digests[base + slot] = kEmptyDigest;
+        __threadfence();
+        __syncwarp();
+      }
+      if (lane == slot) {
+        my_digest = digest;
+        my_key = key;
+        my_score = new_score;
+        dirty = true;
+      }
+      warp_copy_row<kVec4>(values + (base + slot) * dim, src, dim, lane);
+      written |= 1u << slot;
+      ++c[kInserted];
+    }
+
+    // Publish: rows first (written above), then keys and scores, then the digests that make the slots visible.
+    if (dirty) {
+      slot_keys[base + lane] = my_key;
+      scores[base + lane] = my_score;
+    }
+    __threadfence();
+    __syncwarp();
+    if (dirty) digests[base + lane] = my_digest;
+    if (lane == 0) {
+      for (int k = 0; k < 4; ++k) {
+        if (c[k]) atomicAdd(&block_counts[k], c[k]);
+      }
+    }
+  }
+
+  __syncthreads();
+  if (threadIdx.x < 4 && block_counts[threadIdx.x]) {
+    atomic_add_i64(counts + threadIdx.x, static_cast<int64_t>(block_counts[threadIdx.x]));
+  }
+}
+
+// assign: the same run walk without any slot changes; rows are copied in input order so the last duplicate wins.
+template <typename key_t, bool kVec4>
+__global__ void __launch_bounds__(kThreads)
+    cache_assign_kernel(const int64_t* __restrict__ slot_keys, const uint8_t* __restrict__ digests,
+                        float* __restrict__ values, const key_t* __restrict__ keys,
+                        const float* __restrict__ new_values, const int64_t* __restrict__ sorted_bucket,
+                        const int64_t* __restrict__ perm, int64_t n, int64_t dim, int64_t* __restrict__ count) {
+  __shared__ unsigned long long block_count;
+  if (threadIdx.x == 0) block_count = 0;
+  __syncthreads();
+
+  const int lane = lane_id();
+  const int64_t stride = total_warps();
+  for (int64_t p = global_warp_id(); p < n; p += stride) {
+    if (!starts_run(sorted_bucket, p)) continue;
+    const int64_t bucket = sorted_bucket[p];
+    const int64_t base = bucket * kBucketSize;
+    const uint8_t my_digest = digests[base + lane];
+    const int64_t my_key = my_digest == kEmptyDigest ? 0 : slot_keys[base + lane];
+    unsigned long long assigned = 0;
+    for (int64_t q = p; q < n && sorted_bucket[q] == bucket; ++q) {
+      const int64_t i = perm[q];
+      const int64_t key = static_cast<int64_t>(keys[i]);
+      const uint8_t digest = digest_of(mix64(key_bits(key)));
+      const unsigned present = __ballot_sync(kFullMask, my_digest == digest && my_key == key);
+      if (!present) continue;
+      const int slot = __ffs(present) - 1;
+      warp_copy_row<kVec4>(values + (base + slot) * dim, new_values + i * dim, dim, lane);
+      ++assigned;
+    }
+    if (lane == 0 && assigned) atomicAdd(&block_count, assigned);
+  }
+
+  __syncthreads();
+  if (threadIdx.x == 0 && block_count) atomic_add_i64(count, static_cast<int64_t>(block_count));
+}
+
+at::Tensor cache_insert_or_assign_cuda(at::Tensor& slot_keys,         // (S,) int64
+                                       at::Tensor& digests,           // (S,) uint8
+                                       at::Tensor& scores,            // (S,) int32
+                                       at::Tensor& values,            // (S, D) float32
+                                       const at::Tensor& clock,       // (1,) int64, read only
+                                       const at::Tensor& keys,        // (n,) int32|int64
+                                       const at::Tensor& new_values,  // (n, D) float32
+                                       int64_t policy) {
+  const int64_t num_buckets = check_cuda_state(slot_keys, digests, scores, values, clock);
+  check_policy(policy);
+  check_query_keys(keys, slot_keys);
+  check_new_values(new_values, keys, values);
+  const c10::cuda::CUDAGuard guard(slot_keys.device());
+  at::Tensor counts = at::zeros({4}, slot_keys.options());  // [inserted, assigned, evicted, refused]
+  const int64_t n = keys.size(0);
+  if (n == 0) return counts;
+
+  at::Tensor sorted_bucket, perm;  // (n,) int64 each
+  std::tie(sorted_bucket, perm) = sort_keys_by_bucket(keys, num_buckets);
+  const int64_t dim = values.size(1);
+  const bool vec4 = rows_vec4(dim, {values.data_ptr(), new_values.data_ptr()});
+  const bool lru = policy == kPolicyLRU;
+  const unsigned grid = warp_grid(n);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "cache_insert_or_assign_cuda", [&] {
+    auto kernel = vec4 ? cache_insert_or_assign_kernel<index_t, true> : cache_insert_or_assign_kernel<index_t, false>;
+    kernel<<<grid, kThreads, 0, stream>>>(slot_keys.data_ptr<int64_t>(), digests.data_ptr<uint8_t>(),
+                                          scores.data_ptr<int32_t>(), values.data_ptr<float>(),
+                                          clock.data_ptr<int64_t>(), keys.data_ptr<index_t>(),
+                                          new_values.data_ptr<float>(), sorted_bucket.data_ptr<int64_t>(),
+                                          perm.data_ptr<int64_t>(), n, dim, lru, counts.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return counts;
+}
+
+at::Tensor cache_assign_cuda(const at::Tensor& slot_keys,   // (S,) int64
+                             const at::Tensor& digests,     // (S,) uint8
+                             at::Tensor& values,            // (S, D) float32
+                             const at::Tensor& keys,        // (n,) int32|int64
+                             const at::Tensor& new_values)  // (n, D) float32
+{
+  const int64_t num_buckets = check_cuda_keys_digests(slot_keys, digests);
+  check_cuda_values(values, slot_keys);
+  check_query_keys(keys, slot_keys);
+  check_new_values(new_values, keys, values);
+  const c10::cuda::CUDAGuard guard(slot_keys.device());
+  at::Tensor count = at::zeros({}, slot_keys.options());  // 0-d: keys (occurrences) that were present
+  const int64_t n = keys.size(0);
+  if (n == 0) return count;
+
+  at::Tensor sorted_bucket, perm;  // (n,) int64 each
+  std::tie(sorted_bucket, perm) = sort_keys_by_bucket(keys, num_buckets);
+  const int64_t dim = values.size(1);
+  const bool vec4 = rows_vec4(dim, {values.data_ptr(), new_values.data_ptr()});
+  const unsigned grid = warp_grid(n);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "cache_assign_cuda", [&] {
+    auto kernel = vec4 ? cache_assign_kernel<index_t, true> : cache_assign_kernel<index_t, false>;
+    kernel<<<grid, kThreads, 0, stream>>>(slot_keys.data_ptr<int64_t>(), digests.data_ptr<uint8_t>(),
+                                          values.data_ptr<float>(), keys.data_ptr<index_t>(),
+                                          new_values.data_ptr<float>(), sorted_bucket.data_ptr<int64_t>(),
+                                          perm.data_ptr<int64_t>(), n, dim, count.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return count;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hps, CUDA, m) {
+  m.impl("cache_insert_or_assign", &cache_insert_or_assign_cuda);
+  m.impl("cache_assign", &cache_assign_cuda);
+}
+
+}  // namespace hps
