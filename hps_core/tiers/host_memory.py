@@ -1,0 +1,351 @@
+"""The host-memory tier: one partitioned C++ hash map per table tag (HPS's "volatile DB" hash map).
+
+The map itself is `torch.classes.hps.HostHashMap` (cuda_ext/csrc/cpu/host_map_cpu.cpp): int64 keys -> float32 rows,
+split over `num_partitions` partitions with their own reader/writer lock, at most `overflow_margin` entries per
+partition (pruned to `overflow_margin * overflow_resolution_target` by the overflow policy when full), about
+1.1-1.3x the raw key+vector bytes in memory. Calls release the GIL, so several Python threads can fetch at once.
+
+This wrapper adds what the Tier interface asks for: per-tag tables, chunking by `max_batch_size`, argument checks
+that raise before anything changes, bulk loading of table files, and counters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import operator
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from hps_core._loader import load_extension
+from hps_core.tiers.base import Tier, TierStats
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hps_core.tables import TableFiles
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HostMemoryTier", "OVERFLOW_POLICIES", "NO_OVERFLOW_LIMIT"]
+
+# HPS names (and aliases) of the overflow policies -> the HostHashMap constructor's numbers.
+OVERFLOW_POLICIES: dict[str, int] = {
+    "evict_random": 0,
+    "random": 0,
+    "evict_least_used": 1,
+    "least_used": 1,
+    "evict_oldest": 2,
+    "oldest": 2,
+}
+# HPS's default overflow_margin is 2^64 - 1 ("no limit"); the map takes int64, so "no limit" is INT64_MAX.
+NO_OVERFLOW_LIMIT = (1 << 63) - 1
+_MAX_PARTITIONS = 4096
+
+
+def _int_arg(value: Any, name: str, minimum: int, maximum: int | None = None) -> int:
+    """`value` as an int in [minimum, maximum], else TypeError/ValueError naming `name` and the value."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int, got bool {value!r}")
+    try:
+        as_int = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+    if as_int < minimum or (maximum is not None and as_int > maximum):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {allowed}, got {as_int}")
+    return as_int
+
+
+@dataclasses.dataclass
+class _Table:
+    dim: int
+    map: Any  # torch.classes.hps.HostHashMap
+    stats: TierStats
+    lock: threading.Lock  # guards `stats` only; the map locks itself
+
+
+class HostMemoryTier(Tier):
+    """Partitioned in-memory hash maps (one per table tag) on the CPU; the first tier below the caches.
+
+    Args:
+        num_partitions: partitions per table, in [1, 4096]; None = min(16, CPU count) as HPS. A key's partition
+            comes from its hash, so this must not change while data is kept elsewhere with the same layout.
+        overflow_margin: max entries per partition; None = no limit (HPS default 2^64 - 1).
+        overflow_policy: which rows go when a partition is full: "evict_random"/"random",
+            "evict_least_used"/"least_used" (fewest fetch hits since last written), "evict_oldest"/"oldest"
+            (least recently fetched or written).
+        overflow_resolution_target: a full partition is pruned to overflow_margin * target entries, 0 < t < 1.
+        allocation_rate: largest value page in bytes (pages grow with the table up to this); >= one row.
+        max_batch_size: keys per native call; larger requests are chunked.
+        seed: seeds evict_random (reproducible evictions).
+
+    Example:
+        >>> tier = HostMemoryTier(num_partitions=4, overflow_margin=1_000_000)
+        >>> tier.create_table("hps_et.model.t0", dim=16)
+        >>> tier.insert("hps_et.model.t0", torch.tensor([3, 7]), torch.ones(2, 16))
+        2
+        >>> values, found = tier.fetch("hps_et.model.t0", torch.tensor([3, 5]))  # float32 (2, 16), bool (2,)
+        >>> found.tolist()
+        [True, False]
+    """
+
+    name = "host_memory"
+
+    def __init__(
+        self,
+        num_partitions: int | None = None,
+        overflow_margin: int | None = None,
+        overflow_policy: str = "evict_random",
+        overflow_resolution_target: float = 0.8,
+        allocation_rate: int = 256 << 20,
+        max_batch_size: int = 65536,
+        seed: int = 0,
+    ) -> None:
+        if num_partitions is None:
+            num_partitions = max(1, min(16, os.cpu_count() or 1))
+        self.num_partitions = _int_arg(num_partitions, "num_partitions", 1, _MAX_PARTITIONS)
+        if overflow_margin is None:
+            overflow_margin = NO_OVERFLOW_LIMIT
+        self.overflow_margin = _int_arg(overflow_margin, "overflow_margin", 1, NO_OVERFLOW_LIMIT)
+        if not isinstance(overflow_policy, str):
+            raise TypeError(f"overflow_policy must be a str, got {type(overflow_policy).__name__} {overflow_policy!r}")
+        policy = overflow_policy.strip().lower()
+        if policy not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow_policy must be one of {sorted(OVERFLOW_POLICIES)}, got {overflow_policy!r}")
+        self.overflow_policy = policy
+        if isinstance(overflow_resolution_target, (bool, np.bool_)) or not isinstance(
+            overflow_resolution_target, (int, float, np.floating, np.integer)
+        ):
+            raise TypeError(
+                "overflow_resolution_target must be a float in (0, 1), got "
+                f"{type(overflow_resolution_target).__name__} {overflow_resolution_target!r}"
+            )
+        target = float(overflow_resolution_target)
+        if not 0.0 < target < 1.0:
+            raise ValueError(f"overflow_resolution_target must be in (0, 1), got {overflow_resolution_target!r}")
+        self.overflow_resolution_target = target
+        self.allocation_rate = _int_arg(allocation_rate, "allocation_rate", 4)
+        self.max_batch_size = _int_arg(max_batch_size, "max_batch_size", 1)
+        self.seed = _int_arg(seed, "seed", -(1 << 63), (1 << 63) - 1)
+        load_extension()
+        self._tables: dict[str, _Table] = {}
+        self._tables_lock = threading.Lock()
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------------------ tables
+
+    def create_table(self, tag: str, dim: int) -> None:
+        """Declare table `tag` with rows of `dim` float32 (idempotent for the same dim; another dim -> ValueError).
+
+        Raises ValueError when `allocation_rate` is smaller than one row (dim * 4 bytes).
+        """
+        self._check_open()
+        if not isinstance(tag, str) or not tag:
+            raise TypeError(f"tag must be a non-empty str, got {type(tag).__name__} {tag!r}")
+        dim = _int_arg(dim, "dim", 1)
+        with self._tables_lock:
+            table = self._tables.get(tag)
+            if table is not None:
+                if table.dim != dim:
+                    raise ValueError(
+                        f"table {tag!r} exists in the host-memory tier with dim {table.dim}, got dim {dim}"
+                    )
+                return
+            if self.allocation_rate < dim * 4:
+                raise ValueError(
+                    f"allocation_rate must be at least one row of table {tag!r} (dim {dim} * 4 = {dim * 4} bytes), "
+                    f"got {self.allocation_rate}"
+                )
+            hmap = torch.classes.hps.HostHashMap(
+                dim,
+                self.num_partitions,
+                self.overflow_margin,
+                OVERFLOW_POLICIES[self.overflow_policy],
+                self.overflow_resolution_target,
+                self.allocation_rate,
+                self.seed,
+            )
+            self._tables[tag] = _Table(dim=dim, map=hmap, stats=TierStats(), lock=threading.Lock())
+            logger.debug("host-memory tier: created table %s (dim %d, %d partitions)", tag, dim, self.num_partitions)
+
+    def tags(self) -> list[str]:
+        """Tags of the tables created so far."""
+        return sorted(self._tables)
+
+    def dim(self, tag: str) -> int:
+        """Row length of table `tag`."""
+        return self._table(tag).dim
+
+    # ------------------------------------------------------------------------------------------------ data
+
+    def fetch(self, tag: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of `keys` (int64 (n,), CPU) -> (values float32 (n, dim), found bool (n,)), CPU; missing rows are 0.
+
+        Hits count as uses for the overflow policy (LFU count + 1, LRU time = now).
+
+        Example:
+            >>> values, found = tier.fetch("hps_et.model.t0", torch.tensor([3, 5]))
+        """
+        table = self._table(tag)
+        keys = self._check_keys(keys, "keys")
+        n = keys.numel()
+        if n <= self.max_batch_size:
+            values, found = table.map.fetch(keys)
+        else:
+            values = torch.empty((n, table.dim), dtype=torch.float32)
+            found = torch.empty((n,), dtype=torch.bool)
+            for start in range(0, n, self.max_batch_size):
+                stop = min(start + self.max_batch_size, n)
+                values[start:stop], found[start:stop] = table.map.fetch(keys[start:stop])
+        hits = int(found.sum())
+        with table.lock:
+            table.stats.fetches += 1
+            table.stats.keys_requested += n
+            table.stats.keys_found += hits
+        return values, found
+
+    def insert(self, tag: str, keys: torch.Tensor, values: torch.Tensor) -> int:
+        """Insert or overwrite rows: keys int64 (n,), values float32 (n, dim), CPU. Returns how many keys were new.
+
+        A key repeated in `keys` keeps its last row. A write resets the key's LFU count to 0 (as HPS) and sets its
+        LRU time to now. Full partitions are pruned first (overflow policy), so a partition never holds more than
+        overflow_margin entries.
+        """
+        table = self._table(tag)
+        keys = self._check_keys(keys, "keys")
+        values = self._check_values(values, keys, table.dim, tag)
+        n = keys.numel()
+        new = 0
+        for start in range(0, n, self.max_batch_size):
+            stop = min(start + self.max_batch_size, n)
+            new += table.map.insert(keys[start:stop], values[start:stop])
+        with table.lock:
+            table.stats.keys_inserted += new
+        return new
+
+    def erase(self, tag: str, keys: torch.Tensor) -> int:
+        """Remove keys (int64 (n,), CPU); returns how many were present."""
+        table = self._table(tag)
+        keys = self._check_keys(keys, "keys")
+        erased = 0
+        for start in range(0, keys.numel(), self.max_batch_size):
+            erased += table.map.erase(keys[start : start + self.max_batch_size])
+        return erased
+
+    def size(self, tag: str) -> int:
+        """Number of keys stored for `tag`."""
+        return int(self._table(tag).map.size())
+
+    def reserve(self, tag: str, n: int) -> None:
+        """Pre-size table `tag` for `n` entries in total (exact-size pages, no rehash while they arrive)."""
+        self._table(tag).map.reserve(_int_arg(n, "n", 0))
+
+    def memory_bytes(self, tag: str) -> int:
+        """Bytes the table's map has allocated (index, value pages, access meta, free lists)."""
+        return int(self._table(tag).map.memory_bytes())
+
+    def partition_sizes(self, tag: str) -> list[int]:
+        """Entries per partition of table `tag` (each is at most overflow_margin)."""
+        return self._table(tag).map.partition_sizes().tolist()
+
+    def export_keys(self, tag: str) -> torch.Tensor:
+        """Every key stored for `tag`, int64 (size,), in no particular order (dumps, tests)."""
+        return self._table(tag).map.export_keys()
+
+    def load(self, tag: str, table: "TableFiles", progress: bool = True) -> int:
+        """Bulk-load table files (`hps_core.tables.TableFiles`) into `tag`; returns rows loaded.
+
+        Creates the table with `table.dim` when needed (an existing tag must have that dim), reserves room for
+        all rows first (exact-size pages, no rehash), then inserts `max_batch_size` rows at a time. Rows beyond
+        the overflow margin evict others as any insert does.
+
+        Example:
+            >>> tier.load("hps_et.model.t0", hps_core.tables.open_table("/data/model/t0", dim=16))
+            1000
+        """
+        self._check_open()
+        for attr in ("num_keys", "dim", "iter_chunks"):
+            if not hasattr(table, attr):
+                raise TypeError(
+                    f"table must be a hps_core.tables.TableFiles (has no {attr!r}), got {type(table).__name__}"
+                )
+        self.create_table(tag, table.dim)
+        entry = self._table(tag)
+        self.reserve(tag, entry.map.size() + int(table.num_keys))
+        loaded = 0
+        for keys, vectors in table.iter_chunks(self.max_batch_size, progress=progress, desc=f"host memory <- {tag}"):
+            # np.array copies the read-only memmap block (torch wants writable memory).
+            self.insert(tag, torch.from_numpy(np.array(keys, dtype=np.int64)),
+                        torch.from_numpy(np.array(vectors, dtype=np.float32)))
+            loaded += len(keys)
+        logger.info(
+            "host-memory tier: loaded %d rows into %s (%d stored, %.1f MiB)",
+            loaded,
+            tag,
+            entry.map.size(),
+            entry.map.memory_bytes() / 2**20,
+        )
+        return loaded
+
+    # ------------------------------------------------------------------------------------------------ admin
+
+    def stats(self) -> dict[str, TierStats]:
+        """Counters per tag (copies)."""
+        out = {}
+        for tag, table in list(self._tables.items()):
+            with table.lock:
+                out[tag] = dataclasses.replace(table.stats, keys_evicted=int(table.map.evictions()))
+        return out
+
+    def close(self) -> None:
+        """Drop every table (frees the memory). Idempotent; later calls raise RuntimeError."""
+        with self._tables_lock:
+            self._tables.clear()
+            self._closed = True
+
+    # ------------------------------------------------------------------------------------------------ checks
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the host-memory tier is closed")
+
+    def _table(self, tag: str) -> _Table:
+        self._check_open()
+        table = self._tables.get(tag)
+        if table is None:
+            raise KeyError(f"unknown table tag {tag!r} in the host-memory tier; known tags: {sorted(self._tables)}")
+        return table
+
+    @staticmethod
+    def _check_keys(keys: Any, name: str) -> torch.Tensor:
+        if not isinstance(keys, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (int64 (n,) on CPU), got {type(keys).__name__}")
+        if keys.dtype != torch.int64:
+            raise TypeError(f"{name} must have dtype torch.int64, got {keys.dtype}")
+        if keys.dim() != 1:
+            raise ValueError(f"{name} must be 1-D (n,), got shape {tuple(keys.shape)}")
+        if keys.device.type != "cpu":
+            raise ValueError(f"{name} must be on the CPU, got device {keys.device}")
+        return keys.contiguous()
+
+    @staticmethod
+    def _check_values(values: Any, keys: torch.Tensor, dim: int, tag: str) -> torch.Tensor:
+        if not isinstance(values, torch.Tensor):
+            raise TypeError(f"values must be a torch.Tensor (float32 (n, dim) on CPU), got {type(values).__name__}")
+        if values.dtype != torch.float32:
+            raise TypeError(f"values must have dtype torch.float32, got {values.dtype}")
+        if values.dim() != 2:
+            raise ValueError(f"values must be 2-D (n, dim), got shape {tuple(values.shape)}")
+        if values.device.type != "cpu":
+            raise ValueError(f"values must be on the CPU, got device {values.device}")
+        if values.shape[1] != dim:
+            raise ValueError(f"values must have dim {dim} (table {tag!r}), got shape {tuple(values.shape)}")
+        if values.shape[0] != keys.shape[0]:
+            raise ValueError(
+                f"values must have one row per key: keys has {keys.shape[0]} rows, "
+                f"values has shape {tuple(values.shape)}"
+            )
+        return values.contiguous()
