@@ -2,8 +2,8 @@
 
 For each dim: a table of `--rows` random int64 keys is loaded into a HostMemoryTier (reserve first, as `load()`
 does) and, for the memory figure, into a second one without reserve. Then batches of `--batch` random existing keys
-are fetched and timed against two references in the same process, on the same batches (blocks of a few
-batches per method, the methods in a random order each round, so all see the same machine load):
+are fetched and timed against two references in the same process, on the same batches (several rounds; in each,
+blocks of a few batches per method, the methods in a random order, so all see the same machine load):
   * numpy baseline: `np.searchsorted` on the sorted key array + `np.take` of the rows (what a simple sorted-array
     store would do; single-threaded, as numpy is);
   * torch.index_select with the row ids already known: a pure gather, no key lookup at all (an upper bound).
@@ -129,35 +129,46 @@ def _bench_dim(dim: int, args: argparse.Namespace) -> dict[str, Any]:
     def run_index_select(idx: np.ndarray) -> None:
         torch.index_select(weight, 0, torch.from_numpy(idx))
 
-    # Blocks of `--block` batches per method, the methods in a random order each round, so that all three see the
-    # same (shared, changing) machine; a batch's key conversion is inside the timing for all three.
+    # Two Python threads fetching at once (each its own batches): the GIL is released inside the map.
+    def two_threads() -> float:
+        qs = [torch.from_numpy(keys[rng.integers(0, len(keys), args.batch)]) for _ in range(2 * args.repeats)]
+
+        def worker(part: list[torch.Tensor]) -> None:
+            for q in part:
+                tier.fetch(TAG, q)
+
+        threads = [threading.Thread(target=worker, args=(qs[i::2],)) for i in range(2)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return len(qs) * args.batch / (time.perf_counter() - start)
+
+    # `--rounds` rounds; in each, blocks of `--block` batches per method with the methods in a random order, so
+    # that all three see the same (shared, changing) machine; a batch's key conversion is timed for all three.
+    # Rates are the median over all batches of all rounds; the per-round medians give the spread.
     methods = {"tier": run_tier, "numpy": run_numpy, "index_select": run_index_select}
     times: dict[str, list[float]] = {name: [] for name in methods}
-    for start in range(0, len(batches), args.block):
-        for name in rng.permutation(list(methods)):
-            for idx in batches[start : start + args.block]:
-                t0 = time.perf_counter()
-                methods[name](idx)
-                times[name].append(time.perf_counter() - t0)
+    round_rates: dict[str, list[float]] = {name: [] for name in list(methods) + ["two_python_threads"]}
+    for _ in range(args.rounds):
+        this_round: dict[str, list[float]] = {name: [] for name in methods}
+        for start in range(0, len(batches), args.block):
+            for name in rng.permutation(list(methods)):
+                for idx in batches[start : start + args.block]:
+                    t0 = time.perf_counter()
+                    methods[name](idx)
+                    this_round[name].append(time.perf_counter() - t0)
+        for name, ts in this_round.items():
+            times[name] += ts
+            round_rates[name].append(args.batch / float(np.median(ts)))
+        round_rates["two_python_threads"].append(two_threads())
 
     for name, ts in times.items():
         out[f"{name}_keys_per_s"] = args.batch / float(np.median(ts))
         out[f"{name}_keys_per_s_best"] = args.batch / float(np.min(ts))
-
-    # Two Python threads fetching at once (each its own batches): the GIL is released inside the map.
-    qs = [torch.from_numpy(keys[rng.integers(0, len(keys), args.batch)]) for _ in range(2 * args.repeats)]
-
-    def worker(part: list[torch.Tensor]) -> None:
-        for q in part:
-            tier.fetch(TAG, q)
-
-    threads = [threading.Thread(target=worker, args=(qs[i :: 2],)) for i in range(2)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    out["two_python_threads_keys_per_s"] = len(qs) * args.batch / (time.perf_counter() - start)
+    out["two_python_threads_keys_per_s"] = float(np.median(round_rates["two_python_threads"]))
+    out["round_medians_keys_per_s"] = round_rates
     tier.close()
     return out
 
@@ -171,16 +182,17 @@ def _markdown(results: list[dict[str, Any]], machine: dict[str, Any], args: argp
         "# Host-memory tier (C++ partitioned hash map), CPU benchmark",
         "",
         f"`python -m benchmarks.bench_host_memory` — {args.rows:,} rows per table, {args.partitions} partitions, "
-        f"fetch batches of {args.batch:,} random existing keys, median (best) of {args.repeats} batches after "
-        f"{args.warmup} warm-up batches; torch intra-op threads: {machine['torch_threads']}. References timed on the "
+        f"fetch batches of {args.batch:,} random existing keys, median (best) over {args.rounds} rounds of "
+        f"{args.repeats} batches after {args.warmup} warm-up batches (rounds min-max: the spread of per-round "
+        f"medians); torch intra-op threads: {machine['torch_threads']}. References timed on the "
         f"same batches, in blocks of {args.block} batches per method, methods in a random order each round: "
         "numpy `searchsorted` + `take` (single-threaded), `torch.index_select` with the "
         "row ids known (a pure gather, no key lookup).",
         "",
-        "| dim | HostMemoryTier.fetch M keys/s | numpy M keys/s | vs numpy | index_select M rows/s | "
+        "| dim | HostMemoryTier.fetch M keys/s | rounds min-max | numpy M keys/s | vs numpy | index_select M rows/s | "
         "2 Python threads M keys/s | memory / raw (reserve) | memory / raw (no reserve) | load s (reserve) | "
         "targets met |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         ratio = r["tier_keys_per_s"] / r["numpy_keys_per_s"]
@@ -193,6 +205,8 @@ def _markdown(results: list[dict[str, Any]], machine: dict[str, Any], args: argp
             checks.insert(0, f">= {TARGET_KEYS_PER_S_DIM128 / 1e6:g} M keys/s: {'yes' if ok else '**no**'}")
         lines.append(
             f"| {r['dim']} | {_fmt_rate(r['tier_keys_per_s'])} ({_fmt_rate(r['tier_keys_per_s_best'])}) | "
+            f"{_fmt_rate(min(r['round_medians_keys_per_s']['tier']))}-"
+            f"{_fmt_rate(max(r['round_medians_keys_per_s']['tier']))} | "
             f"{_fmt_rate(r['numpy_keys_per_s'])} ({_fmt_rate(r['numpy_keys_per_s_best'])}) | {ratio:.1f}x | "
             f"{_fmt_rate(r['index_select_keys_per_s'])} ({_fmt_rate(r['index_select_keys_per_s_best'])}) | "
             f"{_fmt_rate(r['two_python_threads_keys_per_s'])} | {mem:.3f} | {mem_grow:.3f} | {r['load_s']:.2f} | "
@@ -201,7 +215,8 @@ def _markdown(results: list[dict[str, Any]], machine: dict[str, Any], args: argp
     lines += [
         "",
         "Raw bytes = rows x (8 + 4 x dim). Memory = HostHashMap.memory_bytes(): index + value pages (with the per-row "
-        "access meta) + free lists, as allocated.",
+        "access meta) + free lists, as allocated. index_select runs on torch's intra-op threads and is erratic on a "
+        "shared 2-core machine (per-round medians in the JSON); the numpy baseline is single-threaded.",
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores; Python {machine['python']}, numpy {machine['numpy']}, "
         f"torch {machine['torch']}; commit {machine['commit']}; {machine['date']}.",
@@ -220,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--block", type=int, default=5, help="batches per method in a row")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of --repeats batches per method")
     parser.add_argument("--partitions", type=int, default=16)
     parser.add_argument("--chunk", type=int, default=65_536, help="rows per insert call while loading")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
