@@ -18,6 +18,19 @@ if TYPE_CHECKING:  # pragma: no cover
     from hps_core.tables import TableFiles
 
 
+def check_keys(keys: object, name: str = "keys") -> torch.Tensor:
+    """The keys argument of a tier call: int64 (n,) on the CPU -> contiguous; TypeError/ValueError otherwise."""
+    if not isinstance(keys, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (int64 (n,) on CPU), got {type(keys).__name__}")
+    if keys.dtype != torch.int64:
+        raise TypeError(f"{name} must have dtype torch.int64, got {keys.dtype}")
+    if keys.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (n,), got shape {tuple(keys.shape)}")
+    if keys.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got device {keys.device}")
+    return keys.contiguous()
+
+
 @dataclasses.dataclass
 class TierStats:
     """Counters of one tier for one table tag."""

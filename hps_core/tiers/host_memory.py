@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from hps_core._loader import load_extension
-from hps_core.tiers.base import Tier, TierStats
+from hps_core.tiers.base import Tier, TierStats, check_keys
 
 if TYPE_CHECKING:  # pragma: no cover
     from hps_core.tables import TableFiles
@@ -190,7 +190,7 @@ class HostMemoryTier(Tier):
             >>> values, found = tier.fetch("hps_et.model.t0", torch.tensor([3, 5]))
         """
         table = self._table(tag)
-        keys = self._check_keys(keys, "keys")
+        keys = check_keys(keys)
         n = keys.numel()
         if n <= self.max_batch_size:
             values, found = table.map.fetch(keys)
@@ -215,7 +215,7 @@ class HostMemoryTier(Tier):
         overflow_margin entries.
         """
         table = self._table(tag)
-        keys = self._check_keys(keys, "keys")
+        keys = check_keys(keys)
         values = self._check_values(values, keys, table.dim, tag)
         n = keys.numel()
         new = 0
@@ -229,7 +229,7 @@ class HostMemoryTier(Tier):
     def erase(self, tag: str, keys: torch.Tensor) -> int:
         """Remove keys (int64 (n,), CPU); returns how many were present."""
         table = self._table(tag)
-        keys = self._check_keys(keys, "keys")
+        keys = check_keys(keys)
         erased = 0
         for start in range(0, keys.numel(), self.max_batch_size):
             erased += table.map.erase(keys[start : start + self.max_batch_size])
@@ -318,18 +318,6 @@ class HostMemoryTier(Tier):
         if table is None:
             raise KeyError(f"unknown table tag {tag!r} in the host-memory tier; known tags: {sorted(self._tables)}")
         return table
-
-    @staticmethod
-    def _check_keys(keys: Any, name: str) -> torch.Tensor:
-        if not isinstance(keys, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor (int64 (n,) on CPU), got {type(keys).__name__}")
-        if keys.dtype != torch.int64:
-            raise TypeError(f"{name} must have dtype torch.int64, got {keys.dtype}")
-        if keys.dim() != 1:
-            raise ValueError(f"{name} must be 1-D (n,), got shape {tuple(keys.shape)}")
-        if keys.device.type != "cpu":
-            raise ValueError(f"{name} must be on the CPU, got device {keys.device}")
-        return keys.contiguous()
 
     @staticmethod
     def _check_values(values: Any, keys: torch.Tensor, dim: int, tag: str) -> torch.Tensor:

@@ -37,7 +37,7 @@ import numpy as np
 import rocksdict
 import torch
 
-from hps_core.tiers.base import Tier, TierStats
+from hps_core.tiers.base import Tier, TierStats, check_keys
 
 if TYPE_CHECKING:  # pragma: no cover
     from hps_core.tables import TableFiles
@@ -97,15 +97,7 @@ def _check_bool(value: Any, name: str) -> bool:
 
 def _keys_numpy(keys: Any, name: str = "keys") -> np.ndarray:
     """A CPU int64 (n,) torch tensor -> contiguous little-endian int64 numpy array (no copy when possible)."""
-    if not isinstance(keys, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor (int64 (n,) on CPU), got {type(keys).__name__}")
-    if keys.dtype != torch.int64:
-        raise TypeError(f"{name} must have dtype torch.int64, got {keys.dtype}")
-    if keys.dim() != 1:
-        raise ValueError(f"{name} must be 1-D (n,), got shape {tuple(keys.shape)}")
-    if keys.device.type != "cpu":
-        raise ValueError(f"{name} must be on the CPU, got device {keys.device}")
-    return np.ascontiguousarray(keys.detach().numpy(), dtype=_KEY_DTYPE)
+    return np.ascontiguousarray(check_keys(keys, name).detach().numpy(), dtype=_KEY_DTYPE)
 
 
 def _values_numpy(values: Any, n: int, dim: int, tag: str) -> np.ndarray:
