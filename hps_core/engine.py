@@ -372,15 +372,16 @@ class HierarchicalParameterServer:
         return out.reshape(*keys.shape, rt.dim)
 
     def _lookup_uncached(self, rt: TableRuntime, flat: torch.Tensor) -> torch.Tensor:
+        """HPS gpucache: false — every key position straight from the tiers, no de-duplication (a sort of the batch
+        costs more than fetching a repeated row twice)."""
         stats = rt.uncached_stats
         start = time.perf_counter()
-        keys64 = flat.to(torch.int64).cpu()
-        unique, inverse = torch.unique(keys64, return_inverse=True)
+        keys64 = flat.to("cpu", torch.int64)
         t0 = time.perf_counter()
-        rows = self._fetch_from_tiers(rt, unique, stats)
+        rows = self._fetch_from_tiers(rt, keys64, stats, pin=flat.is_cuda)
         stats.latency["tiers"].record(time.perf_counter() - t0)
-        out = rows.index_select(0, inverse).to(flat.device, non_blocking=True)
-        stats.add(lookups=1, keys=flat.numel(), cache_misses=flat.numel(), unique_misses=unique.numel())
+        out = rows.to(flat.device, non_blocking=True)
+        stats.add(lookups=1, keys=flat.numel(), cache_misses=flat.numel())
         stats.latency["total"].record(time.perf_counter() - start)
         return out
 
@@ -443,31 +444,44 @@ class HierarchicalParameterServer:
 
     def _fetch_from_tiers(self, rt: TableRuntime, keys: torch.Tensor, stats: TableStats,
                           positions_per_key: torch.Tensor | None = None, pin: bool = False) -> torch.Tensor:
-        """Rows of unique int64 CPU `keys` from the tiers in order; the default vector for the rest.
+        """Rows of int64 CPU `keys` from the tiers in order; the default vector for the rest.
 
-        `stats.defaults_served` counts key positions: unique keys are weighted by how often they occurred
-        when `positions_per_key` is given, else counted once each.
+        The first tier answers for every key into its own fresh buffer (no extra copy); later tiers are asked
+        only for what is still missing. `stats.defaults_served` counts key positions: keys are weighted by how
+        often they occurred when `positions_per_key` is given, else counted once each. `pin`: the result is
+        returned in pinned memory, so the copy to a GPU is a true asynchronous DMA.
         """
         n = keys.numel()
-        # Pinned when bound for a GPU, so the copy back is a true asynchronous DMA.
-        out = torch.empty((n, rt.dim), dtype=torch.float32, pin_memory=pin).fill_(rt.default_value)
-        missing = torch.arange(n)
+        out: torch.Tensor | None = None
+        missing: torch.Tensor | None = None  # positions still missing; None = all of them (nothing asked yet)
         for level, tier in enumerate(self.tiers):
-            if missing.numel() == 0:
+            if missing is not None and missing.numel() == 0:
                 break
-            values, found = tier.fetch(rt.tag, keys.index_select(0, missing))
-            hit_idx = missing[found]
+            asked = keys if missing is None else keys.index_select(0, missing)
+            values, found = tier.fetch(rt.tag, asked)
+            hit_pos = found.nonzero().squeeze(1)
+            if missing is None:
+                out, hit_idx = values, hit_pos
+                missing = (~found).nonzero().squeeze(1)
+            else:
+                hit_idx = missing.index_select(0, hit_pos)
+                out.index_copy_(0, hit_idx, values.index_select(0, hit_pos))
+                missing = missing[~found]
             if hit_idx.numel():
-                rows = values[found]
-                out.index_copy_(0, hit_idx, rows)
                 for upper in self._promote_into:
                     if upper < level and not getattr(self.tiers[upper], "read_only", False):
-                        self.tiers[upper].insert(rt.tag, keys.index_select(0, hit_idx), rows)
+                        self.tiers[upper].insert(rt.tag, keys.index_select(0, hit_idx), out.index_select(0, hit_idx))
             stats.add_tier_hits(tier.name, hit_idx.numel())
-            missing = missing[~found]
+        if out is None:  # no tier at all
+            out = torch.empty((n, rt.dim), dtype=torch.float32)
+            missing = torch.arange(n)
         if missing.numel():
-            weight = positions_per_key.index_select(0, missing).sum() if positions_per_key is not None else missing.numel()
+            out.index_fill_(0, missing, rt.default_value)
+            weight = (positions_per_key.index_select(0, missing).sum() if positions_per_key is not None
+                      else missing.numel())
             stats.add(defaults_served=int(weight))
+        if pin and not out.is_pinned():
+            out = torch.empty_like(out, pin_memory=True).copy_(out)
         return out
 
     def _insert(self, rt: TableRuntime, cr: CacheRuntime, keys: torch.Tensor, rows: torch.Tensor,
