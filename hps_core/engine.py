@@ -378,7 +378,7 @@ class HierarchicalParameterServer:
         start = time.perf_counter()
         keys64 = flat.to("cpu", torch.int64)
         t0 = time.perf_counter()
-        rows = self._fetch_from_tiers(rt, keys64, stats, pin=flat.is_cuda)
+        rows = self._fetch_from_tiers(rt, keys64, stats)
         stats.latency["tiers"].record(time.perf_counter() - t0)
         out = rows.to(flat.device, non_blocking=True)
         stats.add(lookups=1, keys=flat.numel(), cache_misses=flat.numel())
@@ -429,7 +429,7 @@ class HierarchicalParameterServer:
         host_keys = miss_keys.to("cpu", torch.int64)
         t0 = time.perf_counter()
         occurrences = torch.bincount(inverse[:misses], minlength=unique).to("cpu")
-        fetched = self._fetch_from_tiers(rt, host_keys, stats, positions_per_key=occurrences, pin=flat.is_cuda)
+        fetched = self._fetch_from_tiers(rt, host_keys, stats, positions_per_key=occurrences)
         t_tiers = time.perf_counter()
         lat["tiers"].record(t_tiers - t0)
         rows = fetched.to(flat.device, non_blocking=True)
@@ -443,13 +443,14 @@ class HierarchicalParameterServer:
         return values
 
     def _fetch_from_tiers(self, rt: TableRuntime, keys: torch.Tensor, stats: TableStats,
-                          positions_per_key: torch.Tensor | None = None, pin: bool = False) -> torch.Tensor:
+                          positions_per_key: torch.Tensor | None = None) -> torch.Tensor:
         """Rows of int64 CPU `keys` from the tiers in order; the default vector for the rest.
 
         The first tier answers for every key into its own fresh buffer (no extra copy); later tiers are asked
         only for what is still missing. `stats.defaults_served` counts key positions: keys are weighted by how
-        often they occurred when `positions_per_key` is given, else counted once each. `pin`: the result is
-        returned in pinned memory, so the copy to a GPU is a true asynchronous DMA.
+        often they occurred when `positions_per_key` is given, else counted once each.
+        NOTE: the rows come back in the first tier's (pageable) buffer: re-copying them into pinned memory cost more
+        than the staged H2D copy it saves (H200 run 4); tiers writing straight into a pinned buffer is the fix.
         """
         n = keys.numel()
         out: torch.Tensor | None = None
@@ -480,8 +481,6 @@ class HierarchicalParameterServer:
             weight = (positions_per_key.index_select(0, missing).sum() if positions_per_key is not None
                       else missing.numel())
             stats.add(defaults_served=int(weight))
-        if pin and not out.is_pinned():
-            out = torch.empty_like(out, pin_memory=True).copy_(out)
         return out
 
     def _insert(self, rt: TableRuntime, cr: CacheRuntime, keys: torch.Tensor, rows: torch.Tensor,
