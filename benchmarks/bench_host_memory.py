@@ -19,12 +19,9 @@ else runs on the machine: the load average at start and end is recorded with the
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
-import platform
-import subprocess
 import threading
 import time
 from typing import Any
@@ -32,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks._env import machine_info
 from hps_core.tiers.host_memory import HostMemoryTier
 
 TAG = "hps_et.bench.t0"
@@ -41,35 +39,11 @@ TARGET_MEMORY_RATIO = 1.3
 
 
 def _machine() -> dict[str, Any]:
-    model = "?"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "hps_core/tiers/host_memory.py",
-             "cuda_ext/csrc/cpu/host_map_cpu.cpp", "cuda_ext/csrc/cpu/host_map.h", "benchmarks/bench_host_memory.py"],
-            capture_output=True, text=True).stdout.strip()
-        if dirty:
-            commit += " (+ uncommitted host-memory tier/benchmark)"
-    except (OSError, subprocess.CalledProcessError):
-        commit = "?"
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "commit": commit,
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "loadavg_start": os.getloadavg()[0],
-    }
+    info = machine_info(["hps_core/tiers/host_memory.py", "cuda_ext/csrc/cpu/host_map_cpu.cpp",
+                         "cuda_ext/csrc/cpu/host_map.h", "benchmarks/bench_host_memory.py"],
+                        "host-memory tier/benchmark")
+    info["torch_threads"] = torch.get_num_threads()
+    return info
 
 
 def _table(rows: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,14 +15,11 @@ runs on the machine: the load average at start and end is recorded with them.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.metadata
 import json
 import os
 import pathlib
-import platform
 import shutil
-import subprocess
 import tempfile
 import time
 from typing import Any
@@ -30,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks._env import machine_info
 from hps_core.tables import write_table
 from hps_core.tiers.rocksdb import RocksDBTier
 
@@ -39,33 +37,9 @@ TARGET_LOAD_S = 5.0
 
 
 def _machine() -> dict[str, Any]:
-    model = "?"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hps_core/tiers/rocksdb.py",
-                                "benchmarks/bench_rocksdb.py"], capture_output=True, text=True).stdout.strip()
-        if dirty:
-            commit += " (+ uncommitted rocksdb tier/benchmark)"
-    except (OSError, subprocess.CalledProcessError):
-        commit = "?"
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "rocksdict": importlib.metadata.version("rocksdict"),
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "commit": commit,
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "loadavg_start": os.getloadavg()[0],
-    }
+    info = machine_info(["hps_core/tiers/rocksdb.py", "benchmarks/bench_rocksdb.py"], "rocksdb tier/benchmark")
+    info["rocksdict"] = importlib.metadata.version("rocksdict")
+    return info
 
 
 def _timed(fn) -> tuple[Any, float]:

@@ -37,6 +37,7 @@ import numpy as np
 import rocksdict
 import torch
 
+from hps_core.tables import _check_bool, _positive_int
 from hps_core.tiers.base import Tier, TierStats, check_keys
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,24 +76,6 @@ class _Table:
     handle: Any  # rocksdict.ColumnFamily for WriteBatch; None when read-only
     count: int | None
     stats: TierStats = dataclasses.field(default_factory=TierStats)
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a positive int, got bool {value!r}")
-    try:
-        as_int = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}") from None
-    if as_int <= 0:
-        raise ValueError(f"{name} must be a positive int, got {as_int}")
-    return as_int
-
-
-def _check_bool(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return bool(value)
 
 
 def _keys_numpy(keys: Any, name: str = "keys") -> np.ndarray:
