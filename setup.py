@@ -58,7 +58,8 @@ def _cuda_extra_includes() -> list[str]:
 VARIANT = _variant()
 print(f"[hps] building hps_core._C, variant={VARIANT} (torch {torch.__version__}, cuda {torch.version.cuda})")
 
-sources = [os.path.join(CSRC, "hps_ops.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+# csrc/*.cpp: the schema file and device-generic ops; cpu/*.cpp: the CPU kernels.
+sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp"))) + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
 include_dirs = [os.path.join(ROOT, CSRC)]
 cxx_flags = ["-O3", "-g0", "-Wall", "-Wno-unused-function"]
 define_macros = []

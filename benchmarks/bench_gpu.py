@@ -21,7 +21,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,47 +29,21 @@ import traceback
 import numpy as np
 import torch
 
-DLRM_KEYS = 131072 * 26  # 3,407,872
+from benchmarks.common import DLRM_KEYS, commit, cpu_model, cuda_time_ms, gpu_info, write_synthetic_table, zipf_ranks  # noqa: F401
 
 
 def env_info() -> dict:
-    def cmd(*args):
-        try:
-            return subprocess.run(args, capture_output=True, text=True, timeout=20).stdout.strip()
-        except Exception as exc:  # noqa: BLE001 - informational only
-            return f"unavailable ({exc})"
-
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "commit": cmd("git", "rev-parse", "--short", "HEAD") or os.environ.get("HPS_COMMIT", "unknown"),
-        "cpu": cmd("sh", "-c", "lscpu | grep 'Model name' | head -1"),
+        "commit": commit(),
+        "cpu": cpu_model(),
         "nproc": os.cpu_count(),
     }
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        info.update(gpu=p.name, sm_count=p.multi_processor_count, gpu_memory_gib=round(p.total_memory / 2**30, 1),
-                    driver=cmd("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"))
+    info.update(gpu_info())
     return info
-
-
-def cuda_time_ms(fn, warmup: int = 5, repeat: int = 20) -> dict:
-    """Median / min / mean milliseconds of fn() by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    t = np.array(times)
-    return {"median_ms": float(np.median(t)), "min_ms": float(t.min()), "mean_ms": float(t.mean()), "repeat": repeat}
 
 
 def unique_keys(n: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -129,17 +102,12 @@ def bench_p1(quick: bool) -> dict:
 def _engine(tmp: str, rows: int, dim: int, ratio: float, keys_per_call: int, threshold: float = 1.0,
             key_range: int = 1 << 40, policy: str = "lru", seed: int = 0):
     from hps_core.engine import HierarchicalParameterServer
-    from hps_core.tables import write_table
 
     rng = np.random.default_rng(seed)
     keys = rng.choice(key_range, size=rows, replace=False).astype(np.int64) if rows < 5_000_000 else (
         np.random.default_rng(seed).permutation(rows).astype(np.int64) * 7919 + 13)
     path = os.path.join(tmp, f"t_{rows}_{dim}")
-    vectors = np.empty((rows, dim), dtype=np.float32)
-    chunk = 1 << 22
-    for s in range(0, rows, chunk):
-        vectors[s:s + chunk] = rng.random((min(chunk, rows - s), dim), dtype=np.float32)
-    write_table(path, keys, vectors, check_duplicates=False)
+    _, vectors = write_synthetic_table(path, keys, dim, seed)
     cfg = {
         "key_dtype": "int64",
         "models": {"m": {"tables": [{"name": "t", "path": path, "dim": dim, "max_keys_per_sample": keys_per_call}],
@@ -150,19 +118,20 @@ def _engine(tmp: str, rows: int, dim: int, ratio: float, keys_per_call: int, thr
     return HierarchicalParameterServer(cfg, progress=False), keys, vectors
 
 
-def zipf_ranks(rng: np.random.Generator, alpha: float, n: int, rows: int) -> np.ndarray:
-    """Ranks in [0, rows) with P(rank r) ~ (r+1)^-alpha (exact inverse-CDF sampling, any alpha > 0)."""
-    weights = np.arange(1, rows + 1, dtype=np.float64) ** -alpha
-    cdf = np.cumsum(weights)
-    cdf /= cdf[-1]
-    return np.searchsorted(cdf, rng.random(n), side="right").clip(0, rows - 1)
-
-
 def bench_p2(quick: bool) -> dict:
+    """Synchronous insertion (hit_rate_threshold 1.0: exact results, every miss fetched) and, for reference, HPS's
+    default threshold 0.9 (a batch whose key-position hit rate is >= 0.9 gets defaults for its misses and the
+    insert worker fetches them)."""
+    out = {"sync_threshold_1.0": _p2_run(quick, 1.0)}
+    out["hps_default_threshold_0.9"] = _p2_run(quick, 0.9)
+    return out
+
+
+def _p2_run(quick: bool, threshold: float) -> dict:
     rows, dim, n = 630_000, 16, 2000
     iters, warm = (1000, 100) if not quick else (100, 20)
     with tempfile.TemporaryDirectory() as tmp:
-        hps, keys, vectors = _engine(tmp, rows, dim, 0.9, n)
+        hps, keys, vectors = _engine(tmp, rows, dim, 0.9, n, threshold=threshold)
         rng = np.random.default_rng(7)
         order = rng.permutation(rows)  # popularity rank -> row
         queries = [torch.from_numpy(keys[order[zipf_ranks(rng, 1.2, n, rows)]]).cuda() for _ in range(iters + warm)]
@@ -180,15 +149,17 @@ def bench_p2(quick: bool) -> dict:
             torch.cuda.synchronize()
             if i >= warm:
                 lat.append(time.perf_counter() - t0)
-        # correctness on the last query
+        # correctness on the last query (exact only with synchronous insertion)
         sorter = np.argsort(keys)
         pos = sorter[np.searchsorted(keys, q.cpu().numpy(), sorter=sorter)]
         want = torch.from_numpy(vectors[pos])
         equal = bool(torch.equal(out.cpu(), want))
+        hps.wait_for_inserts()
         s = hps.stats()["models"]["m"]["t"]["cuda:0"]
         hps.close()
     ms = np.array(lat) * 1e3
     return {"keys_per_query": n, "rows": rows, "dim": dim, "cache_ratio": 0.9, "iterations": len(lat),
+            "hit_rate_threshold": threshold, "defaults_served": s["defaults_served"],
             "mean_ms": float(ms.mean()), "p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
             "hit_rate_unique_keys": uniq_hits / max(uniq_total, 1), "hit_rate_positions": s["hit_rate"],
             "last_query_equal": equal, "stage_latency": s["latency"],
@@ -208,11 +179,13 @@ def bench_p3(quick: bool) -> dict:
         host.uniform_()
         idx = [torch.randint(0, rows, (n,), device="cuda") for _ in range(4)]
         it = iter(range(1 << 30))
-        out = gather_rows(host, idx[0])
-        ok = bool(torch.equal(out.cpu(), host[idx[0].cpu()]))
-        t = cuda_time_ms(lambda: gather_rows(host, idx[next(it) % 4]))
-        res["host_mapped_gather"] = {"rows": n, "dim": dim, "time": t, "equal": ok,
-                                     "useful_gbs": n * dim * 4 / t["median_ms"] / 1e6}
+        want = host[idx[0].cpu()]
+        for strategy in ("zero_copy", "staged", "auto"):
+            ok = bool(torch.equal(gather_rows(host, idx[0], strategy).cpu(), want))
+            t = cuda_time_ms(lambda: gather_rows(host, idx[next(it) % 4], strategy))
+            res[f"host_mapped_gather_{strategy}"] = {"rows": n, "dim": dim, "time": t, "equal": ok,
+                                                    "useful_gbs": n * dim * 4 / t["median_ms"] / 1e6,
+                                                    "cpu_threads": torch.get_num_threads()}
         # baseline in the same run: pinned H2D copy of the same bytes, contiguous
         staging = torch.empty(n, dim).pin_memory()
         dst = torch.empty(n, dim, device="cuda")

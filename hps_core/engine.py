@@ -34,6 +34,8 @@ from hps_core.tiers.base import Tier
 log = logging.getLogger(__name__)
 
 _KEY_DTYPES = {"int64": torch.int64, "int32": torch.int32}
+# Batches above this many keys test "all hit?" on the device before copying keys to the host for the miss path.
+_DEVICE_ALL_HIT_CHECK = 1 << 16
 
 
 @dataclass
@@ -48,6 +50,9 @@ class CacheRuntime:
     # Bumped (under `lock`) by every update of the table; an insert of rows fetched before the bump is dropped,
     # so a cache can never re-learn a value older than an update.
     version: int = 0
+    # [inserted, assigned, evicted, refused] summed on the cache's device: the lookup path never reads them back
+    # (a sync); stats() does.
+    insert_counts: Any = None
     insert_worker: concurrent.futures.ThreadPoolExecutor | None = None
     pending_inserts: int = 0
     max_pending_inserts: int = 1
@@ -140,6 +145,8 @@ class HierarchicalParameterServer:
         self.tiers: list[Tier] = self._make_tiers()
         # Tiers that take the rows a lower tier found (HPS cache_missed_embeddings), by position in self.tiers.
         self._promote_into = [i for i, t in enumerate(self.tiers) if getattr(self._tier_config(t), "cache_missed_embeddings", False)]
+        # The host-memory tier, when it is the first tier: the miss path fetches from its map natively.
+        self._host_tier = self.tiers[0] if self.tiers and hasattr(self.tiers[0], "map_handle") else None
         self.tables: dict[str, list[TableRuntime]] = {}
         self._warned_cpu_fallback = False
         try:
@@ -399,45 +406,54 @@ class HierarchicalParameterServer:
         t_find = time.perf_counter()
         lat["cache_find"].record(t_find - start)
 
-        # The all-hit path reads one flag (its only host sync) and skips the compaction of the whole batch.
-        if bool(found.all()):
+        # A large batch checks "all hit?" on the device first (one flag read) rather than copying every key to the
+        # host; a small one goes straight to collect_misses, whose one sync answers the same question.
+        if n > _DEVICE_ALL_HIT_CHECK and bool(found.all()):
             stats.add(lookups=1, keys=n, cache_hits=n)
             lat["total"].record(time.perf_counter() - start)
             return values
-        unique_keys, positions, inverse, counts = pipeline_ops.compact_misses(flat, found)
-        misses, unique = (int(c) for c in counts.tolist())  # the miss path's host sync
-        t_compact = time.perf_counter()
-        lat["miss_compaction"].record(t_compact - t_find)
+        source = self._host_tier.map_handle(rt.tag) if self._host_tier is not None else -1
+        unique_keys, rows, in_source, index, misses, unique, source_hits = torch.ops.hps.collect_misses(
+            flat, found, rt.dim, source)
+        t_collect = time.perf_counter()
+        lat["miss_compaction"].record(t_collect - t_find)
+        if misses == 0:
+            stats.add(lookups=1, keys=n, cache_hits=n)
+            lat["total"].record(time.perf_counter() - start)
+            return values
         stats.add(lookups=1, keys=n, cache_hits=n - misses, cache_misses=misses, unique_misses=unique)
 
-        miss_keys = unique_keys[:unique]
         hit_rate = 1.0 - misses / n
         threshold = rt.cache_config.hit_rate_threshold
         learns = rt.mode == "dynamic"
         if (learns and hit_rate >= threshold and cr.insert_worker is not None
                 and cr.pending_inserts < cr.max_pending_inserts):
             # HPS async mode: the current batch gets defaults for its misses; the insert worker fetches them.
-            rows = torch.full((unique, rt.dim), rt.default_value, dtype=torch.float32, device=flat.device)
-            pipeline_ops.scatter_rows(values, positions, inverse, rows, counts)
+            rows.fill_(rt.default_value)
+            torch.ops.hps.apply_misses(values, index, rows)
             stats.add(defaults_served=misses, async_insert_batches=1)
             with cr.lock:
                 cr.pending_inserts += 1
-            cr.insert_worker.submit(self._async_insert, rt, cr, miss_keys.to("cpu", torch.int64), version)
+            cr.insert_worker.submit(self._async_insert, rt, cr, unique_keys.clone(), version)
             lat["total"].record(time.perf_counter() - start)
             return values
 
-        host_keys = miss_keys.to("cpu", torch.int64)
-        t0 = time.perf_counter()
-        occurrences = torch.bincount(inverse[:misses], minlength=unique).to("cpu")
-        fetched = self._fetch_from_tiers(rt, host_keys, stats, positions_per_key=occurrences)
+        level = 0
+        if source >= 0:
+            self._host_tier.record_fetch(rt.tag, unique, source_hits)
+            stats.add_tier_hits(self._host_tier.name, source_hits)
+            level = 1
+        if source_hits < unique:  # rows the host map lacks: the lower tiers, then the default vector
+            missing = (~in_source).nonzero().squeeze(1)
+            occurrences = torch.bincount(index[2 + misses:2 + 2 * misses], minlength=unique)
+            self._fill_missing(rt, unique_keys, rows, missing, stats, level, occurrences)
         t_tiers = time.perf_counter()
-        lat["tiers"].record(t_tiers - t0)
-        rows = fetched.to(flat.device, non_blocking=True)
-        pipeline_ops.scatter_rows(values, positions, inverse, rows, counts)
+        lat["tiers"].record(t_tiers - t_collect)
+        dev_keys, dev_rows = torch.ops.hps.apply_misses(values, index, rows)
         t_merge = time.perf_counter()
         lat["merge"].record(t_merge - t_tiers)
         if learns:
-            self._insert(rt, cr, miss_keys, rows, version)
+            self._insert(rt, cr, dev_keys, dev_rows, version)
         lat["cache_insert"].record(time.perf_counter() - t_merge)
         lat["total"].record(time.perf_counter() - start)
         return values
@@ -449,40 +465,44 @@ class HierarchicalParameterServer:
         The first tier answers for every key into its own fresh buffer (no extra copy); later tiers are asked
         only for what is still missing. `stats.defaults_served` counts key positions: keys are weighted by how
         often they occurred when `positions_per_key` is given, else counted once each.
-        NOTE: the rows come back in the first tier's (pageable) buffer. Re-copying them into pinned memory before the
-        H2D copy made no measurable difference on the H200 (P4 runs 4 and 5); tiers writing straight into a pinned
-        buffer would remove a copy.
         """
         n = keys.numel()
-        out: torch.Tensor | None = None
-        missing: torch.Tensor | None = None  # positions still missing; None = all of them (nothing asked yet)
-        for level, tier in enumerate(self.tiers):
-            if missing is not None and missing.numel() == 0:
+        if not self.tiers:
+            out = torch.empty((n, rt.dim), dtype=torch.float32)
+            self._fill_missing(rt, keys, out, torch.arange(n), stats, 0, positions_per_key)
+            return out
+        first = self.tiers[0]
+        out, found = first.fetch(rt.tag, keys)
+        missing = (~found).nonzero().squeeze(1)
+        stats.add_tier_hits(first.name, n - missing.numel())
+        self._fill_missing(rt, keys, out, missing, stats, 1, positions_per_key)
+        return out
+
+    def _fill_missing(self, rt: TableRuntime, keys: torch.Tensor, out: torch.Tensor, missing: torch.Tensor,
+                      stats: TableStats, level: int, positions_per_key: torch.Tensor | None) -> None:
+        """out[missing] = the rows of keys[missing] from tiers[level:] in order, the default vector for the rest.
+
+        Rows found below a tier configured with cache_missed_embeddings are promoted into it.
+        """
+        for lvl in range(level, len(self.tiers)):
+            if missing.numel() == 0:
                 break
-            asked = keys if missing is None else keys.index_select(0, missing)
-            values, found = tier.fetch(rt.tag, asked)
+            tier = self.tiers[lvl]
+            values, found = tier.fetch(rt.tag, keys.index_select(0, missing))
             hit_pos = found.nonzero().squeeze(1)
-            if missing is None:
-                out, hit_idx = values, hit_pos
-                missing = (~found).nonzero().squeeze(1)
-            else:
-                hit_idx = missing.index_select(0, hit_pos)
-                out.index_copy_(0, hit_idx, values.index_select(0, hit_pos))
-                missing = missing[~found]
+            hit_idx = missing.index_select(0, hit_pos)
             if hit_idx.numel():
+                out.index_copy_(0, hit_idx, values.index_select(0, hit_pos))
                 for upper in self._promote_into:
-                    if upper < level and not getattr(self.tiers[upper], "read_only", False):
+                    if upper < lvl and not getattr(self.tiers[upper], "read_only", False):
                         self.tiers[upper].insert(rt.tag, keys.index_select(0, hit_idx), out.index_select(0, hit_idx))
             stats.add_tier_hits(tier.name, hit_idx.numel())
-        if out is None:  # no tier at all
-            out = torch.empty((n, rt.dim), dtype=torch.float32)
-            missing = torch.arange(n)
+            missing = missing[~found]
         if missing.numel():
             out.index_fill_(0, missing, rt.default_value)
             weight = (positions_per_key.index_select(0, missing).sum() if positions_per_key is not None
                       else missing.numel())
             stats.add(defaults_served=int(weight))
-        return out
 
     def _insert(self, rt: TableRuntime, cr: CacheRuntime, keys: torch.Tensor, rows: torch.Tensor,
                 version: int) -> None:
@@ -492,8 +512,11 @@ class HierarchicalParameterServer:
             if cr.version != version:
                 cr.stats.add(stale_inserts_skipped=keys.numel())
                 return
-            counts = cr.cache.insert_or_assign(keys, rows)
-        cr.stats.add(inserts=counts["inserted"], evictions=counts["evicted"], refused_inserts=counts["refused"])
+            counts = cr.cache.insert_or_assign_async(keys, rows)
+            if cr.insert_counts is None:
+                cr.insert_counts = counts
+            else:
+                cr.insert_counts.add_(counts)
 
     def _async_insert(self, rt: TableRuntime, cr: CacheRuntime, keys: torch.Tensor, version: int) -> None:
         try:
@@ -620,6 +643,11 @@ class HierarchicalParameterServer:
                 tdict = {}
                 for device, cr in rt.caches.items():
                     d = cr.stats.as_dict()
+                    with cr.lock:
+                        counts = cr.insert_counts.tolist() if cr.insert_counts is not None else [0, 0, 0, 0]
+                    d["inserts"] += counts[0]
+                    d["evictions"] += counts[2]
+                    d["refused_inserts"] += counts[3]
                     d["mode"] = rt.mode
                     if isinstance(cr.cache, EmbeddingCache):
                         d["cache_size"] = cr.cache.size()

@@ -24,21 +24,29 @@ log = logging.getLogger(__name__)
 _FILL_CHUNK = 1 << 20
 
 
-def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+GATHER_STRATEGIES = {"auto": 0, "zero_copy": 1, "staged": 2}
+
+
+def gather_rows(table: torch.Tensor, rows: torch.Tensor, strategy: str = "auto") -> torch.Tensor:
     """out[i] = table[rows[i]] (zeros where rows[i] is outside the table), on rows' device.
 
     Args:
-        table: float32 (N, D) on the CPU, on rows' CUDA device, or in pinned host memory (zero-copy on CUDA).
+        table: float32 (N, D) on the CPU, on rows' CUDA device, or in host memory read from a CUDA device.
         rows: int64 (n,).
+        strategy: for a host table and CUDA rows, how the rows travel (the result is the same): "zero_copy" (the
+            kernel reads pinned memory over the bus; no host sync), "staged" (CPU threads gather into pinned
+            buffers the copy engine moves; syncs the host), "auto" (zero-copy below 64 MB of rows, else staged).
 
     Example:
         >>> gather_rows(torch.eye(3), torch.tensor([2, 0, 5]))  # last row is zeros
     """
-    return torch.ops.hps.gather_rows(table, rows)
+    if strategy not in GATHER_STRATEGIES:
+        raise ValueError(f"strategy must be one of {sorted(GATHER_STRATEGIES)}, found {strategy!r}")
+    return torch.ops.hps.gather_rows(table, rows, GATHER_STRATEGIES[strategy])
 
 
 @torch.library.register_fake("hps::gather_rows")
-def _gather_rows_fake(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def _gather_rows_fake(table: torch.Tensor, rows: torch.Tensor, strategy: int = 0) -> torch.Tensor:
     return rows.new_empty((rows.shape[0], table.shape[1]), dtype=torch.float32)
 
 

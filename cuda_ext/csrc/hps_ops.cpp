@@ -31,8 +31,21 @@
 //           -> (B, D): per bag the sum (mode 0), mean (1) or sqrtn (2) of w_i * v_i; mean divides by sum(w),
 //           sqrtn by sqrt(sum(w^2)) (w = 1 without weights); an empty bag, or a zero divisor, gives zeros.
 //  * gather_rows(table (N, D), rows (n,) int64) -> (n, D) on rows' device: out[i] = table[rows[i]]; a row id
-//           outside [0, N) gives a zero row. On CUDA the table may live in pinned host memory: the kernel reads
-//           it zero-copy over the bus (HPS's "uvm" mode) - or in device memory.
+//           outside [0, N) gives a zero row. On CUDA the table may live in device memory or in host memory
+//           (HPS's "uvm" mode); `strategy` picks how host rows travel, never what they are: 1 = zero-copy reads
+//           by the kernel (pinned tables only), 2 = CPU gather into pinned staging + copy engine (syncs the host),
+//           0 = zero-copy below 64 MB of rows on a pinned table, staged otherwise.
+//
+// Miss-path ops (device-generic, miss_path.cpp; they synchronise the host by design - not for graph capture):
+//  * collect_misses(keys (n,), found (n,), dim, source) -> unique_keys (u,) int64 CPU: the distinct keys of the
+//           miss positions in first-occurrence order; rows (u, dim) float32 CPU: their rows from the HostHashMap
+//           whose handle() is `source` (zeros where absent, or everywhere for source = -1); in_source (u,) bool CPU; index (2 + 2m + u,) int64
+//           CPU = [m, u, the m miss positions ascending, for each its index into unique_keys, unique_keys]
+//           (unique_keys is a view of its tail); then m, u and the number of keys found in `source` as ints.
+//           Host buffers are pinned when keys are on a GPU. With no miss: empty tensors, index = [0, 0].
+//  * apply_misses(out (n, D), index, rows (u, D) CPU) -> (unique_keys, rows) on out's device, and
+//           out[positions[j]] = rows[inverse[j]]. The plan is checked on the host first: a bad one raises and
+//           writes nothing.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -41,6 +54,8 @@
 namespace hps {
 // Defined in cpu/host_map_cpu.cpp: the host-memory tier's hash map, a torch custom class.
 void register_host_map_class(torch::Library& m);
+// Defined in miss_path.cpp: collect_misses / apply_misses.
+void register_miss_path_ops(torch::Library& m);
 }  // namespace hps
 
 TORCH_LIBRARY(hps, m) {
@@ -73,9 +88,10 @@ TORCH_LIBRARY(hps, m) {
   m.def("compact_misses(Tensor keys, Tensor found) -> (Tensor unique_keys, Tensor positions, Tensor inverse, Tensor counts)");
   m.def("scatter_rows(Tensor(a!) out, Tensor positions, Tensor inverse, Tensor rows, Tensor counts) -> ()");
   m.def("bag_reduce(Tensor values, Tensor offsets, Tensor? weights, int mode) -> Tensor");
-  m.def("gather_rows(Tensor table, Tensor rows) -> Tensor");
+  m.def("gather_rows(Tensor table, Tensor rows, int strategy=0) -> Tensor");
 
   hps::register_host_map_class(m);
+  hps::register_miss_path_ops(m);
 }
 
 // The extension is imported as the Python module hps_core._C; loading it runs the registrations above.

@@ -63,6 +63,7 @@ def _int_arg(value: Any, name: str, minimum: int, maximum: int | None = None) ->
 class _Table:
     dim: int
     map: Any  # torch.classes.hps.HostHashMap
+    handle: int  # map.handle(), kept: a method call on the map costs microseconds
     stats: TierStats
     lock: threading.Lock  # guards `stats` only; the map locks itself
 
@@ -168,7 +169,7 @@ class HostMemoryTier(Tier):
                 self.allocation_rate,
                 self.seed,
             )
-            self._tables[tag] = _Table(dim=dim, map=hmap, stats=TierStats(), lock=threading.Lock())
+            self._tables[tag] = _Table(dim=dim, map=hmap, handle=hmap.handle(), stats=TierStats(), lock=threading.Lock())
             logger.debug("host-memory tier: created table %s (dim %d, %d partitions)", tag, dim, self.num_partitions)
 
     def tags(self) -> list[str]:
@@ -200,12 +201,22 @@ class HostMemoryTier(Tier):
             for start in range(0, n, self.max_batch_size):
                 stop = min(start + self.max_batch_size, n)
                 values[start:stop], found[start:stop] = table.map.fetch(keys[start:stop])
-        hits = int(found.sum())
+        self.record_fetch(tag, n, int(found.sum()))
+        return values, found
+
+    def map_handle(self, tag: str) -> int:
+        """The handle of the table's `torch.classes.hps.HostHashMap`, for the engine's miss path (the op
+        `hps::collect_misses` fetches from the map by handle, without a Python round trip). Whoever fetches through
+        it reports with record_fetch."""
+        return self._table(tag).handle
+
+    def record_fetch(self, tag: str, requested: int, found: int) -> None:
+        """Count a fetch made through native_map (keys requested, keys found)."""
+        table = self._table(tag)
         with table.lock:
             table.stats.fetches += 1
-            table.stats.keys_requested += n
-            table.stats.keys_found += hits
-        return values, found
+            table.stats.keys_requested += requested
+            table.stats.keys_found += found
 
     def insert(self, tag: str, keys: torch.Tensor, values: torch.Tensor) -> int:
         """Insert or overwrite rows: keys int64 (n,), values float32 (n, dim), CPU. Returns how many keys were new.

@@ -10,7 +10,9 @@
 namespace hps {
 namespace {
 
-at::Tensor gather_rows_cpu(const at::Tensor& table, const at::Tensor& rows) {
+at::Tensor gather_rows_cpu(const at::Tensor& table, const at::Tensor& rows, int64_t strategy) {
+  TORCH_CHECK_VALUE(strategy >= 0 && strategy <= 2, "strategy must be 0 (auto), 1 (zero-copy) or 2 (staged), found ",
+                    strategy);  // the CPU has one way: all three give the same rows
   HPS_CHECK_CPU(table);
   HPS_CHECK_CPU(rows);
   HPS_CHECK_DTYPE(table, at::kFloat);

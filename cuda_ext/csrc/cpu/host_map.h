@@ -38,6 +38,9 @@ class HostHashMap : public torch::CustomClassHolder {
 
   // keys int64 (n,) CPU -> (values float32 (n, dim), found bool (n,)); missing rows are zeros.
   std::tuple<at::Tensor, at::Tensor> fetch(const at::Tensor& keys);
+  // The same into caller-owned buffers (e.g. pinned memory the rows are copied to the GPU from):
+  // out float32 (n, dim) contiguous, found bool (n,) contiguous, both CPU.
+  void fetch_into(const at::Tensor& keys, at::Tensor& out, at::Tensor& found);
   // keys int64 (n,), values float32 (n, dim): insert or overwrite (last duplicate wins); returns #new keys.
   int64_t insert(const at::Tensor& keys, const at::Tensor& values);
   // keys int64 (n,): returns #keys that were present (and are gone now).
@@ -49,6 +52,9 @@ class HostHashMap : public torch::CustomClassHolder {
   // Bytes allocated right now: index arrays + value pages (with their meta) + free lists + bookkeeping.
   int64_t memory_bytes() const;
   int64_t dim() const { return dim_; }
+  // A process-unique number naming this map to ops (hps::collect_misses): passing the object itself through
+  // the dispatcher from Python costs ~30 us per call, an int nothing. Resolved by find_host_map.
+  int64_t handle(const c10::intrusive_ptr<HostHashMap>& self);
   int64_t num_partitions() const { return num_partitions_; }
   int64_t evictions() const { return evictions_.load(std::memory_order_relaxed); }
   // Every stored key, int64 (size(),), partition by partition in index order.
@@ -63,6 +69,7 @@ class HostHashMap : public torch::CustomClassHolder {
   // Evict `count` entries of a partition by the policy (exclusive lock held); returns count.
   int64_t evict_locked(host_map_detail::Partition& part, int64_t count);
 
+  int64_t handle_ = -1;  // -1 until handle() is first called
   int64_t dim_;
   int64_t num_partitions_;
   int64_t overflow_margin_;
@@ -71,5 +78,8 @@ class HostHashMap : public torch::CustomClassHolder {
   std::atomic<int64_t> evictions_{0};
   std::vector<std::unique_ptr<host_map_detail::Partition>> parts_;
 };
+
+// The live map with this handle; ValueError if there is none (never registered, or already freed).
+c10::intrusive_ptr<HostHashMap> find_host_map(int64_t handle);
 
 }  // namespace hps

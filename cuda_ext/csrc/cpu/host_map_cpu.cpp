@@ -471,7 +471,39 @@ HostHashMap::HostHashMap(int64_t dim, int64_t num_partitions, int64_t overflow_m
   }
 }
 
-HostHashMap::~HostHashMap() = default;
+namespace {
+// handle -> map, weakly: the registry never keeps a map alive.
+std::mutex registry_mutex;
+std::unordered_map<int64_t, c10::weak_intrusive_ptr<HostHashMap>>& registry() {
+  static auto* maps = new std::unordered_map<int64_t, c10::weak_intrusive_ptr<HostHashMap>>();
+  return *maps;
+}
+int64_t next_handle = 1;
+}  // namespace
+
+HostHashMap::~HostHashMap() {
+  if (handle_ >= 0) {
+    std::lock_guard<std::mutex> lock(registry_mutex);
+    registry().erase(handle_);
+  }
+}
+
+int64_t HostHashMap::handle(const c10::intrusive_ptr<HostHashMap>& self) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  if (handle_ < 0) {
+    handle_ = next_handle++;
+    registry().emplace(handle_, c10::weak_intrusive_ptr<HostHashMap>(self));
+  }
+  return handle_;
+}
+
+c10::intrusive_ptr<HostHashMap> find_host_map(int64_t handle) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  auto it = registry().find(handle);
+  c10::intrusive_ptr<HostHashMap> map = it == registry().end() ? c10::intrusive_ptr<HostHashMap>() : it->second.lock();
+  TORCH_CHECK_VALUE(map, "no live HostHashMap has handle ", handle, " (get one from HostHashMap.handle())");
+  return map;
+}
 
 void HostHashMap::check_keys(const at::Tensor& keys, const char* what) const {
   TORCH_CHECK_VALUE(keys.device().is_cpu(), "HostHashMap.", what, ": keys must be a CPU tensor, found ", keys.device());
@@ -517,13 +549,28 @@ void HostHashMap::group(const int64_t* keys, int64_t n, Grouped& g) const {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> HostHashMap::fetch(const at::Tensor& keys_in) {
-  check_keys(keys_in, "fetch");
-  const at::Tensor keys = keys_in.contiguous();
+std::tuple<at::Tensor, at::Tensor> HostHashMap::fetch(const at::Tensor& keys) {
+  check_keys(keys, "fetch");
   const int64_t n = keys.numel();
   at::Tensor out = at::empty({n, dim_}, keys.options().dtype(at::kFloat));
   at::Tensor found = at::empty({n}, keys.options().dtype(at::kBool));
-  if (n == 0) return {out, found};
+  fetch_into(keys, out, found);
+  return {out, found};
+}
+
+void HostHashMap::fetch_into(const at::Tensor& keys_in, at::Tensor& out, at::Tensor& found) {
+  check_keys(keys_in, "fetch_into");
+  const int64_t n = keys_in.numel();
+  TORCH_CHECK_VALUE(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.dim() == 2 &&
+                        out.size(0) == n && out.size(1) == dim_ && out.is_contiguous(),
+                    "HostHashMap.fetch_into: out must be a contiguous CPU float32 tensor of shape (", n, ", ", dim_,
+                    "), found ", out.scalar_type(), " ", out.sizes(), " on ", out.device());
+  TORCH_CHECK_VALUE(found.device().is_cpu() && found.scalar_type() == at::kBool && found.dim() == 1 &&
+                        found.size(0) == n && found.is_contiguous(),
+                    "HostHashMap.fetch_into: found must be a contiguous CPU bool tensor of shape (", n, ",), found ",
+                    found.scalar_type(), " ", found.sizes(), " on ", found.device());
+  if (n == 0) return;
+  const at::Tensor keys = keys_in.contiguous();
   const int64_t* kp = keys.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   bool* fp = found.data_ptr<bool>();
@@ -604,7 +651,6 @@ std::tuple<at::Tensor, at::Tensor> HostHashMap::fetch(const at::Tensor& keys_in)
       [&] {
         if (streaming) host_map_detail::streaming_fence();  // streamed rows visible before the join
       });
-  return {out, found};
 }
 
 int64_t HostHashMap::insert(const at::Tensor& keys_in, const at::Tensor& values_in) {
@@ -786,8 +832,11 @@ void register_host_map_class(torch::Library& m) {
   m.class_<HostHashMap>("HostHashMap")
       .def(torch::init<int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t>())
       .def("fetch", &HostHashMap::fetch)
+      .def("fetch_into", [](const c10::intrusive_ptr<HostHashMap>& self, const at::Tensor& keys, at::Tensor out,
+                            at::Tensor found) { self->fetch_into(keys, out, found); })
       .def("insert", &HostHashMap::insert)
       .def("erase", &HostHashMap::erase)
+      .def("handle", [](const c10::intrusive_ptr<HostHashMap>& self) { return self->handle(self); })
       .def("size", &HostHashMap::size)
       .def("reserve", &HostHashMap::reserve)
       .def("memory_bytes", &HostHashMap::memory_bytes)

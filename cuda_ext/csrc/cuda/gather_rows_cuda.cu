@@ -1,5 +1,6 @@
-// CUDA gather_rows: out[i] = table[rows[i]] where the table is in device memory or in pinned host memory
-// (read zero-copy over PCIe/NVLink-C2C: HPS's "uvm" table mode).
+// CUDA gather_rows: out[i] = table[rows[i]] where the table is in device memory or in host memory (HPS's "uvm"
+// table mode): read zero-copy over the bus when pinned (small batches: no host round trip), or gathered by the CPU
+// into pinned staging buffers that the copy engine moves (large batches, or a pageable table).
 //
 // Decomposition: one warp per group of kRowsPerWarp rows. Each lane moves 16-byte vectors; the warp issues the
 // loads of all its rows before any store, so enough requests are in flight to cover the bus latency of host
@@ -7,8 +8,12 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <ATen/Parallel.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
 
 #include "checks.h"
 
@@ -16,6 +21,10 @@ namespace hps {
 namespace {
 
 constexpr int kRowsPerWarp = 4;
+// Staged gathers (host tables): buffers of this size, this many in flight; used from this many bytes of rows up.
+constexpr int64_t kStagingBytes = int64_t{8} << 20;
+constexpr int kStagingBuffers = 3;
+constexpr int64_t kStagedMinBytes = int64_t{64} << 20;
 constexpr int kMaxVecPerLane = 4;  // rows up to 32 lanes x 4 float4 = 512 floats take the register path
 
 template <int VEC_PER_LANE>
@@ -60,22 +69,77 @@ __global__ void gather_rows_scalar_kernel(const float* __restrict__ table, int64
   for (int64_t c = lane; c < dim; c += 32) out[i * dim + c] = valid ? table[row * dim + c] : 0.f;
 }
 
-at::Tensor gather_rows_cuda(const at::Tensor& table, const at::Tensor& rows) {
+// Host table, staged: the row ids come to the host, CPU threads gather the rows into pinned staging buffers and
+// the copy engine moves each filled buffer while the next is gathered. A zero-copy gather issues one bus read per
+// 128 bytes of scattered rows and tops out near 21 GB/s here; the copy engine moves large contiguous buffers at
+// ~55 GB/s, so for big batches the CPU gather (many cores, DRAM bandwidth) is the better side to be random on.
+// Works for pageable tables too. Synchronises the host (the ids are needed there).
+void gather_rows_staged(const at::Tensor& table, const at::Tensor& rows, at::Tensor& out) {
+  const int64_t n = rows.size(0), num_rows = table.size(0), dim = table.size(1);
+  const at::Tensor ids = rows.to(at::TensorOptions().device(at::kCPU).pinned_memory(true));  // blocking D2H
+  const int64_t* idx = ids.data_ptr<int64_t>();
+  const float* src = table.data_ptr<float>();
+  const size_t row_bytes = static_cast<size_t>(dim) * sizeof(float);
+  const int64_t chunk = std::max<int64_t>(1, kStagingBytes / static_cast<int64_t>(row_bytes));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor staging[kStagingBuffers];
+  cudaEvent_t copied[kStagingBuffers];
+  for (int b = 0; b < kStagingBuffers; ++b) {
+    staging[b] = at::empty({std::min(chunk, n), dim}, at::TensorOptions().dtype(at::kFloat).pinned_memory(true));
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&copied[b], cudaEventDisableTiming));
+  }
+  float* dst = out.data_ptr<float>();
+  for (int64_t c = 0, start = 0; start < n; ++c, start += chunk) {
+    const int b = static_cast<int>(c % kStagingBuffers);
+    const int64_t count = std::min(chunk, n - start);
+    if (c >= kStagingBuffers) C10_CUDA_CHECK(cudaEventSynchronize(copied[b]));  // buffer b's last copy is done
+    float* buf = staging[b].data_ptr<float>();
+    at::parallel_for(0, count, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t row = idx[start + i];
+        if (row >= 0 && row < num_rows) {
+          std::memcpy(buf + i * dim, src + row * dim, row_bytes);
+        } else {
+          std::memset(buf + i * dim, 0, row_bytes);
+        }
+      }
+    });
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst + start * dim, buf, count * row_bytes, cudaMemcpyHostToDevice, stream));
+    C10_CUDA_CHECK(cudaEventRecord(copied[b], stream));
+  }
+  // The staging buffers go back to the allocator when this returns: their copies must be done by then.
+  for (int b = 0; b < kStagingBuffers; ++b) {
+    C10_CUDA_CHECK(cudaEventSynchronize(copied[b]));
+    C10_CUDA_CHECK(cudaEventDestroy(copied[b]));
+  }
+}
+
+at::Tensor gather_rows_cuda(const at::Tensor& table, const at::Tensor& rows, int64_t strategy) {
   HPS_CHECK_CUDA(rows);
   HPS_CHECK_DTYPE(rows, at::kLong);
   HPS_CHECK_DIM(rows, 1);
   HPS_CHECK_DTYPE(table, at::kFloat);
   HPS_CHECK_DIM(table, 2);
   HPS_CHECK_CONTIGUOUS(table);
-  TORCH_CHECK_VALUE(table.is_cuda() || table.is_pinned(),
-                    "table must be on a CUDA device or in pinned host memory, found a pageable ", table.device(),
-                    " tensor (use .pin_memory())");
-  if (table.is_cuda()) HPS_CHECK_SAME_DEVICE(table, rows);
+  TORCH_CHECK_VALUE(strategy >= 0 && strategy <= 2, "strategy must be 0 (auto), 1 (zero-copy) or 2 (staged), found ",
+                    strategy);
+  if (table.is_cuda()) {
+    HPS_CHECK_SAME_DEVICE(table, rows);
+  } else if (strategy == 1) {
+    TORCH_CHECK_VALUE(table.is_pinned(), "strategy 1 (zero-copy) needs the table in pinned host memory, found a "
+                      "pageable ", table.device(), " tensor (use .pin_memory(), or strategy 0/2)");
+  }
   const c10::cuda::CUDAGuard guard(rows.device());
   const at::Tensor r = rows.contiguous();
   const int64_t n = r.size(0), num_rows = table.size(0), dim = table.size(1);
   at::Tensor out = at::empty({n, dim}, rows.options().dtype(at::kFloat));
   if (n == 0 || dim == 0) return out;
+  if (!table.is_cuda() &&
+      (strategy == 2 || !table.is_pinned() ||
+       (strategy == 0 && n * dim * static_cast<int64_t>(sizeof(float)) >= kStagedMinBytes))) {
+    gather_rows_staged(table, r, out);
+    return out;
+  }
 
   const float* src = table.data_ptr<float>();
   if (!table.is_cuda()) {

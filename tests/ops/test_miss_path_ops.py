@@ -1,0 +1,151 @@
+"""The miss-path ops (collect_misses, apply_misses) against a plain Python reference, on every device.
+
+collect_misses must give the miss positions in ascending order, the distinct miss keys in first-occurrence order,
+the inverse mapping, and each distinct key's row from a real HostHashMap (zeros where the map lacks it). apply_misses
+must write exactly those rows and nothing when its plan is bad.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import hps_core.ops  # noqa: F401  (loads the extension)
+from hps_core.testing import KEY_DTYPES, device_params
+
+DEVICES = device_params()
+
+
+def host_map(dim: int, keys: np.ndarray, rng: np.random.Generator):
+    m = torch.classes.hps.HostHashMap(dim, 4, 1 << 30, 1, 0.8, 1 << 20, 0)
+    values = torch.from_numpy(rng.standard_normal((keys.size, dim)).astype(np.float32))
+    if keys.size:
+        m.insert(torch.from_numpy(keys.astype(np.int64)), values)
+    return m, {int(k): values[i] for i, k in enumerate(keys)}
+
+
+def reference(keys: list[int], found: list[bool]):
+    positions = [i for i, f in enumerate(found) if not f]
+    unique: list[int] = []
+    inverse = []
+    for i in positions:
+        if keys[i] not in unique:
+            unique.append(keys[i])
+        inverse.append(unique.index(keys[i]))
+    return positions, unique, inverse
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("key_dtype", KEY_DTYPES)
+@pytest.mark.parametrize("case", ["mixed", "all_miss", "all_hit", "duplicates", "extremes", "empty"])
+def test_collect_misses_matches_reference(device, key_dtype, case):
+    rng = np.random.default_rng(hash(case) % 1000)
+    info = torch.iinfo(key_dtype)
+    n = {"empty": 0, "duplicates": 500}.get(case, 300)
+    if case == "duplicates":
+        pool = rng.integers(info.min, info.max, size=20, dtype=np.int64, endpoint=True)
+        arr = pool[rng.integers(0, 20, size=n)]
+    elif case == "extremes":
+        arr = np.array([info.min, info.max, 0, -1, 1, info.min + 1] * 50, dtype=np.int64)
+    else:
+        arr = rng.integers(info.min, info.max, size=n, dtype=np.int64, endpoint=True)
+    found_np = {"all_miss": np.zeros(n, bool), "all_hit": np.ones(n, bool)}.get(case, rng.random(n) < 0.5)
+    dim = 8
+    stored = np.unique(arr)[::2]  # the map holds every other distinct key
+    m, rows_of = host_map(dim, stored, rng)
+    keys = torch.from_numpy(arr).to(key_dtype).to(device)
+    found = torch.from_numpy(found_np).to(device)
+
+    ukeys, rows, in_source, index, misses, unique, hits = torch.ops.hps.collect_misses(keys, found, dim, m.handle())
+
+    positions, want_unique, inverse = reference(arr.tolist(), found_np.tolist())
+    assert (misses, unique) == (len(positions), len(want_unique))
+    assert index[:2].tolist() == [misses, unique]
+    assert index[2:2 + misses].tolist() == positions
+    assert index[2 + misses:2 + 2 * misses].tolist() == inverse
+    assert ukeys.tolist() == want_unique
+    assert ukeys.device.type == rows.device.type == in_source.device.type == index.device.type == "cpu"
+    want_in = [k in rows_of for k in want_unique]
+    assert in_source.tolist() == want_in
+    assert hits == sum(want_in)
+    for u, k in enumerate(want_unique):
+        want = rows_of[k] if k in rows_of else torch.zeros(dim)
+        assert torch.equal(rows[u], want)
+    if device == "cuda" and misses:
+        assert index.is_pinned() and rows.is_pinned()
+
+    out = torch.full((n, dim), -7.0, device=device)
+    dev_keys, dev_rows = torch.ops.hps.apply_misses(out, index, rows)
+    assert dev_keys.device == out.device and dev_keys.cpu().tolist() == want_unique
+    assert torch.equal(dev_rows.cpu(), rows)
+    expect = torch.full((n, dim), -7.0)
+    for p, inv in zip(positions, inverse):
+        expect[p] = rows[inv]
+    assert torch.equal(out.cpu(), expect)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_collect_misses_without_source_gives_zero_rows(device):
+    """source = -1: no host map; every distinct miss gets a zero row (the engine fills them from other tiers)."""
+    keys = torch.tensor([4, 9, 4, 2], device=device)
+    found = torch.tensor([False, True, False, False], device=device)
+    ukeys, rows, in_source, index, misses, unique, hits = torch.ops.hps.collect_misses(keys, found, 3, -1)
+    assert (misses, unique, hits) == (3, 2, 0)
+    assert ukeys.tolist() == [4, 2] and not in_source.any() and torch.equal(rows, torch.zeros(2, 3))
+
+
+def test_collect_misses_rejects_bad_input():
+    rng = np.random.default_rng(0)
+    m, _ = host_map(4, np.arange(10), rng)
+    keys = torch.arange(5)
+    found = torch.zeros(5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="dim 4.*dim 8"):
+        torch.ops.hps.collect_misses(keys, found, 8, m.handle())
+    with pytest.raises(TypeError, match="int64 or int32"):
+        torch.ops.hps.collect_misses(keys.float(), found, 4, m.handle())
+    with pytest.raises(TypeError, match="found must have dtype"):
+        torch.ops.hps.collect_misses(keys, found.int(), 4, m.handle())
+    with pytest.raises(ValueError, match="found must have shape"):
+        torch.ops.hps.collect_misses(keys, found[:3], 4, m.handle())
+    with pytest.raises(ValueError, match="no live HostHashMap has handle 123456"):
+        torch.ops.hps.collect_misses(keys, found, 4, 123456)
+    with pytest.raises(ValueError, match="keys must be 1-D"):
+        torch.ops.hps.collect_misses(keys.reshape(1, 5), found, 4, m.handle())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_misses_bad_plan_writes_nothing(device):
+    keys = torch.tensor([4, 9, 4, 2], device=device)
+    found = torch.tensor([False, True, False, False], device=device)
+    _, rows, _, index, misses, unique, _ = torch.ops.hps.collect_misses(keys, found, 3, -1)
+    rows = torch.ones_like(rows)
+    out = torch.zeros(4, 3, device=device)
+    bad = index.clone()
+    bad[2] = 4  # a position past the batch
+    with pytest.raises(ValueError, match="position 4 outside"):
+        torch.ops.hps.apply_misses(out, bad, rows)
+    bad = index.clone()
+    bad[2 + misses] = 5  # an inverse past the unique rows
+    with pytest.raises(ValueError, match="inverse 5 outside"):
+        torch.ops.hps.apply_misses(out, bad, rows)
+    with pytest.raises(ValueError, match="rows must have shape"):
+        torch.ops.hps.apply_misses(out, index, rows[:1])
+    with pytest.raises(ValueError, match="entries"):
+        torch.ops.hps.apply_misses(out, index[:-1], rows)
+    assert not out.any()
+
+
+def test_map_handle_is_stable_and_dies_with_the_map():
+    rng = np.random.default_rng(1)
+    m, _ = host_map(4, np.arange(3), rng)
+    h = m.handle()
+    assert m.handle() == h
+    other, _ = host_map(4, np.arange(3), rng)
+    assert other.handle() != h
+    del m
+    import gc
+
+    gc.collect()
+    with pytest.raises(ValueError, match=f"no live HostHashMap has handle {h}"):
+        torch.ops.hps.collect_misses(torch.arange(2), torch.zeros(2, dtype=torch.bool), 4, h)
