@@ -56,41 +56,46 @@ class CacheRuntime:
     insert_worker: concurrent.futures.ThreadPoolExecutor | None = None
     pending_inserts: int = 0
     max_pending_inserts: int = 1
-    # GPU ordering: the lock orders launches on the host, these events order the kernels on the device, since
-    # readers and writers may launch on different streams (callers' streams, the insert worker's).
-    _write_event: Any = None
-    _read_events: list = field(default_factory=list)
+    # GPU ordering: the lock orders launches on the host; on the device, kernels of one stream run in launch order
+    # already, so only work on OTHER streams needs ordering (callers' streams, the insert worker's). These hold
+    # the streams (by handle) whose reads / writes since the last write may still be running.
+    _readers: dict = field(default_factory=dict)
+    _writers: dict = field(default_factory=dict)
 
     @contextmanager
     def reading(self) -> Iterator[None]:
-        """Hold the cache for a find/export: after the last write's kernels, before the next write's."""
+        """Hold the cache for a find/export: its kernels start after the writes already launched."""
         with self.lock:
             stream = self._stream()
-            if stream is not None and self._write_event is not None:
-                stream.wait_event(self._write_event)
-            yield
             if stream is not None:
-                if len(self._read_events) > 32:
-                    self._read_events = [e for e in self._read_events if not e.query()]
-                self._read_events.append(stream.record_event())
+                _order_after(stream, self._writers)
+                self._readers[stream.cuda_stream] = stream
+            yield
 
     @contextmanager
     def writing(self) -> Iterator[None]:
-        """Hold the cache for an insert/assign: its kernels start after every earlier read and write."""
+        """Hold the cache for an insert/assign: its kernels start after every read and write already launched."""
         with self.lock:
             stream = self._stream()
             if stream is not None:
-                for event in self._read_events:
-                    stream.wait_event(event)
-                self._read_events.clear()
-                if self._write_event is not None:
-                    stream.wait_event(self._write_event)
+                _order_after(stream, self._readers)
+                _order_after(stream, self._writers)
+                # Everything launched so far now precedes this write, so later work need only follow it.
+                self._readers.clear()
+                self._writers.clear()
+                self._writers[stream.cuda_stream] = stream
             yield
-            if stream is not None:
-                self._write_event = stream.record_event()
 
     def _stream(self) -> Any:
         return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
+
+def _order_after(stream: Any, others: dict) -> None:
+    """Make `stream` wait for the work launched so far on each of `others` (an event recorded now on a stream
+    covers everything launched on it before; all of it was launched under the cache's lock)."""
+    for handle, other in others.items():
+        if handle != stream.cuda_stream:
+            stream.wait_event(other.record_event())
 
 
 @dataclass

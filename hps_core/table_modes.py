@@ -35,7 +35,8 @@ def gather_rows(table: torch.Tensor, rows: torch.Tensor, strategy: str = "auto")
         rows: int64 (n,).
         strategy: for a host table and CUDA rows, how the rows travel (the result is the same): "zero_copy" (the
             kernel reads pinned memory over the bus; no host sync), "staged" (CPU threads gather into pinned
-            buffers the copy engine moves; syncs the host), "auto" (zero-copy below 64 MB of rows, else staged).
+            buffers the copy engine moves; syncs the host), "auto" (zero-copy for a pinned table, staged for a
+            pageable one).
 
     Example:
         >>> gather_rows(torch.eye(3), torch.tensor([2, 0, 5]))  # last row is zeros

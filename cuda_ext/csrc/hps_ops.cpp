@@ -34,11 +34,11 @@
 //           outside [0, N) gives a zero row. On CUDA the table may live in device memory or in host memory
 //           (HPS's "uvm" mode); `strategy` picks how host rows travel, never what they are: 1 = zero-copy reads
 //           by the kernel (pinned tables only), 2 = CPU gather into pinned staging + copy engine (syncs the host),
-//           0 = zero-copy below 64 MB of rows on a pinned table, staged otherwise.
+//           0 = zero-copy for a pinned table, staged for a pageable one.
 //
 // Miss-path ops (device-generic, miss_path.cpp; they synchronise the host by design - not for graph capture):
 //  * collect_misses(keys (n,), found (n,), dim, source) -> unique_keys (u,) int64 CPU: the distinct keys of the
-//           miss positions in first-occurrence order; rows (u, dim) float32 CPU: their rows from the HostHashMap
+//           miss positions in ascending order (as compact_misses); rows (u, dim) float32 CPU: their rows from the HostHashMap
 //           whose handle() is `source` (zeros where absent, or everywhere for source = -1); in_source (u,) bool CPU; index (2 + 2m + u,) int64
 //           CPU = [m, u, the m miss positions ascending, for each its index into unique_keys, unique_keys]
 //           (unique_keys is a view of its tail); then m, u and the number of keys found in `source` as ints.

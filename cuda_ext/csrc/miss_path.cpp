@@ -1,19 +1,23 @@
 // The host half of a cached lookup's miss path, as two device-generic ops (hps_ops.cpp states the contract):
 //
-//   collect_misses: found/keys to the host (one copy each into pinned memory, one stream sync - the only one of a
-//                   lookup), miss positions gathered and de-duplicated there, the distinct keys' rows fetched from
-//                   the host-memory map straight into a pinned buffer.
+//   collect_misses: the misses planned (positions, distinct keys, inverse) with one stream sync - the only one of a
+//                   lookup - and the distinct keys' rows fetched from the host-memory map straight into a pinned
+//                   buffer.
 //   apply_misses:   the plan and the rows back with two async copies from pinned memory, one scatter launch.
 //
 // Why on the host: a lookup needs its misses on the host anyway (the tiers live there), and with a few hundred
 // misses per call the GPU compaction (scan, sort, two more scans: ~12 launches) plus its own D2H of the counts
-// costs more launch latency than de-duplicating on the CPU takes. The Python engine then makes three calls on
+// costs more launch latency than de-duplicating on the CPU takes. Large GPU batches are the other way round, and
+// are de-duplicated on the GPU (plan_on_device). The Python engine then makes three calls on
 // the miss path (find, collect, apply) plus the insert, instead of ~40 small ops and five syncs.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
+#include <numeric>
+#include <vector>
 
 #include "cache_layout.h"
 #include "checks.h"
@@ -23,6 +27,9 @@ namespace hps {
 namespace {
 
 using MapPtr = c10::intrusive_ptr<HostHashMap>;
+
+// Up to this many keys a GPU batch is planned on the host, above it on the device (see plan_on_device).
+constexpr int64_t kHostPlanMaxKeys = int64_t{1} << 16;
 
 // Host buffers the GPU copies to or from are pinned: the copies are then truly asynchronous and the caching host
 // allocator keeps a buffer alive until its copy has run.
@@ -58,28 +65,14 @@ struct MissDeduper {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int64_t> collect_misses(
-    const at::Tensor& keys,                    // (n,) int32|int64, any device
-    const at::Tensor& found,                   // (n,) bool, same device
-    int64_t dim,                               // row length of the table
-    int64_t source_handle) {                   // HostHashMap.handle() of the table's host map, or -1 for none
-  HPS_CHECK_KEY_DTYPE(keys);
-  HPS_CHECK_DTYPE(found, at::kBool);
-  TORCH_CHECK_VALUE(keys.dim() == 1, "collect_misses: keys must be 1-D, found shape ", keys.sizes());
-  TORCH_CHECK_VALUE(found.dim() == 1 && found.size(0) == keys.size(0), "collect_misses: found must have shape (",
-                    keys.size(0), ",), found ", found.sizes());
-  TORCH_CHECK_VALUE(found.device() == keys.device(), "collect_misses: found must be on the keys' device ",
-                    keys.device(), ", found ", found.device());
-  TORCH_CHECK_VALUE(dim >= 1, "collect_misses: dim must be >= 1, found ", dim);
-  const MapPtr source = source_handle >= 0 ? find_host_map(source_handle) : MapPtr();
-  if (source) {
-    TORCH_CHECK_VALUE(source->dim() == dim, "collect_misses: the source map holds rows of dim ", source->dim(),
-                      ", the table has dim ", dim);
-  }
+// A plan is one int64 host buffer: [m, u, positions (m, ascending), inverse (m), unique keys (u, ascending)], so
+// that one copy takes both the scatter plan and the keys to insert to the device. [0, 0] when nothing missed.
+
+// Small batches: found and keys to the host (the second copy blocks, so it also waits for the first), then the
+// misses de-duplicated there with a hash table, and the distinct keys sorted.
+at::Tensor plan_on_host(const at::Tensor& keys, const at::Tensor& found) {
   const int64_t n = keys.size(0);
   const bool pinned = keys.is_cuda();
-
-  // Both to the host; the second copy is blocking and so also waits for the first (same stream).
   at::Tensor keys_h = keys, found_h = found;
   if (!keys.device().is_cpu()) {
     keys_h = host_empty({n}, keys.scalar_type(), pinned);
@@ -92,16 +85,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int
   const bool* fp = found_h.data_ptr<bool>();
   int64_t misses = 0;
   for (int64_t i = 0; i < n; ++i) misses += !fp[i];
+  if (misses == 0) return at::zeros({2}, at::kLong);
 
-  const auto empty_result = [&] {
-    return std::make_tuple(host_empty({0}, at::kLong, false), host_empty({0, dim}, at::kFloat, false),
-                           host_empty({0}, at::kBool, false), at::zeros({2}, at::kLong), int64_t{0}, int64_t{0},
-                           int64_t{0});  // index = [0, 0]
-  };
-  if (misses == 0) return empty_result();
-
-  // index = [misses, unique, positions (misses), inverse (misses), unique keys (unique)]: one buffer, so one
-  // copy takes the plan and the keys to insert to the device. Sized for the worst case (every miss distinct).
+  // Sized for the worst case (every miss distinct), trimmed at the end.
   at::Tensor index = host_empty({2 + 3 * misses}, at::kLong, pinned);
   int64_t* ip = index.data_ptr<int64_t>();
   int64_t* positions = ip + 2;
@@ -124,9 +110,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int
       }
     });
   }
+  // Ascending keys, as the device planner gives them: one order whatever the batch size or device.
+  std::vector<int64_t> order(unique);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return unique_keys[a] < unique_keys[b]; });
+  std::vector<int64_t> rank(unique), sorted(unique);
+  for (int64_t r = 0; r < unique; ++r) {
+    rank[order[r]] = r;
+    sorted[r] = unique_keys[order[r]];
+  }
+  std::copy(sorted.begin(), sorted.end(), unique_keys);
+  for (int64_t j = 0; j < misses; ++j) inverse[j] = rank[inverse[j]];
   ip[0] = misses;
   ip[1] = unique;
-  index = index.narrow(0, 0, 2 + 2 * misses + unique);
+  return index.narrow(0, 0, 2 + 2 * misses + unique);
+}
+
+// Large batches on a GPU: compact_misses de-duplicates there (a sort: milliseconds where a host hash table over
+// hundreds of thousands of misses takes a hundred), then the counts and the three valid prefixes come back.
+at::Tensor plan_on_device(const at::Tensor& keys, const at::Tensor& found) {
+  static auto compact = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("hps::compact_misses", "")
+                            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
+                                                                                              const at::Tensor&)>();
+  at::Tensor unique_keys, positions, inverse, counts;
+  std::tie(unique_keys, positions, inverse, counts) = compact.call(keys, found);
+  const at::Tensor counts_h = counts.to(at::kCPU);  // the sync
+  const int64_t misses = counts_h.data_ptr<int64_t>()[0], unique = counts_h.data_ptr<int64_t>()[1];
+  if (misses == 0) return at::zeros({2}, at::kLong);
+  at::Tensor index = host_empty({2 + 2 * misses + unique}, at::kLong, /*pinned=*/true);
+  index.narrow(0, 0, 2).copy_(counts_h);
+  index.narrow(0, 2, misses).copy_(positions.narrow(0, 0, misses), /*non_blocking=*/true);
+  index.narrow(0, 2 + misses, misses).copy_(inverse.narrow(0, 0, misses), /*non_blocking=*/true);
+  index.narrow(0, 2 + 2 * misses, unique).copy_(unique_keys.narrow(0, 0, unique), /*non_blocking=*/false);
+  return index;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int64_t> collect_misses(
+    const at::Tensor& keys,                    // (n,) int32|int64, any device
+    const at::Tensor& found,                   // (n,) bool, same device
+    int64_t dim,                               // row length of the table
+    int64_t source_handle) {                   // HostHashMap.handle() of the table's host map, or -1 for none
+  HPS_CHECK_KEY_DTYPE(keys);
+  HPS_CHECK_DTYPE(found, at::kBool);
+  TORCH_CHECK_VALUE(keys.dim() == 1, "collect_misses: keys must be 1-D, found shape ", keys.sizes());
+  TORCH_CHECK_VALUE(found.dim() == 1 && found.size(0) == keys.size(0), "collect_misses: found must have shape (",
+                    keys.size(0), ",), found ", found.sizes());
+  TORCH_CHECK_VALUE(found.device() == keys.device(), "collect_misses: found must be on the keys' device ",
+                    keys.device(), ", found ", found.device());
+  TORCH_CHECK_VALUE(dim >= 1, "collect_misses: dim must be >= 1, found ", dim);
+  const MapPtr source = source_handle >= 0 ? find_host_map(source_handle) : MapPtr();
+  if (source) {
+    TORCH_CHECK_VALUE(source->dim() == dim, "collect_misses: the source map holds rows of dim ", source->dim(),
+                      ", the table has dim ", dim);
+  }
+  const int64_t n = keys.size(0);
+  const bool pinned = keys.is_cuda();
+  const at::Tensor index = keys.is_cuda() && n > kHostPlanMaxKeys ? plan_on_device(keys, found) : plan_on_host(keys, found);
+  const int64_t* ip = index.data_ptr<int64_t>();
+  const int64_t misses = ip[0], unique = ip[1];
+  if (misses == 0) {
+    return std::make_tuple(host_empty({0}, at::kLong, false), host_empty({0, dim}, at::kFloat, false),
+                           host_empty({0}, at::kBool, false), index, int64_t{0}, int64_t{0}, int64_t{0});
+  }
 
   const at::Tensor ukeys = index.narrow(0, 2 + 2 * misses, unique);  // a view: CPU, contiguous
   at::Tensor rows = host_empty({unique, dim}, at::kFloat, pinned);
