@@ -21,14 +21,18 @@ namespace hps {
 namespace {
 
 constexpr int kRowsPerWarp = 4;
+// Zero-copy gathers of at least this many rows read the host table in sorted id order.
+constexpr int64_t kSortedGatherMinRows = 16384;
 // Staged gathers (host tables): buffers of this size, this many in flight.
 constexpr int64_t kStagingBytes = int64_t{8} << 20;
 constexpr int kStagingBuffers = 3;
 constexpr int kMaxVecPerLane = 4;  // rows up to 32 lanes x 4 float4 = 512 floats take the register path
 
+// out_pos (nullable): row i of the work goes to out row out_pos[i] (the sorted-ids gather), else to out row i.
 template <int VEC_PER_LANE>
 __global__ void gather_rows_vec4_kernel(const float4* __restrict__ table, int64_t num_rows, int64_t vecs_per_row,
-                                        const int64_t* __restrict__ rows, int64_t n, float4* __restrict__ out) {
+                                        const int64_t* __restrict__ rows, int64_t n, float4* __restrict__ out,
+                                        const int64_t* __restrict__ out_pos) {
   const int lane = threadIdx.x & 31;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t first = warp * kRowsPerWarp;
@@ -49,10 +53,11 @@ __global__ void gather_rows_vec4_kernel(const float4* __restrict__ table, int64_
   for (int r = 0; r < kRowsPerWarp; ++r) {
     const int64_t i = first + r;
     if (i >= n) break;
+    const int64_t o = out_pos != nullptr ? out_pos[i] : i;
 #pragma unroll
     for (int v = 0; v < VEC_PER_LANE; ++v) {
       const int64_t c = lane + 32 * v;
-      if (c < vecs_per_row) out[i * vecs_per_row + c] = buf[r][v];
+      if (c < vecs_per_row) out[o * vecs_per_row + c] = buf[r][v];
     }
   }
 }
@@ -155,12 +160,22 @@ at::Tensor gather_rows_cuda(const at::Tensor& table, const at::Tensor& rows, int
     const auto* t4 = reinterpret_cast<const float4*>(src);
     auto* o4 = reinterpret_cast<float4*>(out.data_ptr<float>());
     const int64_t* idx = r.data_ptr<int64_t>();
+    const int64_t* out_pos = nullptr;
+    // Host rows read in ascending id order: neighbouring warps then read neighbouring host memory, which the bus
+    // serves at copy speed (measured 51 GB/s for consecutive ids vs 20 GB/s for random ones); the rows land in
+    // their places through out_pos. The sort costs ~1 ms per 3.4 M ids on the device.
+    at::Tensor sorted_ids, order;
+    if (!table.is_cuda() && n >= kSortedGatherMinRows) {
+      std::tie(sorted_ids, order) = at::sort(r);
+      idx = sorted_ids.data_ptr<int64_t>();
+      out_pos = order.data_ptr<int64_t>();
+    }
     if (vecs <= 32) {
-      gather_rows_vec4_kernel<1><<<blocks, threads, 0, stream>>>(t4, num_rows, vecs, idx, n, o4);
+      gather_rows_vec4_kernel<1><<<blocks, threads, 0, stream>>>(t4, num_rows, vecs, idx, n, o4, out_pos);
     } else if (vecs <= 64) {
-      gather_rows_vec4_kernel<2><<<blocks, threads, 0, stream>>>(t4, num_rows, vecs, idx, n, o4);
+      gather_rows_vec4_kernel<2><<<blocks, threads, 0, stream>>>(t4, num_rows, vecs, idx, n, o4, out_pos);
     } else {
-      gather_rows_vec4_kernel<4><<<blocks, threads, 0, stream>>>(t4, num_rows, vecs, idx, n, o4);
+      gather_rows_vec4_kernel<4><<<blocks, threads, 0, stream>>>(t4, num_rows, vecs, idx, n, o4, out_pos);
     }
   } else {
     const int64_t blocks = (n * 32 + threads - 1) / threads;
