@@ -203,6 +203,15 @@ class EmbeddingCache:
         return ops.cache_insert_or_assign(self.slot_keys, self.digests, self.scores, self.values, self.clock, keys,
                                           values, self._policy_code)
 
+    def insert_grouped(self, keys: Tensor, values: Tensor, counts: Tensor) -> None:
+        """insert_or_assign for keys in non-decreasing bucket order (collect_misses plans them so): one launch on
+        CUDA, no sync; [inserted, assigned, evicted, refused] are added to `counts` ((4,) int64 on the device).
+        The CPU raises ValueError for keys out of bucket order (the CUDA twin does not check)."""
+        keys = self._check_keys(keys)
+        values = self._check_values(values, keys.shape[0])
+        ops.cache_insert_grouped(self.slot_keys, self.digests, self.scores, self.values, self.clock, keys, values,
+                                 counts, self._policy_code)
+
     def insert_or_assign(self, keys: Tensor, values: Tensor) -> dict[str, int]:
         """Store rows: present keys get the new row; new keys take a free slot or evict the lowest-score slot.
 

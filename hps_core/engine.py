@@ -302,7 +302,7 @@ class HierarchicalParameterServer:
         rows = rt.files.num_keys if rt.files is not None else self.tiers_size(rt.tag)
         capacity = max(int(cfg.ratio * max(rows, 1)), ops.bucket_size())
         cache = EmbeddingCache(capacity, rt.dim, device=device, policy=cfg.policy)
-        cr = CacheRuntime(cache=cache, device=device)
+        cr = CacheRuntime(cache=cache, device=device, insert_counts=torch.zeros(4, dtype=torch.int64, device=device))
         cr.max_pending_inserts = max(1, int(cfg.num_worker_buffers))
         if cfg.hit_rate_threshold <= 1.0:
             cr.insert_worker = concurrent.futures.ThreadPoolExecutor(
@@ -418,8 +418,10 @@ class HierarchicalParameterServer:
             lat["total"].record(time.perf_counter() - start)
             return values
         source = self._host_tier.map_handle(rt.tag) if self._host_tier is not None else -1
-        unique_keys, rows, in_source, index, misses, unique, source_hits = torch.ops.hps.collect_misses(
-            flat, found, rt.dim, source)
+        learns = rt.mode == "dynamic"
+        num_buckets = cr.cache.num_buckets if learns else 0  # plan the keys in the cache's bucket order
+        unique_keys, rows, in_source, index, misses, unique, source_hits, grouped = torch.ops.hps.collect_misses(
+            flat, found, rt.dim, source, num_buckets)
         t_collect = time.perf_counter()
         lat["miss_compaction"].record(t_collect - t_find)
         if misses == 0:
@@ -430,7 +432,6 @@ class HierarchicalParameterServer:
 
         hit_rate = 1.0 - misses / n
         threshold = rt.cache_config.hit_rate_threshold
-        learns = rt.mode == "dynamic"
         if (learns and hit_rate >= threshold and cr.insert_worker is not None
                 and cr.pending_inserts < cr.max_pending_inserts):
             # HPS async mode: the current batch gets defaults for its misses; the insert worker fetches them.
@@ -458,7 +459,7 @@ class HierarchicalParameterServer:
         t_merge = time.perf_counter()
         lat["merge"].record(t_merge - t_tiers)
         if learns:
-            self._insert(rt, cr, dev_keys, dev_rows, version)
+            self._insert(rt, cr, dev_keys, dev_rows, version, grouped=grouped)
         lat["cache_insert"].record(time.perf_counter() - t_merge)
         lat["total"].record(time.perf_counter() - start)
         return values
@@ -511,18 +512,19 @@ class HierarchicalParameterServer:
             stats.add(defaults_served=int(weight))
 
     def _insert(self, rt: TableRuntime, cr: CacheRuntime, keys: torch.Tensor, rows: torch.Tensor,
-                version: int) -> None:
+                version: int, grouped: bool = False) -> None:
+        """Insert rows fetched under cache version `version` (dropped if an update came since). `grouped`: the keys
+        are in the cache's bucket order (collect_misses planned them so), which needs no sort."""
         keys = keys.to(cr.device)
         rows = rows.to(cr.device)
         with cr.writing():
             if cr.version != version:
                 cr.stats.add(stale_inserts_skipped=keys.numel())
                 return
-            counts = cr.cache.insert_or_assign_async(keys, rows)
-            if cr.insert_counts is None:
-                cr.insert_counts = counts
+            if grouped:
+                cr.cache.insert_grouped(keys, rows, cr.insert_counts)
             else:
-                cr.insert_counts.add_(counts)
+                cr.insert_counts.add_(cr.cache.insert_or_assign_async(keys, rows))
 
     def _async_insert(self, rt: TableRuntime, cr: CacheRuntime, keys: torch.Tensor, version: int) -> None:
         try:

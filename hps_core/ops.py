@@ -126,6 +126,27 @@ def cache_insert_or_assign(
     )
 
 
+def cache_insert_grouped(
+    slot_keys: Tensor,
+    digests: Tensor,
+    scores: Tensor,
+    values: Tensor,
+    clock: Tensor,
+    keys: Tensor,
+    new_values: Tensor,
+    counts: Tensor,
+    policy: int,
+) -> None:
+    """cache_insert_or_assign for keys already in non-decreasing bucket order (as collect_misses plans them with
+    num_buckets): one launch on CUDA, and [inserted, assigned, evicted, refused] ADDED to `counts` (4,) int64.
+
+    The same result as cache_insert_or_assign on the same keys. The CPU twin raises ValueError on keys out of bucket
+    order before writing anything; the CUDA twin does not check (see hps_ops.cpp).
+    """
+    torch.ops.hps.cache_insert_grouped.default(slot_keys, digests, scores, values, clock, keys, new_values, counts,
+                                               policy)
+
+
 def cache_assign(slot_keys: Tensor, digests: Tensor, values: Tensor, keys: Tensor, new_values: Tensor) -> Tensor:
     """Overwrite the rows of present keys only (mutates `values`); last duplicate wins.
 
@@ -207,6 +228,13 @@ def _cache_insert_or_assign_fake(slot_keys, digests, scores, values, clock, keys
     _fake_check_keys(keys)
     torch._check(new_values.dim() == 2, lambda: f"new_values must be 2-D, found shape {tuple(new_values.shape)}")
     return slot_keys.new_empty((4,), dtype=torch.int64)
+
+
+@torch.library.register_fake("hps::cache_insert_grouped")
+def _cache_insert_grouped_fake(slot_keys, digests, scores, values, clock, keys, new_values, counts, policy):
+    _fake_check_keys(keys)
+    torch._check(new_values.dim() == 2, lambda: f"new_values must be 2-D, found shape {tuple(new_values.shape)}")
+    return None
 
 
 @torch.library.register_fake("hps::cache_assign")

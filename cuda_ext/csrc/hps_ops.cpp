@@ -13,6 +13,10 @@
 //           same call; if every slot was written by this call the key is refused. New keys get score = clock
 //           (LRU) or 1 (LFU). Later duplicates of a key in one call assign (last value wins).
 //           Returns counts (4,) int64: [inserted, assigned, evicted, refused].
+//  * insert_grouped: insert_or_assign for keys already in non-decreasing bucket order (so the CUDA twin needs no
+//           sort: one launch); the counts are ADDED to `counts` (4,) instead of returned. The CPU twin raises on
+//           keys out of bucket order; the CUDA twin does not check (a key out of order still lands in its own
+//           bucket, but two warps may then walk that bucket at once).
 //  * assign: only present keys change value (last duplicate wins); scores untouched. Returns count (0-d int64).
 //  * erase: present keys' slots freed. Returns count of keys erased (0-d int64).
 //  * contains: found mask, no score change.
@@ -37,11 +41,13 @@
 //           0 = zero-copy for a pinned table, staged for a pageable one.
 //
 // Miss-path ops (device-generic, miss_path.cpp; they synchronise the host by design - not for graph capture):
-//  * collect_misses(keys (n,), found (n,), dim, source) -> unique_keys (u,) int64 CPU: the distinct keys of the
-//           miss positions in ascending order (as compact_misses); rows (u, dim) float32 CPU: their rows from the HostHashMap
+//  * collect_misses(keys (n,), found (n,), dim, source, num_buckets=0) -> unique_keys (u,) int64 CPU: the distinct
+//           keys of the miss positions in ascending order (as compact_misses) - or, when num_buckets > 0 and the
+//           batch is planned on the host (any CPU batch, a GPU batch of <= 65,536 keys), in ascending
+//           (bucket_of(mix64(key), num_buckets), key) order, ready for cache_insert_grouped (`grouped` says which); rows (u, dim) float32 CPU: their rows from the HostHashMap
 //           whose handle() is `source` (zeros where absent, or everywhere for source = -1); in_source (u,) bool CPU; index (2 + 2m + u,) int64
 //           CPU = [m, u, the m miss positions ascending, for each its index into unique_keys, unique_keys]
-//           (unique_keys is a view of its tail); then m, u and the number of keys found in `source` as ints.
+//           (unique_keys is a view of its tail); then m, u, the number of keys found in `source`, and `grouped`.
 //           Host buffers are pinned when keys are on a GPU. With no miss: empty tensors, index = [0, 0].
 //  * apply_misses(out (n, D), index, rows (u, D) CPU) -> (unique_keys, rows) on out's device, and
 //           out[positions[j]] = rows[inverse[j]]. The plan is checked on the host first: a bad one raises and
@@ -76,6 +82,9 @@ TORCH_LIBRARY(hps, m) {
   m.def(
       "cache_insert_or_assign(Tensor(a!) slot_keys, Tensor(b!) digests, Tensor(c!) scores, Tensor(d!) values, "
       "Tensor clock, Tensor keys, Tensor new_values, int policy) -> Tensor");
+  m.def(
+      "cache_insert_grouped(Tensor(a!) slot_keys, Tensor(b!) digests, Tensor(c!) scores, Tensor(d!) values, "
+      "Tensor clock, Tensor keys, Tensor new_values, Tensor(e!) counts, int policy) -> ()");
   m.def("cache_assign(Tensor slot_keys, Tensor digests, Tensor(a!) values, Tensor keys, Tensor new_values) -> Tensor");
   m.def("cache_erase(Tensor slot_keys, Tensor(a!) digests, Tensor(b!) scores, Tensor keys) -> Tensor");
   m.def(

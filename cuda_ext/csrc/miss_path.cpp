@@ -70,7 +70,7 @@ struct MissDeduper {
 
 // Small batches: found and keys to the host (the second copy blocks, so it also waits for the first), then the
 // misses de-duplicated there with a hash table, and the distinct keys sorted.
-at::Tensor plan_on_host(const at::Tensor& keys, const at::Tensor& found) {
+at::Tensor plan_on_host(const at::Tensor& keys, const at::Tensor& found, int64_t num_buckets) {
   const int64_t n = keys.size(0);
   const bool pinned = keys.is_cuda();
   at::Tensor keys_h = keys, found_h = found;
@@ -110,10 +110,19 @@ at::Tensor plan_on_host(const at::Tensor& keys, const at::Tensor& found) {
       }
     });
   }
-  // Ascending keys, as the device planner gives them: one order whatever the batch size or device.
+  // Ascending keys, as the device planner gives them; or, for a cache of num_buckets buckets, ascending
+  // (bucket, key), which lets the insert skip its sort (cache_insert_grouped).
   std::vector<int64_t> order(unique);
   std::iota(order.begin(), order.end(), int64_t{0});
-  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return unique_keys[a] < unique_keys[b]; });
+  if (num_buckets > 0) {
+    std::vector<int64_t> bucket(unique);
+    for (int64_t u = 0; u < unique; ++u) bucket[u] = bucket_of(mix64(key_bits(unique_keys[u])), num_buckets);
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      return bucket[a] != bucket[b] ? bucket[a] < bucket[b] : unique_keys[a] < unique_keys[b];
+    });
+  } else {
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return unique_keys[a] < unique_keys[b]; });
+  }
   std::vector<int64_t> rank(unique), sorted(unique);
   for (int64_t r = 0; r < unique; ++r) {
     rank[order[r]] = r;
@@ -146,11 +155,12 @@ at::Tensor plan_on_device(const at::Tensor& keys, const at::Tensor& found) {
   return index;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int64_t> collect_misses(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int64_t, bool> collect_misses(
     const at::Tensor& keys,                    // (n,) int32|int64, any device
     const at::Tensor& found,                   // (n,) bool, same device
     int64_t dim,                               // row length of the table
-    int64_t source_handle) {                   // HostHashMap.handle() of the table's host map, or -1 for none
+    int64_t source_handle,                     // HostHashMap.handle() of the table's host map, or -1 for none
+    int64_t num_buckets) {                     // > 0: order the keys by bucket of a cache this size, if planned on host
   HPS_CHECK_KEY_DTYPE(keys);
   HPS_CHECK_DTYPE(found, at::kBool);
   TORCH_CHECK_VALUE(keys.dim() == 1, "collect_misses: keys must be 1-D, found shape ", keys.sizes());
@@ -159,6 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int
   TORCH_CHECK_VALUE(found.device() == keys.device(), "collect_misses: found must be on the keys' device ",
                     keys.device(), ", found ", found.device());
   TORCH_CHECK_VALUE(dim >= 1, "collect_misses: dim must be >= 1, found ", dim);
+  TORCH_CHECK_VALUE(num_buckets >= 0 && num_buckets < (int64_t{1} << 32),
+                    "collect_misses: num_buckets must be in [0, 2^32), found ", num_buckets);
   const MapPtr source = source_handle >= 0 ? find_host_map(source_handle) : MapPtr();
   if (source) {
     TORCH_CHECK_VALUE(source->dim() == dim, "collect_misses: the source map holds rows of dim ", source->dim(),
@@ -166,12 +178,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int
   }
   const int64_t n = keys.size(0);
   const bool pinned = keys.is_cuda();
-  const at::Tensor index = keys.is_cuda() && n > kHostPlanMaxKeys ? plan_on_device(keys, found) : plan_on_host(keys, found);
+  const bool on_device = keys.is_cuda() && n > kHostPlanMaxKeys;
+  const at::Tensor index = on_device ? plan_on_device(keys, found) : plan_on_host(keys, found, num_buckets);
+  const bool grouped = !on_device && num_buckets > 0;
   const int64_t* ip = index.data_ptr<int64_t>();
   const int64_t misses = ip[0], unique = ip[1];
   if (misses == 0) {
     return std::make_tuple(host_empty({0}, at::kLong, false), host_empty({0, dim}, at::kFloat, false),
-                           host_empty({0}, at::kBool, false), index, int64_t{0}, int64_t{0}, int64_t{0});
+                           host_empty({0}, at::kBool, false), index, int64_t{0}, int64_t{0}, int64_t{0}, grouped);
   }
 
   const at::Tensor ukeys = index.narrow(0, 2 + 2 * misses, unique);  // a view: CPU, contiguous
@@ -186,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int
     rows.zero_();
     in_source.zero_();
   }
-  return std::make_tuple(ukeys, rows, in_source, index, misses, unique, source_hits);
+  return std::make_tuple(ukeys, rows, in_source, index, misses, unique, source_hits, grouped);
 }
 
 std::tuple<at::Tensor, at::Tensor> apply_misses(
@@ -233,8 +247,9 @@ std::tuple<at::Tensor, at::Tensor> apply_misses(
 
 void register_miss_path_ops(torch::Library& m) {
   m.def(
-      "collect_misses(Tensor keys, Tensor found, int dim, int source) -> "
-      "(Tensor unique_keys, Tensor rows, Tensor in_source, Tensor index, int misses, int unique, int source_hits)",
+      "collect_misses(Tensor keys, Tensor found, int dim, int source, int num_buckets=0) -> "
+      "(Tensor unique_keys, Tensor rows, Tensor in_source, Tensor index, int misses, int unique, int source_hits, "
+      "bool grouped)",
       &collect_misses);
   m.def("apply_misses(Tensor(a!) out, Tensor index, Tensor rows) -> (Tensor unique_keys, Tensor rows)",
         &apply_misses);

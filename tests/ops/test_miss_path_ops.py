@@ -55,10 +55,11 @@ def test_collect_misses_matches_reference(device, key_dtype, case):
     keys = torch.from_numpy(arr).to(key_dtype).to(device)
     found = torch.from_numpy(found_np).to(device)
 
-    ukeys, rows, in_source, index, misses, unique, hits = torch.ops.hps.collect_misses(keys, found, dim, m.handle())
+    ukeys, rows, in_source, index, misses, unique, hits, grouped = torch.ops.hps.collect_misses(keys, found, dim,
+                                                                                           m.handle())
 
     positions, want_unique, inverse = reference(arr.tolist(), found_np.tolist())
-    assert (misses, unique) == (len(positions), len(want_unique))
+    assert (misses, unique, grouped) == (len(positions), len(want_unique), False)
     assert index[:2].tolist() == [misses, unique]
     assert index[2:2 + misses].tolist() == positions
     assert index[2 + misses:2 + 2 * misses].tolist() == inverse
@@ -88,7 +89,7 @@ def test_collect_misses_without_source_gives_zero_rows(device):
     """source = -1: no host map; every distinct miss gets a zero row (the engine fills them from other tiers)."""
     keys = torch.tensor([4, 9, 4, 2], device=device)
     found = torch.tensor([False, True, False, False], device=device)
-    ukeys, rows, in_source, index, misses, unique, hits = torch.ops.hps.collect_misses(keys, found, 3, -1)
+    ukeys, rows, in_source, index, misses, unique, hits, _ = torch.ops.hps.collect_misses(keys, found, 3, -1)
     assert (misses, unique, hits) == (3, 2, 0)
     assert ukeys.tolist() == [2, 4] and not in_source.any() and torch.equal(rows, torch.zeros(2, 3))
 
@@ -116,7 +117,7 @@ def test_collect_misses_rejects_bad_input():
 def test_apply_misses_bad_plan_writes_nothing(device):
     keys = torch.tensor([4, 9, 4, 2], device=device)
     found = torch.tensor([False, True, False, False], device=device)
-    _, rows, _, index, misses, unique, _ = torch.ops.hps.collect_misses(keys, found, 3, -1)
+    _, rows, _, index, misses, unique, _, _ = torch.ops.hps.collect_misses(keys, found, 3, -1)
     rows = torch.ones_like(rows)
     out = torch.zeros(4, 3, device=device)
     bad = index.clone()
@@ -147,3 +148,55 @@ def test_map_handle_is_stable_and_dies_with_the_map():
     gc.collect()
     with pytest.raises(ValueError, match=f"no live HostHashMap has handle {h}"):
         torch.ops.hps.collect_misses(torch.arange(2), torch.zeros(2, dtype=torch.bool), 4, h)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("key_dtype", KEY_DTYPES)
+def test_grouped_plan_feeds_insert_grouped_like_insert_or_assign(device, key_dtype):
+    """num_buckets > 0: keys come in (bucket, key) order, and cache_insert_grouped with them leaves the cache
+    exactly as cache_insert_or_assign does - state tensors and counts - including full buckets and refusals."""
+    from hps_core.cache import EmbeddingCache
+
+    rng = np.random.default_rng(5)
+    info = torch.iinfo(key_dtype)
+    pool = rng.integers(info.min, info.max, size=3000, dtype=np.int64, endpoint=True)
+    keys = torch.from_numpy(pool[rng.integers(0, 3000, size=5000)]).to(key_dtype).to(device)
+    found = torch.from_numpy(rng.random(5000) < 0.3).to(device)
+    a = EmbeddingCache(64 * 4, 8, device=device)  # 8 buckets: most of them overflow
+    b = EmbeddingCache(64 * 4, 8, device=device)
+    warm = torch.from_numpy(pool[:100]).to(key_dtype).to(device)
+    for c in (a, b):
+        c.insert_or_assign(warm, torch.ones(100, 8, device=device))
+        c.find(warm[:40])
+    ukeys, rows, _, index, misses, unique, _, grouped = torch.ops.hps.collect_misses(keys, found, 8, -1,
+                                                                                     a.num_buckets)
+    assert grouped and unique > 200
+    bucket, _ = torch.ops.hps.hash_keys(ukeys, a.num_buckets)
+    order = sorted(range(unique), key=lambda i: (int(bucket[i]), int(ukeys[i])))
+    assert order == list(range(unique))
+    values = torch.from_numpy(rng.standard_normal((unique, 8)).astype(np.float32))
+    dev_keys = ukeys.to(device).to(key_dtype)
+    counts = torch.zeros(4, dtype=torch.int64, device=device)
+    a.insert_grouped(dev_keys, values.to(device), counts)
+    want = b.insert_or_assign(dev_keys, values.to(device))
+    assert counts.tolist() == [want[k] for k in ("inserted", "assigned", "evicted", "refused")]
+    assert want["refused"] > 0 and want["evicted"] > 0
+    for name, t in a.state().items():
+        assert torch.equal(t.cpu(), b.state()[name].cpu()), name
+    a.insert_grouped(dev_keys[:10], values[:10].to(device), counts)  # counts accumulate
+    inserted, assigned, _, refused = counts.tolist()
+    assert inserted + assigned + refused == unique + 10
+
+
+def test_insert_grouped_rejects_keys_out_of_bucket_order_on_cpu():
+    from hps_core.cache import EmbeddingCache
+
+    c = EmbeddingCache(64 * 8, 4)
+    keys = torch.arange(1, 200)
+    bucket, _ = torch.ops.hps.hash_keys(keys, c.num_buckets)
+    keys = keys[torch.argsort(bucket, stable=True)].flip(0)  # descending buckets
+    counts = torch.zeros(4, dtype=torch.int64)
+    before = {k: v.clone() for k, v in c.state().items()}
+    with pytest.raises(ValueError, match="non-decreasing bucket order"):
+        c.insert_grouped(keys, torch.ones(keys.numel(), 4), counts)
+    assert all(torch.equal(before[k], v) for k, v in c.state().items()) and not counts.any()

@@ -157,9 +157,30 @@ at::Tensor cache_assign_cpu(const at::Tensor& slot_keys,   // (S,) int64
   return count;
 }
 
+// The grouping is checked (an error before anything is written), then the insert is the ordinary one: on the CPU
+// the grouping saves nothing, it only has to give the same result as the CUDA twin.
+void cache_insert_grouped_cpu(at::Tensor& slot_keys, at::Tensor& digests, at::Tensor& scores, at::Tensor& values,
+                              const at::Tensor& clock, const at::Tensor& keys, const at::Tensor& new_values,
+                              at::Tensor& counts, int64_t policy) {
+  const int64_t num_buckets = cpu::check_cpu_state(slot_keys, digests, scores, values, clock);
+  check_query_keys(keys, slot_keys);
+  HPS_CHECK_DTYPE(counts, at::kLong);
+  TORCH_CHECK_VALUE(counts.dim() == 1 && counts.size(0) == 4, "counts must be a (4,) tensor, found shape ",
+                    counts.sizes());
+  HPS_CHECK_SAME_DEVICE(counts, slot_keys);
+  const std::vector<cpu::KeyHash> hk = hash_all(keys, num_buckets);
+  for (size_t i = 1; i < hk.size(); ++i) {
+    TORCH_CHECK_VALUE(hk[i].base >= hk[i - 1].base, "cache_insert_grouped: keys must come in non-decreasing bucket "
+                      "order; key ", i, " is in bucket ", hk[i].base / kBucketSize, " after a key of bucket ",
+                      hk[i - 1].base / kBucketSize);
+  }
+  counts.add_(cache_insert_or_assign_cpu(slot_keys, digests, scores, values, clock, keys, new_values, policy));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hps, CPU, m) {
+  m.impl("cache_insert_grouped", &cache_insert_grouped_cpu);
   m.impl("cache_insert_or_assign", &cache_insert_or_assign_cpu);
   m.impl("cache_assign", &cache_assign_cpu);
 }

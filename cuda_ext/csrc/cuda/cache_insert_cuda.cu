@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kThreads)
                                   const int64_t* __restrict__ clock, const key_t* __restrict__ keys,
                                   const float* __restrict__ new_values, const int64_t* __restrict__ sorted_bucket,
                                   const int64_t* __restrict__ perm, int64_t n, int64_t dim, bool lru,
-                                  int64_t* __restrict__ counts) {
+                                  int64_t* __restrict__ counts, int64_t num_buckets) {
   __shared__ unsigned long long block_counts[4];
   if (threadIdx.x < 4) block_counts[threadIdx.x] = 0;
   __syncthreads();
@@ -46,9 +46,15 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = lane_id();
   const int32_t new_score = lru ? score_from_clock(clock[0]) : 1;
   const int64_t stride = total_warps();
+  // Without sorted_bucket/perm (cache_insert_grouped) the keys arrive grouped by bucket and each key's bucket is
+  // recomputed from the key itself: cheap, and always a bucket of this cache.
+  const auto bucket_at = [&](int64_t q) {
+    return sorted_bucket != nullptr ? sorted_bucket[q]
+                                    : bucket_of(mix64(key_bits(static_cast<int64_t>(keys[q]))), num_buckets);
+  };
   for (int64_t p = global_warp_id(); p < n; p += stride) {
-    if (!starts_run(sorted_bucket, p)) continue;
-    const int64_t bucket = sorted_bucket[p];
+    const int64_t bucket = bucket_at(p);
+    if (p > 0 && bucket_at(p - 1) == bucket) continue;  // not the start of a run
     const int64_t base = bucket * kBucketSize;
     uint8_t my_digest = digests[base + lane];
     int64_t my_key = my_digest == kEmptyDigest ? 0 : slot_keys[base + lane];
@@ -57,8 +63,8 @@ __global__ void __launch_bounds__(kThreads)
     uint32_t written = 0;  // bit j: slot j was inserted or assigned by this call (warp-uniform)
     unsigned long long c[4] = {0, 0, 0, 0};
 
-    for (int64_t q = p; q < n && sorted_bucket[q] == bucket; ++q) {
-      const int64_t i = perm[q];
+    for (int64_t q = p; q < n && bucket_at(q) == bucket; ++q) {
+      const int64_t i = perm != nullptr ? perm[q] : q;
       const int64_t key = static_cast<int64_t>(keys[i]);
       const uint8_t digest = digest_of(mix64(key_bits(key)));
       const float* src = new_values + i * dim;
@@ -187,10 +193,42 @@ at::Tensor cache_insert_or_assign_cuda(at::Tensor& slot_keys,         // (S,) in
                                           scores.data_ptr<int32_t>(), values.data_ptr<float>(),
                                           clock.data_ptr<int64_t>(), keys.data_ptr<index_t>(),
                                           new_values.data_ptr<float>(), sorted_bucket.data_ptr<int64_t>(),
-                                          perm.data_ptr<int64_t>(), n, dim, lru, counts.data_ptr<int64_t>());
+                                          perm.data_ptr<int64_t>(), n, dim, lru, counts.data_ptr<int64_t>(),
+                                          num_buckets);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return counts;
+}
+
+// Keys already grouped by bucket (the miss path plans them so on the host): one launch, no sort, and the counts
+// added to the caller's accumulator instead of a fresh tensor. The grouping is not checked here (that would
+// need the keys on the host); keys outside their group still land in their own bucket, never outside the cache.
+void cache_insert_grouped_cuda(at::Tensor& slot_keys, at::Tensor& digests, at::Tensor& scores, at::Tensor& values,
+                               const at::Tensor& clock, const at::Tensor& keys, const at::Tensor& new_values,
+                               at::Tensor& counts, int64_t policy) {
+  const int64_t num_buckets = check_cuda_state(slot_keys, digests, scores, values, clock);
+  check_policy(policy);
+  check_query_keys(keys, slot_keys);
+  check_new_values(new_values, keys, values);
+  HPS_CHECK_DTYPE(counts, at::kLong);
+  TORCH_CHECK_VALUE(counts.dim() == 1 && counts.size(0) == 4 && counts.is_contiguous(),
+                    "counts must be a contiguous (4,) tensor, found shape ", counts.sizes());
+  HPS_CHECK_SAME_DEVICE(counts, slot_keys);
+  const c10::cuda::CUDAGuard guard(slot_keys.device());
+  const int64_t n = keys.size(0);
+  if (n == 0) return;
+  const int64_t dim = values.size(1);
+  const bool vec4 = rows_vec4(dim, {values.data_ptr(), new_values.data_ptr()});
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "cache_insert_grouped_cuda", [&] {
+    auto kernel = vec4 ? cache_insert_or_assign_kernel<index_t, true> : cache_insert_or_assign_kernel<index_t, false>;
+    kernel<<<warp_grid(n), kThreads, 0, stream>>>(slot_keys.data_ptr<int64_t>(), digests.data_ptr<uint8_t>(),
+                                                  scores.data_ptr<int32_t>(), values.data_ptr<float>(),
+                                                  clock.data_ptr<int64_t>(), keys.data_ptr<index_t>(),
+                                                  new_values.data_ptr<float>(), nullptr, nullptr, n, dim,
+                                                  policy == kPolicyLRU, counts.data_ptr<int64_t>(), num_buckets);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 at::Tensor cache_assign_cuda(const at::Tensor& slot_keys,   // (S,) int64
@@ -229,6 +267,7 @@ at::Tensor cache_assign_cuda(const at::Tensor& slot_keys,   // (S,) int64
 
 TORCH_LIBRARY_IMPL(hps, CUDA, m) {
   m.impl("cache_insert_or_assign", &cache_insert_or_assign_cuda);
+  m.impl("cache_insert_grouped", &cache_insert_grouped_cuda);
   m.impl("cache_assign", &cache_assign_cuda);
 }
 
