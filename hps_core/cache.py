@@ -106,6 +106,11 @@ class EmbeddingCache:
         log.debug("EmbeddingCache: %d buckets x %d slots, dim %d, %s, %s (%d bytes)", self.num_buckets, bucket,
                   self.dim, self.policy, self.device, self.memory_bytes())
 
+    @property
+    def policy_code(self) -> int:
+        """The policy as the ops take it (ops.POLICY_LRU / ops.POLICY_LFU)."""
+        return self._policy_code
+
     def __repr__(self) -> str:
         return (f"EmbeddingCache(num_slots={self.num_slots}, dim={self.dim}, device={str(self.device)!r}, "
                 f"policy={self.policy!r})")
@@ -178,14 +183,17 @@ class EmbeddingCache:
             values (n, D) float32 (zero rows for misses), found (n,) bool; both on the cache's device.
         """
         keys = self._check_keys(keys)
-        n = keys.shape[0]
-        if n and self._policy_code == ops.POLICY_LRU:
-            self._before_find()
-        out, found = ops.cache_find(self.slot_keys, self.digests, self.scores, self.values, self.clock, keys,
-                                    self._policy_code)
+        self.note_find(keys.shape[0])
+        return ops.cache_find(self.slot_keys, self.digests, self.scores, self.values, self.clock, keys,
+                              self._policy_code)
+
+    def note_find(self, n: int) -> None:
+        """Account for a find of n keys about to run on the state (find() calls it; so must anyone running the
+        cache_find op on this cache's state directly): LRU decay when due, then the clock mirror's bump."""
         if n:
+            if self._policy_code == ops.POLICY_LRU:
+                self._before_find()
             self._clock_host += 1
-        return out, found
 
     def contains(self, keys: Tensor) -> Tensor:
         """found (n,) bool for keys (n,) int32/int64 on the cache's device; no score or clock change."""

@@ -66,36 +66,35 @@ class CacheRuntime:
     def reading(self) -> Iterator[None]:
         """Hold the cache for a find/export: its kernels start after the writes already launched."""
         with self.lock:
-            stream = self._stream()
-            if stream is not None:
-                _order_after(stream, self._writers)
-                self._readers[stream.cuda_stream] = stream
+            if self.device.type == "cuda":
+                handle = torch._C._cuda_getCurrentRawStream(self.device.index)
+                self._order_after(handle, self._writers)
+                if handle not in self._readers:
+                    self._readers[handle] = torch.cuda.current_stream(self.device)
             yield
 
     @contextmanager
     def writing(self) -> Iterator[None]:
         """Hold the cache for an insert/assign: its kernels start after every read and write already launched."""
         with self.lock:
-            stream = self._stream()
-            if stream is not None:
-                _order_after(stream, self._readers)
-                _order_after(stream, self._writers)
+            if self.device.type == "cuda":
+                handle = torch._C._cuda_getCurrentRawStream(self.device.index)
+                self._order_after(handle, self._readers)
+                self._order_after(handle, self._writers)
                 # Everything launched so far now precedes this write, so later work need only follow it.
                 self._readers.clear()
+                mine = self._writers.get(handle) or torch.cuda.current_stream(self.device)
                 self._writers.clear()
-                self._writers[stream.cuda_stream] = stream
+                self._writers[handle] = mine
             yield
 
-    def _stream(self) -> Any:
-        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-
-
-def _order_after(stream: Any, others: dict) -> None:
-    """Make `stream` wait for the work launched so far on each of `others` (an event recorded now on a stream
-    covers everything launched on it before; all of it was launched under the cache's lock)."""
-    for handle, other in others.items():
-        if handle != stream.cuda_stream:
-            stream.wait_event(other.record_event())
+    def _order_after(self, handle: int, others: dict) -> None:
+        """Make the current stream (raw `handle`) wait for the work launched so far on each other stream of
+        `others`: an event recorded now covers everything launched there before, all of it under this lock.
+        The usual case - one stream - costs one raw-handle read and no stream object."""
+        for other_handle, other in others.items():
+            if other_handle != handle:
+                torch.cuda.current_stream(self.device).wait_event(other.record_event())
 
 
 @dataclass
@@ -405,33 +404,56 @@ class HierarchicalParameterServer:
         if n == 0:
             stats.add(lookups=1)
             return torch.empty((0, rt.dim), dtype=torch.float32, device=flat.device)
-        with cr.reading():
-            values, found = cr.cache.find(flat)
-            version = cr.version
-        t_find = time.perf_counter()
-        lat["cache_find"].record(t_find - start)
-
-        # A large batch checks "all hit?" on the device first (one flag read) rather than copying every key to the
-        # host; a small one goes straight to collect_misses, whose one sync answers the same question.
-        if n > _DEVICE_ALL_HIT_CHECK and bool(found.all()):
-            stats.add(lookups=1, keys=n, cache_hits=n)
-            lat["total"].record(time.perf_counter() - start)
-            return values
         source = self._host_tier.map_handle(rt.tag) if self._host_tier is not None else -1
         learns = rt.mode == "dynamic"
-        num_buckets = cr.cache.num_buckets if learns else 0  # plan the keys in the cache's bucket order
-        unique_keys, rows, in_source, index, misses, unique, source_hits, grouped = torch.ops.hps.collect_misses(
-            flat, found, rt.dim, source, num_buckets)
-        t_collect = time.perf_counter()
-        lat["miss_compaction"].record(t_collect - t_find)
-        if misses == 0:
-            stats.add(lookups=1, keys=n, cache_hits=n)
-            lat["total"].record(time.perf_counter() - start)
-            return values
-        stats.add(lookups=1, keys=n, cache_hits=n - misses, cache_misses=misses, unique_misses=unique)
+        threshold = rt.cache_config.hit_rate_threshold
+        async_ok = cr.insert_worker is not None and cr.pending_inserts < cr.max_pending_inserts
+        if learns and (n <= _DEVICE_ALL_HIT_CHECK or flat.device.type == "cpu"):
+            # One native call does find -> plan -> host-map fetch -> scatter -> insert (cache_lookup_host); it
+            # leaves the plan to the code below only for an async insert or rows the host map lacks.
+            cache = cr.cache
+            cache.note_find(n)
+            with cr.writing():
+                (values, unique_keys, rows, in_source, index, misses, unique, source_hits, grouped,
+                 done) = torch.ops.hps.cache_lookup_host(
+                    cache.slot_keys, cache.digests, cache.scores, cache.values, cache.clock, flat,
+                    cache.policy_code, source, cr.insert_counts, threshold if async_ok else 2.0)
+                version = cr.version
+            t_collect = time.perf_counter()
+            lat["fused_lookup"].record(t_collect - start)
+            if misses and source >= 0:
+                self._host_tier.record_fetch(rt.tag, unique, source_hits)
+                stats.add_tier_hits(self._host_tier.name, source_hits)
+            stats.add(lookups=1, keys=n, cache_hits=n - misses, cache_misses=misses, unique_misses=unique)
+            if done:
+                lat["total"].record(time.perf_counter() - start)
+                return values
+        else:
+            with cr.reading():
+                values, found = cr.cache.find(flat)
+                version = cr.version
+            t_find = time.perf_counter()
+            lat["cache_find"].record(t_find - start)
+            # A large batch checks "all hit?" on the device first (one flag read) rather than copying every key to
+            # the host; a small one goes straight to collect_misses, whose one sync answers the same question.
+            if n > _DEVICE_ALL_HIT_CHECK and bool(found.all()):
+                stats.add(lookups=1, keys=n, cache_hits=n)
+                lat["total"].record(time.perf_counter() - start)
+                return values
+            num_buckets = cr.cache.num_buckets if learns else 0  # plan the keys in the cache's bucket order
+            unique_keys, rows, in_source, index, misses, unique, source_hits, grouped = torch.ops.hps.collect_misses(
+                flat, found, rt.dim, source, num_buckets)
+            t_collect = time.perf_counter()
+            lat["miss_compaction"].record(t_collect - t_find)
+            if misses and source >= 0:
+                self._host_tier.record_fetch(rt.tag, unique, source_hits)
+                stats.add_tier_hits(self._host_tier.name, source_hits)
+            stats.add(lookups=1, keys=n, cache_hits=n - misses, cache_misses=misses, unique_misses=unique)
+            if misses == 0:
+                lat["total"].record(time.perf_counter() - start)
+                return values
 
         hit_rate = 1.0 - misses / n
-        threshold = rt.cache_config.hit_rate_threshold
         if (learns and hit_rate >= threshold and cr.insert_worker is not None
                 and cr.pending_inserts < cr.max_pending_inserts):
             # HPS async mode: the current batch gets defaults for its misses; the insert worker fetches them.
@@ -444,11 +466,7 @@ class HierarchicalParameterServer:
             lat["total"].record(time.perf_counter() - start)
             return values
 
-        level = 0
-        if source >= 0:
-            self._host_tier.record_fetch(rt.tag, unique, source_hits)
-            stats.add_tier_hits(self._host_tier.name, source_hits)
-            level = 1
+        level = 1 if source >= 0 else 0
         if source_hits < unique:  # rows the host map lacks: the lower tiers, then the default vector
             missing = (~in_source).nonzero().squeeze(1)
             occurrences = torch.bincount(index[2 + misses:2 + 2 * misses], minlength=unique)

@@ -55,7 +55,9 @@ class LatencyRecorder:
         }
 
 
-STAGES = ("total", "cache_find", "miss_compaction", "tiers", "merge", "cache_insert")
+# fused_lookup: find + plan + host-map fetch + merge + insert of a small batch in one native call (cache_lookup_host);
+# the other stages time the same steps one by one (large GPU batches, and what a fused call leaves unfinished).
+STAGES = ("total", "fused_lookup", "cache_find", "miss_compaction", "tiers", "merge", "cache_insert")
 
 
 @dataclasses.dataclass

@@ -49,6 +49,11 @@
 //           CPU = [m, u, the m miss positions ascending, for each its index into unique_keys, unique_keys]
 //           (unique_keys is a view of its tail); then m, u, the number of keys found in `source`, and `grouped`.
 //           Host buffers are pinned when keys are on a GPU. With no miss: empty tensors, index = [0, 0].
+//  * cache_lookup_host(cache state, keys, policy, source, counts (4,), async_hit_rate): one small batch's cached
+//           lookup = cache_find, then collect_misses(num_buckets of the cache), then - when every distinct miss
+//           was in `source` and the hit rate is below async_hit_rate - apply_misses and cache_insert_grouped
+//           (counts added to). Returns out (n, D), collect_misses' outputs, and `done` (false: the plan was not
+//           applied; the caller finishes). At most 65,536 keys on a GPU.
 //  * apply_misses(out (n, D), index, rows (u, D) CPU) -> (unique_keys, rows) on out's device, and
 //           out[positions[j]] = rows[inverse[j]]. The plan is checked on the host first: a bad one raises and
 //           writes nothing.

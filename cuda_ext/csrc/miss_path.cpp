@@ -243,9 +243,54 @@ std::tuple<at::Tensor, at::Tensor> apply_misses(
   return {keys_d, rows_d};
 }
 
+// A small batch's whole cached lookup in one call, under the caller's write lock: find -> plan -> host-map fetch
+// -> (if every distinct miss was in the map and the batch is below the async threshold) copy back, scatter and
+// insert. What Python would do between these steps costs more on the GPU path than the steps themselves.
+// `done` false: the plan is returned unapplied (the caller serves defaults for an async insert, or asks the lower
+// tiers for what the map lacked, then applies it as after collect_misses).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int64_t, bool, bool>
+cache_lookup_host(at::Tensor& slot_keys, at::Tensor& digests, at::Tensor& scores, at::Tensor& values,
+                  at::Tensor& clock,
+                  const at::Tensor& keys,        // (n,) int32|int64 on the cache's device
+                  int64_t policy,
+                  int64_t source_handle,         // the table's host map, or -1
+                  at::Tensor& counts,            // (4,) int64 insert counters, added to
+                  double async_hit_rate) {       // a batch with at least this hit rate is left to the caller
+  using FindFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, at::Tensor&,
+                                                     const at::Tensor&, at::Tensor&, const at::Tensor&, int64_t);
+  static auto find = c10::Dispatcher::singleton().findSchemaOrThrow("hps::cache_find", "").typed<FindFn>();
+  using InsertFn = void(at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const at::Tensor&, at::Tensor&, int64_t);
+  static auto insert =
+      c10::Dispatcher::singleton().findSchemaOrThrow("hps::cache_insert_grouped", "").typed<InsertFn>();
+
+  at::Tensor out, found;
+  std::tie(out, found) = find.call(slot_keys, digests, scores, values, clock, keys, policy);
+  const int64_t n = keys.size(0);
+  TORCH_CHECK_VALUE(!keys.is_cuda() || n <= kHostPlanMaxKeys, "cache_lookup_host: at most ", kHostPlanMaxKeys,
+                    " keys per call on a GPU (larger batches go through collect_misses), found ", n);
+  const int64_t num_buckets = slot_keys.size(0) / kBucketSize;
+  auto [ukeys, rows, in_source, index, misses, unique, source_hits, grouped] =
+      collect_misses(keys, found, values.size(1), source_handle, num_buckets);
+  const bool done = misses == 0 ||
+                    (source_hits == unique && 1.0 - static_cast<double>(misses) / static_cast<double>(n) <
+                                                  async_hit_rate);
+  if (misses > 0 && done) {
+    auto [keys_d, rows_d] = apply_misses(out, index, rows);
+    insert.call(slot_keys, digests, scores, values, clock, keys_d, rows_d, counts, policy);
+  }
+  return std::make_tuple(out, ukeys, rows, in_source, index, misses, unique, source_hits, grouped, done);
+}
+
 }  // namespace
 
 void register_miss_path_ops(torch::Library& m) {
+  m.def(
+      "cache_lookup_host(Tensor(a!) slot_keys, Tensor(b!) digests, Tensor(c!) scores, Tensor(d!) values, "
+      "Tensor(e!) clock, Tensor keys, int policy, int source, Tensor(f!) counts, float async_hit_rate) -> "
+      "(Tensor out, Tensor unique_keys, Tensor rows, Tensor in_source, Tensor index, int misses, int unique, "
+      "int source_hits, bool grouped, bool done)",
+      &cache_lookup_host);
   m.def(
       "collect_misses(Tensor keys, Tensor found, int dim, int source, int num_buckets=0) -> "
       "(Tensor unique_keys, Tensor rows, Tensor in_source, Tensor index, int misses, int unique, int source_hits, "

@@ -200,3 +200,58 @@ def test_insert_grouped_rejects_keys_out_of_bucket_order_on_cpu():
     with pytest.raises(ValueError, match="non-decreasing bucket order"):
         c.insert_grouped(keys, torch.ones(keys.numel(), 4), counts)
     assert all(torch.equal(before[k], v) for k, v in c.state().items()) and not counts.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_cache_lookup_host_equals_the_steps_it_fuses(device, policy):
+    """cache_lookup_host = cache_find + collect_misses(num_buckets) + apply_misses + cache_insert_grouped: the same
+    output, cache state and counts as running those ops one by one, batch after batch (evictions included)."""
+    from hps_core.cache import EmbeddingCache
+
+    rng = np.random.default_rng(11)
+    table_keys = rng.choice(1 << 40, size=4000, replace=False).astype(np.int64)
+    m, _ = host_map(8, table_keys, rng)
+    fused, steps = (EmbeddingCache(64 * 8, 8, device=device, policy=policy) for _ in range(2))
+    c_fused, c_steps = (torch.zeros(4, dtype=torch.int64, device=device) for _ in range(2))
+    for _ in range(12):
+        keys = torch.from_numpy(table_keys[rng.zipf(1.3, size=600) % 4000]).to(device)
+        fused.note_find(keys.numel())
+        s = fused
+        out, *_, misses, unique, hits, grouped, done = torch.ops.hps.cache_lookup_host(
+            s.slot_keys, s.digests, s.scores, s.values, s.clock, keys, s.policy_code, m.handle(), c_fused, 2.0)
+        assert done and grouped and hits == unique
+        want, found = steps.find(keys)
+        _, rows, _, index, *_ = torch.ops.hps.collect_misses(keys, found, 8, m.handle(), steps.num_buckets)
+        k_d, r_d = torch.ops.hps.apply_misses(want, index, rows)
+        steps.insert_grouped(k_d, r_d, c_steps)
+        assert torch.equal(out.cpu(), want.cpu())
+        assert torch.equal(c_fused.cpu(), c_steps.cpu())
+        for name, t in fused.state().items():
+            assert torch.equal(t.cpu(), steps.state()[name].cpu()), name
+    assert c_fused[2] > 0  # evictions happened
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cache_lookup_host_leaves_unfinished_plans_to_the_caller(device):
+    """Rows missing from the map, or a hit rate at/above async_hit_rate: nothing inserted, plan returned."""
+    from hps_core.cache import EmbeddingCache
+
+    rng = np.random.default_rng(12)
+    m, _ = host_map(4, np.arange(100), rng)
+    c = EmbeddingCache(64, 4, device=device)
+    counts = torch.zeros(4, dtype=torch.int64, device=device)
+    st = [c.slot_keys, c.digests, c.scores, c.values, c.clock]
+    keys = torch.tensor([5, 7, 500, 5], device=device)  # 500 is not in the map
+    out, ukeys, rows, in_source, index, misses, unique, hits, _, done = torch.ops.hps.cache_lookup_host(
+        *st, keys, c.policy_code, m.handle(), counts, 2.0)
+    assert not done and (misses, unique, hits) == (4, 3, 2) and in_source.tolist() == [True, True, False]
+    assert c.size() == 0 and not counts.any() and not out.any()
+    keys = torch.tensor([5, 7], device=device)
+    *_, misses, unique, hits, _, done = torch.ops.hps.cache_lookup_host(*st, keys, c.policy_code, m.handle(), counts,
+                                                                       0.0)  # any hit rate >= 0: async
+    assert not done and misses == 2 and c.size() == 0
+    *_, done = torch.ops.hps.cache_lookup_host(*st, keys, c.policy_code, m.handle(), counts, 2.0)
+    assert done and c.size() == 2 and counts[0] == 2
+    out, *_, misses, unique, hits, _, done = torch.ops.hps.cache_lookup_host(*st, keys, c.policy_code, -1, counts, 2.0)
+    assert done and misses == 0 and torch.equal(out.cpu(), c.find(keys)[0].cpu())
