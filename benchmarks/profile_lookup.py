@@ -23,6 +23,9 @@ def main() -> int:
     ap.add_argument("--threshold", type=float, default=1.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--torch-profiler", metavar="TRACE_JSON", default=None,
+                    help="profile 50 lookups with torch.profiler instead (CUDA API calls, kernels, copies); print the "
+                         "table and write a chrome trace here")
     args = ap.parse_args()
     rows, n = 630_000, 2000
     with tempfile.TemporaryDirectory() as tmp:
@@ -33,6 +36,19 @@ def main() -> int:
                    for _ in range(args.iters + 100)]
         for q in queries[:100]:
             hps.lookup("m", "t", q)
+        if args.torch_profiler:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+            with profile(activities=activities) as tprof:
+                for q in queries[100:150]:
+                    hps.lookup("m", "t", q)
+                    if args.device == "cuda":
+                        torch.cuda.synchronize()
+            hps.close()
+            print(tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+            tprof.export_chrome_trace(args.torch_profiler)
+            return 0
         prof = cProfile.Profile()
         prof.enable()
         for q in queries[100:]:
