@@ -51,5 +51,11 @@ cuda-build-check: $(CUDA_VENV)/.installed
 	  $(CUDA_VENV)/bin/python setup.py -q build_ext --build-lib build/cuda-check/lib --build-temp build/cuda-check/tmp
 	@ls build/cuda-check/lib/hps_core/_C*.so && cat build/cuda-check/lib/hps_core/_build_info.py
 
+# The benchmark suite at CPU size, recorded into benchmarks/results/suite_cpu/<bench>/ (a few minutes on 2 cores;
+# index: benchmarks/results/README.md).
+bench-cpu: build
+	for b in lookup_cpu hit_rate tiers dlrm_cpu; do \
+	  $(PY) -m benchmarks.run bench=$$b out_dir=benchmarks/results/suite_cpu/$${b%_cpu} || exit 1; done
+
 clean:
 	rm -rf build hps_core/_C*.so hps_core/_build_info.py

@@ -14,35 +14,16 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import tempfile
-import time
 
 import numpy as np
 import torch
 
+from benchmarks.common import commit, cpu_model, median_ms, zipf_ranks
 from hps_core.engine import HierarchicalParameterServer
 from hps_core.tables import write_table
 
 BATCH = 1024 * 26
-
-
-def median_ms(fn, calls: list, warmup: int = 3) -> float:
-    for args in calls[:warmup]:
-        fn(*args)
-    times = []
-    for args in calls:
-        t0 = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
-
-
-def zipf_ranks(rng, alpha: float, n: int, rows: int) -> np.ndarray:
-    weights = np.arange(1, rows + 1, dtype=np.float64) ** -alpha
-    cdf = np.cumsum(weights)
-    cdf /= cdf[-1]
-    return np.searchsorted(cdf, rng.random(n), side="right").clip(0, rows - 1)
 
 
 def run(rows: int, dims: list[int], rounds: int) -> dict:
@@ -92,11 +73,8 @@ def main() -> None:
     args = ap.parse_args()
     res = run(args.rows, [16, 128], args.rounds)
 
-    def sh(cmd):
-        return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
-
     res["env"] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "commit": sh("git rev-parse --short HEAD"), "cpu": sh("lscpu | grep 'Model name' | head -1"),
+                  "commit": commit(), "cpu": cpu_model(),
                   "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                   "rows": args.rows, "load_average": os.getloadavg()}
     with open(args.out, "w") as f:

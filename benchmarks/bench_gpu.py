@@ -29,7 +29,8 @@ import traceback
 import numpy as np
 import torch
 
-from benchmarks.common import DLRM_KEYS, commit, cpu_model, cuda_time_ms, gpu_info, write_synthetic_table, zipf_ranks  # noqa: F401
+from benchmarks.common import (DLRM_KEYS, commit, cpu_model, cuda_time_ms, gpu_info, write_synthetic_table,
+                               zipf_ranks)
 
 
 def env_info() -> dict:
@@ -186,6 +187,11 @@ def bench_p3(quick: bool) -> dict:
             res[f"host_mapped_gather_{strategy}"] = {"rows": n, "dim": dim, "time": t, "equal": ok,
                                                     "useful_gbs": n * dim * 4 / t["median_ms"] / 1e6,
                                                     "cpu_threads": torch.get_num_threads()}
+        # the same zero-copy kernel on consecutive rows: separates "random rows" from "zero-copy reads" as the limit
+        seq = torch.arange(n, device="cuda") % rows
+        t = cuda_time_ms(lambda: gather_rows(host, seq, "zero_copy"))
+        res["host_mapped_gather_consecutive_rows_zero_copy"] = {"time": t,
+                                                                "useful_gbs": n * dim * 4 / t["median_ms"] / 1e6}
         # baseline in the same run: pinned H2D copy of the same bytes, contiguous
         staging = torch.empty(n, dim).pin_memory()
         dst = torch.empty(n, dim, device="cuda")
@@ -203,6 +209,18 @@ def bench_p3(quick: bool) -> dict:
         for q in qs[:2]:
             hps.lookup("m", "t", q)
         torch.cuda.synchronize()
+        # the miss path's host half alone: planning only (no source) and planning + host-map fetch
+        none_found = torch.zeros(tn, dtype=torch.bool, device="cuda")
+        handle = hps.tiers[0].map_handle(hps.table("m", "t").tag)
+        split = {}
+        for name, src in (("plan_only", -1), ("plan_and_fetch", handle)):
+            times = []
+            for q in qs[2:]:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                torch.ops.hps.collect_misses(q, none_found, dim, src)
+                times.append(time.perf_counter() - t0)
+            split[f"{name}_ms"] = float(np.median(times) * 1e3)
         t0 = time.perf_counter()
         for q in qs[2:]:
             hps.lookup("m", "t", q)
@@ -210,7 +228,7 @@ def bench_p3(quick: bool) -> dict:
         dt = (time.perf_counter() - t0) / 4
         s = hps.stats()["models"]["m"]["t"]["cuda:0"]
         hps.close()
-    res["tier_path"] = {"keys_per_call": tn, "dim": dim, "ms_per_call": dt * 1e3,
+    res["tier_path"] = {"keys_per_call": tn, "dim": dim, "ms_per_call": dt * 1e3, "collect_misses_split": split,
                         "useful_gbs": tn * dim * 4 / dt / 1e9, "hit_rate": s["hit_rate"],
                         "stage_latency": s["latency"]}
     return res

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks._env import machine_info
+from benchmarks.common import machine_info
 from hps_core.tiers.host_memory import HostMemoryTier
 
 TAG = "hps_et.bench.t0"

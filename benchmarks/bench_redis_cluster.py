@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import logging
 import os
 import pathlib
 import platform
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,19 +32,11 @@ import torch
 from redis.cluster import ClusterNode, RedisCluster
 
 import hps_core
+from benchmarks.common import redis_fixture
 from hps_core.tables import open_table, write_table
 from hps_core.tiers.redis_cluster import RedisClusterTier, partition_of
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _fixture_module():
-    """The test harness that starts a real cluster (tests/tiers/redis_fixture.py), reused here."""
-    spec = importlib.util.spec_from_file_location("redis_fixture", ROOT / "tests" / "tiers" / "redis_fixture.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["redis_fixture"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def machine_info() -> dict:
@@ -368,7 +358,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out-dir", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    fx = _fixture_module()
+    fx = redis_fixture()
     user, password = "hps_bench", "bench-" + os.urandom(6).hex()
     data: dict = {"machine": machine_info(), "params": {
         "rows": args.rows, "batch": args.batch, "iters": args.iters, "num_partitions": args.num_partitions,

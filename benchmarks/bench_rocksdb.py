@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks._env import machine_info
+from benchmarks.common import machine_info
 from hps_core.tables import write_table
 from hps_core.tiers.rocksdb import RocksDBTier
 

@@ -2,7 +2,11 @@
 # One call on the GPU machine (the `device` tool): build the CUDA variant, run the CUDA tests, run the GPU
 # benchmarks, leave logs and results under $OUT. Carry `.whl` (omegaconf, hydra-core, antlr4, rocksdict for
 # Python 3.12 - see benchmarks/README or the issue notes) so the engine imports there.
-#   usage (from the repo root on the device): bash benchmarks/device_run.sh [pytest|bench|all] [bench_gpu args...]
+#   usage (from the repo root on the device): bash benchmarks/device_run.sh [pytest|bench|all|suite|multi_gpu] [args...]
+#          bash benchmarks/device_run.sh suite      the Hydra suite at GPU size: bench=lookup then bench=dlrm
+#            (results.json/.md + PNGs under $OUT/suite/<bench>/; extra overrides via LOOKUP_ARGS / DLRM_ARGS,
+#            default max_wall_s=300 / 240; which benches via SUITE="lookup dlrm" - one bench per call keeps each
+#            call well inside 10 minutes; HPS_COMMIT=<hash> records the commit: the copy has no .git)
 set -uo pipefail
 what=${1:-all}
 shift || true
@@ -34,4 +38,24 @@ fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 -m benchmarks.bench_gpu --out "$OUT/gpu_results.json" "$@" 2>&1 | tee "$OUT/bench.log" | cut -c1-400
   echo "[device] bench done after $(( $(date +%s) - start )) s"
+fi
+if [ "$what" = suite ]; then
+  export HPS_BENCH_TMP=${HPS_BENCH_TMP:-/tmp}
+  for b in ${SUITE:-lookup dlrm}; do
+    # max_wall_s: stop starting new cases in time to write the results inside the machine's 10-minute limit
+    case $b in lookup) extra=${LOOKUP_ARGS:-max_wall_s=300};; dlrm) extra=${DLRM_ARGS:-max_wall_s=240};;
+      *) extra=;; esac
+    # shellcheck disable=SC2086  # the overrides are words on purpose
+    python3 -m benchmarks.run bench=$b device=cuda out_dir="$OUT/suite/$b" "hydra.run.dir=$OUT/suite/$b/hydra" \
+      $extra 2>&1 | tee "$OUT/suite_$b.log" | grep -v '^\[.*INFO\]' | cut -c1-300
+    echo "[device] suite $b rc=${PIPESTATUS[0]} after $(( $(date +%s) - start )) s"
+  done
+fi
+if [ "$what" = multi_gpu ]; then
+  # issue 8: the multi-device tests (cpu+cuda:0 on one GPU, cuda:0+cuda:1 on two) and the scaling benchmark;
+  # pass --gpus 0 (one GPU) or --gpus 0,1 (the nvidia-h200-x2 kind).
+  python3 -m pytest -m cuda -q -p no:cacheprovider tests/engine/test_multi_device.py --timeout 600 2>&1 \
+    | tee "$OUT/pytest_multi_device.log" | tail -15
+  python3 -m benchmarks.bench_multi_gpu --out "$OUT/multi_gpu.json" "$@" 2>&1 | tee "$OUT/multi_gpu.log" | cut -c1-400
+  echo "[device] multi_gpu done after $(( $(date +%s) - start )) s"
 fi
