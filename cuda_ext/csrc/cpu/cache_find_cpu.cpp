@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "cpu/cache_cpu_common.h"
+#include "cpu/row_copy.h"
 
 namespace hps {
 namespace {
@@ -58,6 +59,7 @@ std::tuple<at::Tensor, at::Tensor> cache_find_cpu(const at::Tensor& slot_keys, c
   float* o = out.data_ptr<float>();
   bool* f = found.data_ptr<bool>();
   const size_t row_bytes = static_cast<size_t>(dim) * sizeof(float);
+  const bool streaming = cpu::use_streaming_stores(o, n, dim);  // a large output: skip read-for-ownership
 
   AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "cache_find_cpu", [&] {
     const index_t* kp = keys.data_ptr<index_t>();
@@ -101,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> cache_find_cpu(const at::Tensor& slot_keys, c
             std::memset(o + m * dim, 0, row_bytes);
             continue;
           }
-          std::memcpy(o + m * dim, val + s * dim, row_bytes);
+          cpu::copy_row_out(o + m * dim, val + s * dim, dim, streaming);
           if (lru) {
             __atomic_store_n(sc + s, lru_score, __ATOMIC_RELAXED);
           } else {
@@ -109,6 +111,7 @@ std::tuple<at::Tensor, at::Tensor> cache_find_cpu(const at::Tensor& slot_keys, c
           }
         }
       }
+      if (streaming) cpu::streaming_fence();  // this task's streamed rows visible before the join
     });
   });
   return {out, found};

@@ -60,6 +60,7 @@
 
 #include "cache_layout.h"
 #include "checks.h"
+#include "cpu/row_copy.h"
 
 namespace hps {
 namespace host_map_detail {
@@ -78,7 +79,6 @@ constexpr int64_t kRowRing = 16;  // > kRowPrefetchDistance, power of two
 constexpr int64_t kMaxPrefetchBytes = 1024;
 constexpr int64_t kFetchChunk = 2048;             // keys per work item of a fetch
 constexpr int64_t kKeepScratchKeys = int64_t(1) << 18;  // calls up to this size reuse per-thread buffers
-constexpr int64_t kStreamMinBytes = int64_t(1) << 20;   // outputs this large are written with streaming stores
 
 #pragma pack(push, 4)
 struct Slot {
@@ -131,25 +131,6 @@ inline void free_bytes(void* p, uint64_t bytes) {
 
 inline uint64_t home_slot(uint64_t h, uint64_t cap) {
   return static_cast<uint64_t>((static_cast<unsigned __int128>(h) * cap) >> 64);
-}
-
-// A row into the output. Streaming (non-temporal) stores when the caller says so: a large fetched batch is
-// written once and read later by someone else, so first reading its lines into the cache (read-for-ownership)
-// only costs memory bandwidth, the scarce resource of a gather (measured ~1.4x fetch throughput at dim 128).
-inline void copy_row_out(float* dst, const float* src, int64_t dim, bool streaming) {
-#if defined(__SSE2__)
-  if (streaming) {  // dst is 64-byte aligned and dim * 4 a multiple of 64: whole lines, no partial flushes
-    for (int64_t c = 0; c < dim; c += 4) _mm_stream_ps(dst + c, _mm_loadu_ps(src + c));
-    return;
-  }
-#endif
-  std::memcpy(dst, src, static_cast<size_t>(dim) * sizeof(float));
-}
-
-inline void streaming_fence() {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
 }
 
 // Run fn(c) for c in [0, num_chunks) on the intra-op threads, handing out chunks dynamically (a shared counter)
@@ -584,8 +565,7 @@ void HostHashMap::fetch_into(const at::Tensor& keys_in, at::Tensor& out, at::Ten
   const size_t row_bytes = static_cast<size_t>(dim) * sizeof(float);
   const int64_t prefetch_bytes = std::min<int64_t>(row_bytes, host_map_detail::kMaxPrefetchBytes);
   const int64_t policy = overflow_policy_;
-  const bool streaming = row_bytes % 64 == 0 && reinterpret_cast<uintptr_t>(op) % 64 == 0 &&
-                         n * static_cast<int64_t>(row_bytes) >= host_map_detail::kStreamMinBytes;
+  const bool streaming = cpu::use_streaming_stores(op, n, dim);
   constexpr int64_t kSlotAhead = host_map_detail::kSlotPrefetchDistance;
   constexpr int64_t kRowAhead = host_map_detail::kRowPrefetchDistance;
   constexpr int64_t kRingMask = host_map_detail::kRowRing - 1;
@@ -633,7 +613,7 @@ void HostHashMap::fetch_into(const at::Tensor& keys_in, at::Tensor& out, at::Ten
               fp[i] = false;
               continue;
             }
-            host_map_detail::copy_row_out(op + i * dim, part.row_values(r), dim, streaming);
+            cpu::copy_row_out(op + i * dim, part.row_values(r), dim, streaming);
             fp[i] = true;
             if (policy == kEvictLeastUsed) {
               // NOTE: GCC atomic builtins, not std::atomic_ref: the GPU machine's torch builds as C++17.
@@ -649,7 +629,7 @@ void HostHashMap::fetch_into(const at::Tensor& keys_in, at::Tensor& out, at::Ten
         }
       },
       [&] {
-        if (streaming) host_map_detail::streaming_fence();  // streamed rows visible before the join
+        if (streaming) cpu::streaming_fence();  // streamed rows visible before the join
       });
 }
 
