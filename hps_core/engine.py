@@ -7,7 +7,14 @@ Lookup path of one call (DESIGN.md):
   (synchronous, or queued to the cache's insert worker when the batch hit rate >= hit_rate_threshold:
   HPS semantics, where the current batch then gets the default vector for its misses).
 
-Nothing below the engine calls back up: tiers know nothing of caches, caches nothing of tiers.
+Where it runs: a small batch (<= 65,536 keys on a GPU; any CPU batch) of a learning cache goes through one native
+call, `hps::cache_lookup_host` (find, the miss plan with its one host sync, the host-memory tier's fetch, scatter,
+insert); it hands back to Python only what it cannot finish (an async insert, rows the host map lacks: the lower
+tiers). A large GPU batch runs the same steps as separate ops (find, an "all hit?" flag, `collect_misses` planning on
+the device, `apply_misses`, insert). cuda_ext/csrc/miss_path.cpp holds the native half.
+
+Nothing below the engine calls back up: tiers know nothing of caches, caches nothing of tiers (the engine hands the
+host map's handle to the native miss path; the map itself stays the tier's).
 """
 
 from __future__ import annotations
