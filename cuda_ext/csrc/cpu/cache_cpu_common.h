@@ -99,53 +99,15 @@ inline int64_t check_cpu_state(const at::Tensor& slot_keys, const at::Tensor& di
   return check_cache_state(slot_keys, digests, scores, values, clock);
 }
 
-// For the ops that take only part of the state (contains, assign, erase, export_batch, size): the same
-// dtype/shape/device checks on the tensors they do take. Returns num_buckets.
+// The partial-state checks of cache_state.h plus "on the CPU" (for ops that take only part of the state).
 inline int64_t check_cpu_digests(const at::Tensor& digests) {
   HPS_CHECK_CPU(digests);
-  HPS_CHECK_DTYPE(digests, at::kByte);
-  HPS_CHECK_DIM(digests, 1);
-  HPS_CHECK_CONTIGUOUS(digests);
-  const int64_t slots = digests.size(0);
-  TORCH_CHECK_VALUE(slots > 0 && slots % kBucketSize == 0, "cache slot count must be a positive multiple of ",
-                    kBucketSize, ", found ", slots);
-  return slots / kBucketSize;
+  return check_digests(digests);
 }
 
 inline int64_t check_cpu_keys_digests(const at::Tensor& slot_keys, const at::Tensor& digests) {
   HPS_CHECK_CPU(slot_keys);
-  HPS_CHECK_DTYPE(slot_keys, at::kLong);
-  HPS_CHECK_DIM(slot_keys, 1);
-  HPS_CHECK_CONTIGUOUS(slot_keys);
-  HPS_CHECK_SAME_DEVICE(digests, slot_keys);
-  const int64_t num_buckets = check_cpu_digests(digests);
-  TORCH_CHECK_VALUE(slot_keys.size(0) == digests.size(0), "slot_keys must have shape (", digests.size(0),
-                    ",), found ", slot_keys.sizes());
-  return num_buckets;
-}
-
-inline void check_cpu_values(const at::Tensor& values, const at::Tensor& slot_keys) {
-  HPS_CHECK_DTYPE(values, at::kFloat);
-  HPS_CHECK_DIM(values, 2);
-  HPS_CHECK_CONTIGUOUS(values);
-  HPS_CHECK_SAME_DEVICE(values, slot_keys);
-  TORCH_CHECK_VALUE(values.size(0) == slot_keys.size(0), "values must have ", slot_keys.size(0), " rows, found ",
-                    values.size(0));
-}
-
-inline void check_cpu_scores(const at::Tensor& scores, const at::Tensor& digests) {
-  HPS_CHECK_DTYPE(scores, at::kInt);
-  HPS_CHECK_CONTIGUOUS(scores);
-  HPS_CHECK_SAME_DEVICE(scores, digests);
-  TORCH_CHECK_VALUE(scores.dim() == 1 && scores.size(0) == digests.size(0), "scores must have shape (",
-                    digests.size(0), ",), found ", scores.sizes());
-}
-
-inline void check_cpu_clock(const at::Tensor& clock, const at::Tensor& scores) {
-  HPS_CHECK_DTYPE(clock, at::kLong);
-  HPS_CHECK_CONTIGUOUS(clock);
-  HPS_CHECK_SAME_DEVICE(clock, scores);
-  TORCH_CHECK_VALUE(clock.numel() == 1, "clock must hold one element, found shape ", clock.sizes());
+  return check_keys_digests(slot_keys, digests);
 }
 
 }  // namespace cpu

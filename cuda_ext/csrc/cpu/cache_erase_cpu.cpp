@@ -21,7 +21,7 @@ at::Tensor cache_erase_cpu(const at::Tensor& slot_keys,  // (S,) int64
                            const at::Tensor& keys)       // (n,) int32|int64
 {
   const int64_t num_buckets = cpu::check_cpu_keys_digests(slot_keys, digests);
-  cpu::check_cpu_scores(scores, digests);
+  check_scores(scores, digests);
   check_query_keys(keys, slot_keys);
   at::Tensor count = at::zeros({}, slot_keys.options());  // 0-d: slots freed
   const int64_t n = keys.size(0);
@@ -54,8 +54,8 @@ at::Tensor cache_erase_cpu(const at::Tensor& slot_keys,  // (S,) int64
 // clear: every slot empty, scores and clock zero; keys and rows are left (meaningless once the digest is empty).
 void cache_clear_cpu(at::Tensor& digests, at::Tensor& scores, at::Tensor& clock) {
   cpu::check_cpu_digests(digests);
-  cpu::check_cpu_scores(scores, digests);
-  cpu::check_cpu_clock(clock, scores);
+  check_scores(scores, digests);
+  check_clock(clock, scores);
   digests.zero_();
   scores.zero_();
   clock.zero_();
@@ -69,7 +69,7 @@ void cache_decay_cpu(at::Tensor& scores, at::Tensor& clock, int64_t policy) {
   HPS_CHECK_DTYPE(scores, at::kInt);
   HPS_CHECK_DIM(scores, 1);
   HPS_CHECK_CONTIGUOUS(scores);
-  cpu::check_cpu_clock(clock, scores);
+  check_clock(clock, scores);
   check_policy(policy);
   int32_t* sc = scores.data_ptr<int32_t>();
   at::parallel_for(0, scores.numel(), 1 << 16, [&](int64_t begin, int64_t end) {

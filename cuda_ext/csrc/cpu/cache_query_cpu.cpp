@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_export_batch_cpu(const at::
                                                                       const at::Tensor& values,     // (S, D) f32
                                                                       int64_t start, int64_t end) {
   cpu::check_cpu_keys_digests(slot_keys, digests);
-  cpu::check_cpu_values(values, slot_keys);
+  check_values(values, slot_keys);
   const int64_t slots = slot_keys.size(0);
   TORCH_CHECK_VALUE(0 <= start && start <= end && end <= slots, "export_batch needs 0 <= start <= end <= slots (",
                     slots, "), found start=", start, ", end=", end);

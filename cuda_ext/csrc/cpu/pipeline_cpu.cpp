@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "pipeline_checks.h"
 
 // NOTE: bag_reduce must not contract w * v + acc into an FMA (the CUDA twin rounds the product and the sum
 // separately). x86-64 builds without -mfma never contract; this keeps it so under -march=native or on aarch64.
@@ -39,13 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_misses_cpu(
     const at::Tensor& keys,    // (n,) int32|int64
     const at::Tensor& found) {  // (n,) bool
   HPS_CHECK_CPU(keys);
-  HPS_CHECK_KEY_DTYPE(keys);
-  HPS_CHECK_DIM(keys, 1);
-  HPS_CHECK_DTYPE(found, at::kBool);
-  HPS_CHECK_DIM(found, 1);
-  HPS_CHECK_SAME_DEVICE(found, keys);
-  TORCH_CHECK_VALUE(found.size(0) == keys.size(0), "found must have shape (", keys.size(0), ",), found ",
-                    found.sizes());
+  check_keys_found(keys, found);
   const int64_t n = keys.size(0);
   const auto opts = keys.options().dtype(at::kLong);
   at::Tensor unique_keys = at::zeros({n}, opts);  // (n,) int64, first counts[1] valid
@@ -89,22 +84,7 @@ void scatter_rows_cpu(at::Tensor& out,               // (n, D) float32, rows at 
                       const at::Tensor& rows,        // (u, D) float32
                       const at::Tensor& counts) {    // (2,) int64: [misses, unique]
   HPS_CHECK_CPU(out);
-  HPS_CHECK_DTYPE(out, at::kFloat);
-  HPS_CHECK_DIM(out, 2);
-  HPS_CHECK_CONTIGUOUS(out);
-  HPS_CHECK_DTYPE(rows, at::kFloat);
-  HPS_CHECK_DIM(rows, 2);
-  HPS_CHECK_DTYPE(positions, at::kLong);
-  HPS_CHECK_DIM(positions, 1);
-  HPS_CHECK_DTYPE(inverse, at::kLong);
-  HPS_CHECK_DIM(inverse, 1);
-  HPS_CHECK_DTYPE(counts, at::kLong);
-  for (const at::Tensor* t : {&positions, &inverse, &rows, &counts}) HPS_CHECK_SAME_DEVICE(*t, out);
-  TORCH_CHECK_VALUE(counts.dim() == 1 && counts.size(0) == 2, "counts must have shape (2,), found ", counts.sizes());
-  TORCH_CHECK_VALUE(inverse.size(0) == positions.size(0), "inverse must have shape (", positions.size(0),
-                    ",) like positions, found ", inverse.sizes());
-  TORCH_CHECK_VALUE(rows.size(1) == out.size(1), "rows dim must equal out dim ", out.size(1), ", found ",
-                    rows.size(1));
+  check_scatter_rows_args(out, positions, inverse, rows, counts);
   const at::Tensor cnt = counts.contiguous();
   const int64_t m = cnt.data_ptr<int64_t>()[0];
   TORCH_CHECK_VALUE(m >= 0 && m <= positions.size(0), "counts[0] (misses) must be in [0, ", positions.size(0),
@@ -135,22 +115,8 @@ at::Tensor bag_reduce_cpu(const at::Tensor& values,                  // (n, D) f
                           const std::optional<at::Tensor>& weights_opt,  // (n,) float32 or None
                           int64_t mode) {                            // 0 sum, 1 mean, 2 sqrtn
   HPS_CHECK_CPU(values);
-  HPS_CHECK_DTYPE(values, at::kFloat);
-  HPS_CHECK_DIM(values, 2);
-  HPS_CHECK_DTYPE(offsets, at::kLong);
-  HPS_CHECK_DIM(offsets, 1);
-  HPS_CHECK_SAME_DEVICE(offsets, values);
-  TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "mode must be 0 (sum), 1 (mean) or 2 (sqrtn), found ", mode);
-  TORCH_CHECK_VALUE(offsets.size(0) >= 1, "offsets must have B + 1 >= 1 entries, found shape ", offsets.sizes());
+  const bool has_w = check_bag_reduce_args(values, offsets, weights_opt, mode);
   const int64_t n = values.size(0);
-  const bool has_w = weights_opt.has_value() && weights_opt->defined();
-  if (has_w) {
-    const at::Tensor& weights = *weights_opt;
-    HPS_CHECK_DTYPE(weights, at::kFloat);
-    HPS_CHECK_DIM(weights, 1);
-    HPS_CHECK_SAME_DEVICE(weights, values);
-    TORCH_CHECK_VALUE(weights.size(0) == n, "weights must have shape (", n, ",), found ", weights.sizes());
-  }
   const at::Tensor off = offsets.contiguous();
   const int64_t* op = off.data_ptr<int64_t>();
   const int64_t bags = off.size(0) - 1;

@@ -29,7 +29,7 @@ constexpr int32_t kScoreMin = std::numeric_limits<int32_t>::min();
 static_assert(kBucketSize == kWarp, "the CUDA kernels map one bucket slot to one lane of a warp");
 
 // ----------------------------------------------------------------------------------------------------------------
-// Input checks (host side). Same dtype/shape/contiguity rules and messages as the CPU twins, plus "on CUDA".
+// Input checks (host side): cache_state.h's, plus "on CUDA".
 
 inline int64_t check_cuda_state(const at::Tensor& slot_keys, const at::Tensor& digests, const at::Tensor& scores,
                                 const at::Tensor& values, const at::Tensor& clock) {
@@ -39,49 +39,12 @@ inline int64_t check_cuda_state(const at::Tensor& slot_keys, const at::Tensor& d
 
 inline int64_t check_cuda_digests(const at::Tensor& digests) {
   HPS_CHECK_CUDA(digests);
-  HPS_CHECK_DTYPE(digests, at::kByte);
-  HPS_CHECK_DIM(digests, 1);
-  HPS_CHECK_CONTIGUOUS(digests);
-  const int64_t slots = digests.size(0);
-  TORCH_CHECK_VALUE(slots > 0 && slots % kBucketSize == 0, "cache slot count must be a positive multiple of ",
-                    kBucketSize, ", found ", slots);
-  return slots / kBucketSize;
+  return check_digests(digests);
 }
 
 inline int64_t check_cuda_keys_digests(const at::Tensor& slot_keys, const at::Tensor& digests) {
   HPS_CHECK_CUDA(slot_keys);
-  HPS_CHECK_DTYPE(slot_keys, at::kLong);
-  HPS_CHECK_DIM(slot_keys, 1);
-  HPS_CHECK_CONTIGUOUS(slot_keys);
-  HPS_CHECK_SAME_DEVICE(digests, slot_keys);
-  const int64_t num_buckets = check_cuda_digests(digests);
-  TORCH_CHECK_VALUE(slot_keys.size(0) == digests.size(0), "slot_keys must have shape (", digests.size(0),
-                    ",), found ", slot_keys.sizes());
-  return num_buckets;
-}
-
-inline void check_cuda_values(const at::Tensor& values, const at::Tensor& slot_keys) {
-  HPS_CHECK_DTYPE(values, at::kFloat);
-  HPS_CHECK_DIM(values, 2);
-  HPS_CHECK_CONTIGUOUS(values);
-  HPS_CHECK_SAME_DEVICE(values, slot_keys);
-  TORCH_CHECK_VALUE(values.size(0) == slot_keys.size(0), "values must have ", slot_keys.size(0), " rows, found ",
-                    values.size(0));
-}
-
-inline void check_cuda_scores(const at::Tensor& scores, const at::Tensor& digests) {
-  HPS_CHECK_DTYPE(scores, at::kInt);
-  HPS_CHECK_CONTIGUOUS(scores);
-  HPS_CHECK_SAME_DEVICE(scores, digests);
-  TORCH_CHECK_VALUE(scores.dim() == 1 && scores.size(0) == digests.size(0), "scores must have shape (",
-                    digests.size(0), ",), found ", scores.sizes());
-}
-
-inline void check_cuda_clock(const at::Tensor& clock, const at::Tensor& scores) {
-  HPS_CHECK_DTYPE(clock, at::kLong);
-  HPS_CHECK_CONTIGUOUS(clock);
-  HPS_CHECK_SAME_DEVICE(clock, scores);
-  TORCH_CHECK_VALUE(clock.numel() == 1, "clock must hold one element, found shape ", clock.sizes());
+  return check_keys_digests(slot_keys, digests);
 }
 
 // Blocks for a warp-per-item kernel over `items` (> 0) items. The kernels loop grid-stride, so the cap only

@@ -66,7 +66,7 @@ at::Tensor cache_erase_cuda(const at::Tensor& slot_keys,  // (S,) int64
                             const at::Tensor& keys)       // (n,) int32|int64
 {
   const int64_t num_buckets = check_cuda_keys_digests(slot_keys, digests);
-  check_cuda_scores(scores, digests);
+  check_scores(scores, digests);
   check_query_keys(keys, slot_keys);
   const c10::cuda::CUDAGuard guard(slot_keys.device());
   at::Tensor count = at::zeros({}, slot_keys.options());  // 0-d: slots freed
@@ -89,8 +89,8 @@ at::Tensor cache_erase_cuda(const at::Tensor& slot_keys,  // (S,) int64
 // clear: every slot empty, scores and clock zero; keys and rows are left (meaningless once the digest is empty).
 void cache_clear_cuda(at::Tensor& digests, at::Tensor& scores, at::Tensor& clock) {
   check_cuda_digests(digests);
-  check_cuda_scores(scores, digests);
-  check_cuda_clock(clock, scores);
+  check_scores(scores, digests);
+  check_clock(clock, scores);
   const c10::cuda::CUDAGuard guard(digests.device());
   digests.zero_();  // memsets on the current stream
   scores.zero_();
@@ -112,7 +112,7 @@ void cache_decay_cuda(at::Tensor& scores, at::Tensor& clock, int64_t policy) {
   HPS_CHECK_DTYPE(scores, at::kInt);
   HPS_CHECK_DIM(scores, 1);
   HPS_CHECK_CONTIGUOUS(scores);
-  check_cuda_clock(clock, scores);
+  check_clock(clock, scores);
   check_policy(policy);
   const c10::cuda::CUDAGuard guard(scores.device());
   const int64_t slots = scores.numel();

@@ -122,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_export_batch_cuda(const at:
                                                                        const at::Tensor& values,     // (S, D) f32
                                                                        int64_t start, int64_t end) {
   check_cuda_keys_digests(slot_keys, digests);
-  check_cuda_values(values, slot_keys);
+  check_values(values, slot_keys);
   const int64_t slots = slot_keys.size(0);
   TORCH_CHECK_VALUE(0 <= start && start <= end && end <= slots, "export_batch needs 0 <= start <= end <= slots (",
                     slots, "), found start=", start, ", end=", end);

@@ -27,6 +27,7 @@
 #include <optional>
 
 #include "cuda/cache_cuda_common.cuh"
+#include "pipeline_checks.h"
 
 namespace hps {
 namespace {
@@ -78,13 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_misses_cuda(
     const at::Tensor& keys,     // (n,) int32|int64
     const at::Tensor& found) {  // (n,) bool
   HPS_CHECK_CUDA(keys);
-  HPS_CHECK_KEY_DTYPE(keys);
-  HPS_CHECK_DIM(keys, 1);
-  HPS_CHECK_DTYPE(found, at::kBool);
-  HPS_CHECK_DIM(found, 1);
-  HPS_CHECK_SAME_DEVICE(found, keys);
-  TORCH_CHECK_VALUE(found.size(0) == keys.size(0), "found must have shape (", keys.size(0), ",), found ",
-                    found.sizes());
+  check_keys_found(keys, found);
   const c10::cuda::CUDAGuard guard(keys.device());
   const int64_t n = keys.size(0);
   const auto opts = keys.options().dtype(at::kLong);
@@ -148,22 +143,7 @@ void scatter_rows_cuda(at::Tensor& out,              // (n, D) float32, rows at 
                        const at::Tensor& rows,       // (u, D) float32
                        const at::Tensor& counts) {   // (2,) int64: [misses, unique]
   HPS_CHECK_CUDA(out);
-  HPS_CHECK_DTYPE(out, at::kFloat);
-  HPS_CHECK_DIM(out, 2);
-  HPS_CHECK_CONTIGUOUS(out);
-  HPS_CHECK_DTYPE(rows, at::kFloat);
-  HPS_CHECK_DIM(rows, 2);
-  HPS_CHECK_DTYPE(positions, at::kLong);
-  HPS_CHECK_DIM(positions, 1);
-  HPS_CHECK_DTYPE(inverse, at::kLong);
-  HPS_CHECK_DIM(inverse, 1);
-  HPS_CHECK_DTYPE(counts, at::kLong);
-  for (const at::Tensor* t : {&positions, &inverse, &rows, &counts}) HPS_CHECK_SAME_DEVICE(*t, out);
-  TORCH_CHECK_VALUE(counts.dim() == 1 && counts.size(0) == 2, "counts must have shape (2,), found ", counts.sizes());
-  TORCH_CHECK_VALUE(inverse.size(0) == positions.size(0), "inverse must have shape (", positions.size(0),
-                    ",) like positions, found ", inverse.sizes());
-  TORCH_CHECK_VALUE(rows.size(1) == out.size(1), "rows dim must equal out dim ", out.size(1), ", found ",
-                    rows.size(1));
+  check_scatter_rows_args(out, positions, inverse, rows, counts);
   const c10::cuda::CUDAGuard guard(out.device());
   const int64_t cap = positions.size(0);
   const int64_t dim = out.size(1);
@@ -256,22 +236,8 @@ at::Tensor bag_reduce_cuda(const at::Tensor& values,                  // (n, D) 
                            const std::optional<at::Tensor>& weights_opt,  // (n,) float32 or None
                            int64_t mode) {                            // 0 sum, 1 mean, 2 sqrtn
   HPS_CHECK_CUDA(values);
-  HPS_CHECK_DTYPE(values, at::kFloat);
-  HPS_CHECK_DIM(values, 2);
-  HPS_CHECK_DTYPE(offsets, at::kLong);
-  HPS_CHECK_DIM(offsets, 1);
-  HPS_CHECK_SAME_DEVICE(offsets, values);
-  TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "mode must be 0 (sum), 1 (mean) or 2 (sqrtn), found ", mode);
-  TORCH_CHECK_VALUE(offsets.size(0) >= 1, "offsets must have B + 1 >= 1 entries, found shape ", offsets.sizes());
+  const bool has_w = check_bag_reduce_args(values, offsets, weights_opt, mode);
   const int64_t n = values.size(0);
-  const bool has_w = weights_opt.has_value() && weights_opt->defined();
-  if (has_w) {
-    const at::Tensor& weights = *weights_opt;
-    HPS_CHECK_DTYPE(weights, at::kFloat);
-    HPS_CHECK_DIM(weights, 1);
-    HPS_CHECK_SAME_DEVICE(weights, values);
-    TORCH_CHECK_VALUE(weights.size(0) == n, "weights must have shape (", n, ",), found ", weights.sizes());
-  }
   const c10::cuda::CUDAGuard guard(values.device());
   const int64_t bags = offsets.size(0) - 1;
   const int64_t dim = values.size(1);
