@@ -41,8 +41,6 @@ from hps_core.tiers.base import Tier
 log = logging.getLogger(__name__)
 
 _KEY_DTYPES = {"int64": torch.int64, "int32": torch.int32}
-# Batches above this many keys test "all hit?" on the device before copying keys to the host for the miss path.
-_DEVICE_ALL_HIT_CHECK = 1 << 16
 
 
 @dataclass
@@ -99,9 +97,11 @@ class CacheRuntime:
         """Make the current stream (raw `handle`) wait for the work launched so far on each other stream of
         `others`: an event recorded now covers everything launched there before, all of it under this lock.
         The usual case - one stream - costs one raw-handle read and no stream object."""
+        current = None
         for other_handle, other in others.items():
             if other_handle != handle:
-                torch.cuda.current_stream(self.device).wait_event(other.record_event())
+                current = current or torch.cuda.current_stream(self.device)
+                current.wait_event(other.record_event())
 
 
 @dataclass
@@ -415,7 +415,7 @@ class HierarchicalParameterServer:
         learns = rt.mode == "dynamic"
         threshold = rt.cache_config.hit_rate_threshold
         async_ok = cr.insert_worker is not None and cr.pending_inserts < cr.max_pending_inserts
-        if learns and (n <= _DEVICE_ALL_HIT_CHECK or flat.device.type == "cpu"):
+        if learns and (flat.device.type == "cpu" or n <= ops.host_plan_max_keys()):
             # One native call does find -> plan -> host-map fetch -> scatter -> insert (cache_lookup_host); it
             # leaves the plan to the code below only for an async insert or rows the host map lacks.
             cache = cr.cache
@@ -428,13 +428,6 @@ class HierarchicalParameterServer:
                 version = cr.version
             t_collect = time.perf_counter()
             lat["fused_lookup"].record(t_collect - start)
-            if misses and source >= 0:
-                self._host_tier.record_fetch(rt.tag, unique, source_hits)
-                stats.add_tier_hits(self._host_tier.name, source_hits)
-            stats.add(lookups=1, keys=n, cache_hits=n - misses, cache_misses=misses, unique_misses=unique)
-            if done:
-                lat["total"].record(time.perf_counter() - start)
-                return values
         else:
             with cr.reading():
                 values, found = cr.cache.find(flat)
@@ -442,8 +435,8 @@ class HierarchicalParameterServer:
             t_find = time.perf_counter()
             lat["cache_find"].record(t_find - start)
             # A large batch checks "all hit?" on the device first (one flag read) rather than copying every key to
-            # the host; a small one goes straight to collect_misses, whose one sync answers the same question.
-            if n > _DEVICE_ALL_HIT_CHECK and bool(found.all()):
+            # the host for collect_misses.
+            if n > ops.host_plan_max_keys() and bool(found.all()):
                 stats.add(lookups=1, keys=n, cache_hits=n)
                 lat["total"].record(time.perf_counter() - start)
                 return values
@@ -452,13 +445,14 @@ class HierarchicalParameterServer:
                 flat, found, rt.dim, source, num_buckets)
             t_collect = time.perf_counter()
             lat["miss_compaction"].record(t_collect - t_find)
-            if misses and source >= 0:
-                self._host_tier.record_fetch(rt.tag, unique, source_hits)
-                stats.add_tier_hits(self._host_tier.name, source_hits)
-            stats.add(lookups=1, keys=n, cache_hits=n - misses, cache_misses=misses, unique_misses=unique)
-            if misses == 0:
-                lat["total"].record(time.perf_counter() - start)
-                return values
+            done = misses == 0
+        if misses and source >= 0:
+            self._host_tier.record_fetch(rt.tag, unique, source_hits)
+            stats.add_tier_hits(self._host_tier.name, source_hits)
+        stats.add(lookups=1, keys=n, cache_hits=n - misses, cache_misses=misses, unique_misses=unique)
+        if done:
+            lat["total"].record(time.perf_counter() - start)
+            return values
 
         hit_rate = 1.0 - misses / n
         if (learns and hit_rate >= threshold and cr.insert_worker is not None

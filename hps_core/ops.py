@@ -64,6 +64,13 @@ def clock_limit() -> int:
     return int(torch.ops.hps.clock_limit())
 
 
+@functools.cache
+def host_plan_max_keys() -> int:
+    """kHostPlanMaxKeys (65,536): GPU batches up to this size take the one-call miss path (cache_lookup_host) with
+    the misses planned on the host; larger ones plan them on the device."""
+    return int(torch.ops.hps.host_plan_max_keys())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Wrappers. Devices: every tensor of one call on one device (CPU kernels always; CUDA when the extension has them).
 # ----------------------------------------------------------------------------------------------------------------

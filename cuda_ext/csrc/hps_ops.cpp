@@ -61,12 +61,11 @@
 #include <torch/library.h>
 
 #include "cache_layout.h"
+#include "miss_path.h"
 
 namespace hps {
 // Defined in cpu/host_map_cpu.cpp: the host-memory tier's hash map, a torch custom class.
 void register_host_map_class(torch::Library& m);
-// Defined in miss_path.cpp: collect_misses / apply_misses.
-void register_miss_path_ops(torch::Library& m);
 }  // namespace hps
 
 TORCH_LIBRARY(hps, m) {
@@ -76,6 +75,7 @@ TORCH_LIBRARY(hps, m) {
   // Constants shared with Python come from here, not copied.
   m.def("bucket_size() -> int", []() -> int64_t { return hps::kBucketSize; });
   m.def("clock_limit() -> int", []() -> int64_t { return hps::kClockLimit; });
+  m.def("host_plan_max_keys() -> int", []() -> int64_t { return hps::kHostPlanMaxKeys; });
 
   // (n,) keys -> bucket (n,) int64, digest (n,) uint8. For tests and tools; the kernels inline the same hash.
   m.def("hash_keys(Tensor keys, int num_buckets) -> (Tensor bucket, Tensor digest)");

@@ -22,14 +22,13 @@
 #include "cache_layout.h"
 #include "checks.h"
 #include "cpu/host_map.h"
+#include "miss_path.h"
+#include "pipeline_checks.h"
 
 namespace hps {
 namespace {
 
 using MapPtr = c10::intrusive_ptr<HostHashMap>;
-
-// Up to this many keys a GPU batch is planned on the host, above it on the device (see plan_on_device).
-constexpr int64_t kHostPlanMaxKeys = int64_t{1} << 16;
 
 // Host buffers the GPU copies to or from are pinned: the copies are then truly asynchronous and the caching host
 // allocator keeps a buffer alive until its copy has run.
@@ -161,13 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int
     int64_t dim,                               // row length of the table
     int64_t source_handle,                     // HostHashMap.handle() of the table's host map, or -1 for none
     int64_t num_buckets) {                     // > 0: order the keys by bucket of a cache this size, if planned on host
-  HPS_CHECK_KEY_DTYPE(keys);
-  HPS_CHECK_DTYPE(found, at::kBool);
-  TORCH_CHECK_VALUE(keys.dim() == 1, "collect_misses: keys must be 1-D, found shape ", keys.sizes());
-  TORCH_CHECK_VALUE(found.dim() == 1 && found.size(0) == keys.size(0), "collect_misses: found must have shape (",
-                    keys.size(0), ",), found ", found.sizes());
-  TORCH_CHECK_VALUE(found.device() == keys.device(), "collect_misses: found must be on the keys' device ",
-                    keys.device(), ", found ", found.device());
+  check_keys_found(keys, found);
   TORCH_CHECK_VALUE(dim >= 1, "collect_misses: dim must be >= 1, found ", dim);
   TORCH_CHECK_VALUE(num_buckets >= 0 && num_buckets < (int64_t{1} << 32),
                     "collect_misses: num_buckets must be in [0, 2^32), found ", num_buckets);
@@ -264,11 +257,12 @@ cache_lookup_host(at::Tensor& slot_keys, at::Tensor& digests, at::Tensor& scores
   static auto insert =
       c10::Dispatcher::singleton().findSchemaOrThrow("hps::cache_insert_grouped", "").typed<InsertFn>();
 
-  at::Tensor out, found;
-  std::tie(out, found) = find.call(slot_keys, digests, scores, values, clock, keys, policy);
-  const int64_t n = keys.size(0);
+  const int64_t n = keys.numel();
+  // Before find, which touches scores and the clock: a refused call changes nothing.
   TORCH_CHECK_VALUE(!keys.is_cuda() || n <= kHostPlanMaxKeys, "cache_lookup_host: at most ", kHostPlanMaxKeys,
                     " keys per call on a GPU (larger batches go through collect_misses), found ", n);
+  at::Tensor out, found;
+  std::tie(out, found) = find.call(slot_keys, digests, scores, values, clock, keys, policy);
   const int64_t num_buckets = slot_keys.size(0) / kBucketSize;
   auto [ukeys, rows, in_source, index, misses, unique, source_hits, grouped] =
       collect_misses(keys, found, values.size(1), source_handle, num_buckets);

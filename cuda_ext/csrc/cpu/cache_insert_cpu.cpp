@@ -38,23 +38,13 @@ std::vector<cpu::KeyHash> hash_all(const at::Tensor& keys, int64_t num_buckets) 
   return hk;
 }
 
-at::Tensor cache_insert_or_assign_cpu(at::Tensor& slot_keys,          // (S,) int64
-                                      at::Tensor& digests,            // (S,) uint8
-                                      at::Tensor& scores,             // (S,) int32
-                                      at::Tensor& values,             // (S, D) float32
-                                      const at::Tensor& clock,        // (1,) int64, read only
-                                      const at::Tensor& keys,         // (n,) int32|int64
-                                      const at::Tensor& new_values,   // (n, D) float32
-                                      int64_t policy) {
-  const int64_t num_buckets = cpu::check_cpu_state(slot_keys, digests, scores, values, clock);
-  check_policy(policy);
-  check_query_keys(keys, slot_keys);
-  check_new_values(new_values, keys, values);
+// The insert itself, for checked arguments and the keys' hashes `hk` (hash_all). Returns the counts.
+at::Tensor insert_hashed(at::Tensor& slot_keys, at::Tensor& digests, at::Tensor& scores, at::Tensor& values,
+                         const at::Tensor& clock, const at::Tensor& keys, const at::Tensor& new_values,
+                         int64_t policy, const std::vector<cpu::KeyHash>& hk) {
   at::Tensor counts = at::zeros({4}, slot_keys.options());  // [inserted, assigned, evicted, refused]
   const int64_t n = keys.size(0);
   if (n == 0) return counts;
-
-  const std::vector<cpu::KeyHash> hk = hash_all(keys, num_buckets);
   // (bucket base, input index), sorted: groups each bucket's keys, in input order inside the group.
   std::vector<std::pair<int64_t, int64_t>> order(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) order[i] = {hk[i].base, i};
@@ -122,6 +112,22 @@ at::Tensor cache_insert_or_assign_cpu(at::Tensor& slot_keys,          // (S,) in
   return counts;
 }
 
+at::Tensor cache_insert_or_assign_cpu(at::Tensor& slot_keys,          // (S,) int64
+                                      at::Tensor& digests,            // (S,) uint8
+                                      at::Tensor& scores,             // (S,) int32
+                                      at::Tensor& values,             // (S, D) float32
+                                      const at::Tensor& clock,        // (1,) int64, read only
+                                      const at::Tensor& keys,         // (n,) int32|int64
+                                      const at::Tensor& new_values,   // (n, D) float32
+                                      int64_t policy) {
+  const int64_t num_buckets = cpu::check_cpu_state(slot_keys, digests, scores, values, clock);
+  check_policy(policy);
+  check_query_keys(keys, slot_keys);
+  check_new_values(new_values, keys, values);
+  return insert_hashed(slot_keys, digests, scores, values, clock, keys, new_values, policy,
+                       hash_all(keys, num_buckets));
+}
+
 at::Tensor cache_assign_cpu(const at::Tensor& slot_keys,   // (S,) int64
                             const at::Tensor& digests,     // (S,) uint8
                             at::Tensor& values,            // (S, D) float32
@@ -129,7 +135,7 @@ at::Tensor cache_assign_cpu(const at::Tensor& slot_keys,   // (S,) int64
                             const at::Tensor& new_values)  // (n, D) float32
 {
   const int64_t num_buckets = cpu::check_cpu_keys_digests(slot_keys, digests);
-  cpu::check_cpu_values(values, slot_keys);
+  check_values(values, slot_keys);
   check_query_keys(keys, slot_keys);
   check_new_values(new_values, keys, values);
   at::Tensor count = at::zeros({}, slot_keys.options());  // 0-d: keys (occurrences) that were present
@@ -163,7 +169,9 @@ void cache_insert_grouped_cpu(at::Tensor& slot_keys, at::Tensor& digests, at::Te
                               const at::Tensor& clock, const at::Tensor& keys, const at::Tensor& new_values,
                               at::Tensor& counts, int64_t policy) {
   const int64_t num_buckets = cpu::check_cpu_state(slot_keys, digests, scores, values, clock);
+  check_policy(policy);
   check_query_keys(keys, slot_keys);
+  check_new_values(new_values, keys, values);
   HPS_CHECK_DTYPE(counts, at::kLong);
   TORCH_CHECK_VALUE(counts.dim() == 1 && counts.size(0) == 4, "counts must be a (4,) tensor, found shape ",
                     counts.sizes());
@@ -174,7 +182,7 @@ void cache_insert_grouped_cpu(at::Tensor& slot_keys, at::Tensor& digests, at::Te
                       "order; key ", i, " is in bucket ", hk[i].base / kBucketSize, " after a key of bucket ",
                       hk[i - 1].base / kBucketSize);
   }
-  counts.add_(cache_insert_or_assign_cpu(slot_keys, digests, scores, values, clock, keys, new_values, policy));
+  counts.add_(insert_hashed(slot_keys, digests, scores, values, clock, keys, new_values, policy, hk));
 }
 
 }  // namespace

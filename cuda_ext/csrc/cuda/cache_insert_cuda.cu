@@ -238,7 +238,7 @@ at::Tensor cache_assign_cuda(const at::Tensor& slot_keys,   // (S,) int64
                              const at::Tensor& new_values)  // (n, D) float32
 {
   const int64_t num_buckets = check_cuda_keys_digests(slot_keys, digests);
-  check_cuda_values(values, slot_keys);
+  check_values(values, slot_keys);
   check_query_keys(keys, slot_keys);
   check_new_values(new_values, keys, values);
   const c10::cuda::CUDAGuard guard(slot_keys.device());
