@@ -32,6 +32,7 @@ import torch
 from benchmarks.common import ZipfSampler, latency_summary, time_calls, write_synthetic_table
 from benchmarks.suite.config import DlrmBench
 from benchmarks.suite.dlrm_model import DLRM
+from benchmarks.suite.report import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +392,4 @@ def plot(results: dict[str, Any], out_dir: str, plt, cfg: DlrmBench | None = Non
     sp.set_ylabel("speed-up over the native baseline (x)")
     sp.grid(True, which="both", alpha=0.3)
     sp.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(f"{out_dir}/dlrm_latency.png", dpi=110)
-    plt.close(fig)
-    return ["dlrm_latency.png"]
+    return [save_figure(fig, plt, out_dir, "dlrm_latency.png")]

@@ -26,6 +26,7 @@ import torch
 
 from benchmarks.common import ZipfSampler
 from benchmarks.suite.config import HitRateBench
+from benchmarks.suite.report import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,4 @@ def plot(results: dict[str, Any], out_dir: str, plt, cfg: Any = None, device_lab
             a.set_xlabel("cache rows / key universe")
             a.grid(True, which="both", alpha=0.3)
             a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(f"{out_dir}/hit_rate.png", dpi=110)
-    plt.close(fig)
-    return ["hit_rate.png"]
+    return [save_figure(fig, plt, out_dir, "hit_rate.png")]

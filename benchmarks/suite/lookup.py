@@ -26,6 +26,7 @@ import torch
 
 from benchmarks.common import ZipfSampler, distinct_keys, latency_summary, time_one, write_synthetic_table
 from benchmarks.suite.config import LookupBench
+from benchmarks.suite.report import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -296,9 +297,5 @@ def plot(results: dict[str, Any], out_dir: str, plt, cfg: Any = None, device_lab
                 ax.set_ylabel(ylabel)
                 ax.grid(True, which="both", alpha=0.3)
                 ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = f"{out_dir}/{fname}"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(fname)
+        files.append(save_figure(fig, plt, out_dir, fname))
     return files

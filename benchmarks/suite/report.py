@@ -80,6 +80,14 @@ def print_tables(payload: dict[str, Any]) -> bool:
     return True
 
 
+def save_figure(fig: Any, plt: Any, out_dir: str, name: str) -> str:
+    """Lay `fig` out, write it to out_dir/name at the suite's resolution and free it; returns name."""
+    fig.tight_layout()
+    fig.savefig(f"{out_dir}/{name}", dpi=110)
+    plt.close(fig)
+    return name
+
+
 def make_plots(module: Any, payload: dict[str, Any], out_dir: pathlib.Path, cfg: Any) -> tuple[list[str], str]:
     """(PNG file names, "" or the reason nothing was plotted)."""
     try:

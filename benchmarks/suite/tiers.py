@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.common import distinct_keys, latency_summary, redis_fixture, write_synthetic_table
 from benchmarks.suite.config import TiersBench
+from benchmarks.suite.report import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,4 @@ def plot(results: dict[str, Any], out_dir: str, plt, cfg: Any = None, device_lab
     ax.set_title("Tier fetch rates, same rows, same batches")
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(f"{out_dir}/tiers.png", dpi=110)
-    plt.close(fig)
-    return ["tiers.png"]
+    return [save_figure(fig, plt, out_dir, "tiers.png")]
