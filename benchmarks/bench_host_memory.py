@@ -10,7 +10,7 @@ blocks of a few batches per method, the methods in a random order, so all see th
 Also: two Python threads fetching at once (the map releases the GIL) and the bulk-load time.
 
     python -m benchmarks.bench_host_memory                              # 1M rows, dims 16/64/128, batches of 26,624
-    python -m benchmarks.bench_host_memory --rows 200000 --dims 16 --out /tmp/h    # quick run
+    python -m benchmarks.bench_host_memory --rows 200000 --dims 16 --out quick_run    # quick run
 
 Writes <out>/host_memory_cpu.md (markdown table + machine) and <out>/host_memory_cpu.json. Numbers depend on what
 else runs on the machine: the load average at start and end is recorded with them.

@@ -10,15 +10,16 @@
 set -uo pipefail
 what=${1:-all}
 shift || true
-OUT=${OUT:-/tmp/hps_out}
+OUT=${OUT:-$(mktemp -d -t hps_out.XXXXXX)}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 HPS_WITH_CUDA=1
-# NOTE: the image's default CC (the /opt/gcc wrapper) builds an extension that segfaults when an op formats an
+# NOTE: the image's default CC (a gcc wrapper script) builds an extension that segfaults when an op formats an
 # error message; the system gcc does not.
 export CC=/usr/bin/gcc CXX=/usr/bin/g++
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  site_dir=$(mktemp -d -t hps_site.XXXXXX)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site_dir" .whl/*.whl \
+    && export PYTHONPATH=$site_dir${PYTHONPATH:+:$PYTHONPATH}
 fi
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv

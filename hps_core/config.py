@@ -916,7 +916,7 @@ def load_config(source: ConfigSource) -> DeploymentConfig:
 
     Example:
         >>> cfg = load_config({"models": {"demo": {"tables": [{"name": "t0", "path": "/d/t0", "dim": 16}]}},
-        ...                    "tiers": {"rocksdb": {"enabled": True, "path": "/tmp/db"}}})
+        ...                    "tiers": {"rocksdb": {"enabled": True, "path": "hps_data/rocksdb"}}})
         >>> cfg.tiers.rocksdb.enabled, cfg.models["demo"].cache.ratio
         (True, 0.2)
     """

@@ -30,7 +30,7 @@ def export_embeddings(module: nn.Module, out_dir: str | os.PathLike, *, overwrit
 
     Example:
         >>> model = torch.nn.ModuleDict({"user": torch.nn.Embedding(100, 16)})
-        >>> tables = export_embeddings(model, "/tmp/tables")
+        >>> tables = export_embeddings(model, "tables")
         >>> tables["user"].num_keys
         100
     """

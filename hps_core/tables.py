@@ -478,7 +478,7 @@ def write_table(
         OSError: the write itself failed (disk full...); nothing is left behind.
 
     Example:
-        >>> t = write_table("/tmp/t0", np.array([3, 7]), np.ones((2, 4), np.float32))
+        >>> t = write_table("tables/t0", np.array([3, 7]), np.ones((2, 4), np.float32))
         >>> t.num_keys, t.dim
         (2, 4)
     """
@@ -579,7 +579,7 @@ def from_numpy(path: str | os.PathLike, weights: np.ndarray, keys: Any = None, *
     `kw` goes to `write_table` (meta, progress, chunk_rows, overwrite, check_duplicates).
 
     Example:
-        >>> from_numpy("/tmp/t0", np.random.rand(100, 8)).keys[:3]
+        >>> from_numpy("tables/t0", np.random.rand(100, 8)).keys[:3]
         memmap([0, 1, 2])
     """
     source = _VectorSource(weights, "weights")  # check shape/dtype first, to name `weights` in the error
@@ -595,7 +595,7 @@ def from_torch_embedding(path: str | os.PathLike, module: Any, keys: Any = None,
     `kw` goes to `write_table`.
 
     Example:
-        >>> from_torch_embedding("/tmp/t1", torch.nn.Embedding(1000, 16)).dim
+        >>> from_torch_embedding("tables/t1", torch.nn.Embedding(1000, 16)).dim
         16
     """
     if not isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
@@ -615,7 +615,7 @@ def from_keras_embedding(path: str | os.PathLike, layer: Any, keys: Any = None, 
 
     Example:
         >>> layer = keras.layers.Embedding(1000, 16); layer(np.array([0]))
-        >>> from_keras_embedding("/tmp/t2", layer).num_keys
+        >>> from_keras_embedding("tables/t2", layer).num_keys
         1000
     """
     if not (hasattr(layer, "input_dim") and hasattr(layer, "output_dim")):
