@@ -1,17 +1,23 @@
-"""GPU benchmarks of the issue-4 workloads, each with its baseline measured in the same run.
+"""GPU benchmarks through the public API (HierarchicalParameterServer.lookup, LookupLayer), each with its
+baselines measured in the same run. Kernel-only numbers are a second, labelled column, never the headline.
 
-    python -m benchmarks.bench_gpu --out results.json [--only p1,p2,p3,p4,mem] [--quick]
+    python -m benchmarks.bench_gpu --out results.json [--only p1,p2,small,p3,p4,mem] [--quick]
 
-P1  hit path: dim 128 fp32, 3,407,872 keys per call (DLRM batch 131072 x 26), all keys cached;
-    baseline torch.nn.functional.embedding on precomputed row indices (no hashing).
-P2  HPS profiler workload: 2,000 keys per query, power law alpha 1.2 over 630,000 rows, dim 16, cache 90% of rows,
-    engine lookups end to end (host tier below): mean / p99 latency per lookup and hit rate.
-P3  miss path: useful row bytes per second fetched from pinned host memory (host-mapped gather; engine tier path).
-P4  10% cache, Zipf alpha 1.05, 32.7 M x 128 table in the host tier, 3.4 M keys per call: keys/s and hit rate.
-MEM GPU memory of a cache of N rows vs N x row bytes.
+P1     resident tables: 2,000,000 x 128 fp32 from HPS files, an HPS JSON config, 3,407,872 keys per call (DLRM
+       131072 x 26), every key resident - gpucacheper 1.0 and use_static_table - and the same with one never-seen
+       key per call. Baselines: F.embedding on precomputed row ids, the raw cache find kernel (EmbeddingCache.find
+       over the same keys), and, labelled kernel-only, a CUDA-graph replay of the lookup (the find launch alone).
+P2     HPS profiler workload: 2,000 keys per query, power law alpha 1.2 over 630,000 rows, dim 16, cache 90%,
+       synchronous insertion (exact): per-lookup latency (mean / p99), back to back with every query pre-built,
+       and with each query generated on the CPU (numpy) and copied to the GPU just before its lookup.
+SMALL  1,024 / 26,624 / 425,984 keys, all hits, 1,000,000 x 128 resident (gpucacheper 1.0 and static): per-call
+       latency (synchronised) of lookup, LookupLayer and the native op, next to the raw find and F.embedding.
+P3     miss path: useful row bytes per second from pinned host memory (host-mapped gather; engine tier path).
+P4     10% cache, Zipf alpha 1.05, 32.7 M x 128 table in the host tier, 3.4 M keys per call: keys/s and hit rate.
+MEM    GPU bytes of a dynamic cache and of resident tables vs rows x row bytes.
 
-Times come from CUDA events (median of repeats after warm-up); host-side end-to-end latencies use
-perf_counter around a synchronised call.
+Times come from CUDA events (median of repeats after warm-up) or, for per-call latency, perf_counter around a
+synchronised call.
 """
 
 from __future__ import annotations
@@ -47,68 +53,71 @@ def env_info() -> dict:
     return info
 
 
-def unique_keys(n: int, gen: torch.Generator, device) -> torch.Tensor:
-    """n distinct random int64 keys spread over the whole int64 range."""
-    keys = torch.randint(-(2**62), 2**62, (int(n * 1.05) + 16,), generator=gen, dtype=torch.int64)
-    keys = torch.unique(keys)
-    return keys[torch.randperm(keys.numel(), generator=gen)[:n]].to(device)
-
-
-def bench_p1(quick: bool) -> dict:
-    from hps_core.cache import EmbeddingCache
-
-    dev = torch.device("cuda")
-    dim, n = 128, DLRM_KEYS
-    rows = 4_000_000 if not quick else 500_000
-    gen = torch.Generator().manual_seed(1)
-    keys = unique_keys(rows, gen, dev)
-    table = torch.randn(rows, dim, device=dev)
-    cache = EmbeddingCache(rows * 2, dim, device=dev)  # load 0.5: bucket overflow (refusal) is negligible
-    for s in range(0, rows, 1 << 20):
-        cache.insert_or_assign(keys[s:s + (1 << 20)], table[s:s + (1 << 20)])
-    resident = int(cache.contains(keys).sum())
-    idx_sets = [torch.randint(0, rows, (n,), device=dev) for _ in range(4)]
-    query_sets = [keys[i] for i in idx_sets]
-    it = iter(range(1 << 30))
-
-    def find():
-        k = query_sets[next(it) % 4]
-        return cache.find(k)
-
-    def emb():
-        return torch.nn.functional.embedding(idx_sets[next(it) % 4], table)
-
-    # correctness of what is timed: every query key resident -> found, values equal the table rows
-    out, found = cache.find(query_sets[0])
-    ok_rows = found & (out == table[idx_sets[0]]).all(dim=1)
-    t_find = cuda_time_ms(find)
-    t_emb = cuda_time_ms(emb)
-    useful = n * dim * 4 * 2  # row bytes read + written
-    res = {
-        "keys_per_call": n, "dim": dim, "rows_cached": rows, "cache_slots": cache.num_slots, "resident": resident,
-        "found_fraction": float(found.float().mean()), "rows_equal_fraction": float(ok_rows.float().mean()),
-        "find": t_find, "find_gkeys_s": n / t_find["median_ms"] / 1e6, "find_row_gbs": useful / t_find["median_ms"] / 1e6,
-        "f_embedding": t_emb, "f_embedding_gkeys_s": n / t_emb["median_ms"] / 1e6,
-        "speedup_vs_f_embedding": t_emb["median_ms"] / t_find["median_ms"],
+def hps_json(tmp: str, table_path: str, dim: int, keys_per_call: int, *, gpucacheper: float = 1.0,
+             static: bool = False, threshold: float = 1.1, name: str = "hps.json") -> str:
+    """An HPS JSON config (the format HPS users deploy with) for model m, table t; returns its path."""
+    cfg = {
+        "supportlonglong": True,
+        "volatile_db": {"type": "hash_map", "num_partitions": 16},
+        "models": [{
+            "model": "m", "sparse_files": [table_path], "embedding_table_names": ["t"],
+            "embedding_vecsize_per_table": [dim], "maxnum_catfeature_query_per_table_per_sample": [keys_per_call],
+            "default_value_for_each_table": [0.0], "deployed_device_list": [0], "max_batch_size": 1,
+            "gpucache": True, "gpucacheper": gpucacheper, "hit_rate_threshold": threshold,
+            "use_static_table": static, "cache_refresh_percentage_per_iteration": 0.0,
+        }],
     }
-    # small batches (per-call overhead): 26,624 keys = batch 1024 x 26
-    small = [k[:26624].contiguous() for k in query_sets]
-    small_idx = [i[:26624].contiguous() for i in idx_sets]
-    res["find_26624"] = cuda_time_ms(lambda: cache.find(small[next(it) % 4]), repeat=50)
-    res["f_embedding_26624"] = cuda_time_ms(
-        lambda: torch.nn.functional.embedding(small_idx[next(it) % 4], table), repeat=50)
-    return res
+    path = os.path.join(tmp, name)
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+def per_call_ms(fn, args_list, warmup: int = 20) -> dict:
+    """Latency of single synchronised calls (what one caller waits): median / mean / p99 ms."""
+    for a in args_list[:warmup]:
+        fn(a)
+    torch.cuda.synchronize()
+    times = []
+    for a in args_list:
+        t0 = time.perf_counter()
+        fn(a)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    ms = np.array(times) * 1e3
+    return {"median_ms": float(np.median(ms)), "mean_ms": float(ms.mean()), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def graph_of(fn, arg):
+    """A CUDA graph of fn(arg) (warmed up on the capture stream first) and its output."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn(arg)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn(arg)
+    return g, out
+
+
+def _table(tmp: str, rows: int, dim: int, seed: int = 1):
+    """A synthetic table in HPS files: (path, keys, vectors)."""
+    rng = np.random.default_rng(seed)
+    keys = rng.choice(1 << 40, size=rows, replace=False).astype(np.int64) if rows < 5_000_000 else (
+        rng.permutation(rows).astype(np.int64) * 7919 + 13)
+    path = os.path.join(tmp, f"t_{rows}_{dim}")
+    _, vectors = write_synthetic_table(path, keys, dim, seed)
+    return path, keys, vectors
 
 
 def _engine(tmp: str, rows: int, dim: int, ratio: float, keys_per_call: int, threshold: float = 1.0,
-            key_range: int = 1 << 40, policy: str = "lru", seed: int = 0):
+            policy: str = "lru", seed: int = 0):
+    """An engine over one synthetic table (host-memory tier below the cache); returns (hps, keys, vectors)."""
     from hps_core.engine import HierarchicalParameterServer
 
-    rng = np.random.default_rng(seed)
-    keys = rng.choice(key_range, size=rows, replace=False).astype(np.int64) if rows < 5_000_000 else (
-        np.random.default_rng(seed).permutation(rows).astype(np.int64) * 7919 + 13)
-    path = os.path.join(tmp, f"t_{rows}_{dim}")
-    _, vectors = write_synthetic_table(path, keys, dim, seed)
+    path, keys, vectors = _table(tmp, rows, dim, seed)
     cfg = {
         "key_dtype": "int64",
         "models": {"m": {"tables": [{"name": "t", "path": path, "dim": dim, "max_keys_per_sample": keys_per_call}],
@@ -119,30 +128,108 @@ def _engine(tmp: str, rows: int, dim: int, ratio: float, keys_per_call: int, thr
     return HierarchicalParameterServer(cfg, progress=False), keys, vectors
 
 
+def bench_p1(quick: bool) -> dict:
+    from hps_core.cache import EmbeddingCache
+    from hps_core.engine import HierarchicalParameterServer
+
+    dev = torch.device("cuda")
+    dim, n = 128, DLRM_KEYS if not quick else 340_000
+    rows = 2_000_000 if not quick else 200_000
+    res: dict = {"keys_per_call": n, "rows": rows, "dim": dim}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("HPS_BENCH_TMP")) as tmp:
+        path, keys, vectors = _table(tmp, rows, dim)
+        weight = torch.from_numpy(vectors).to(dev)
+        keys_d = torch.from_numpy(keys).to(dev)
+        idx_sets = [torch.randint(0, rows, (n,), device=dev) for _ in range(4)]
+        query_sets = [keys_d[i] for i in idx_sets]
+        it = iter(range(1 << 30))
+        # Baselines: F.embedding on precomputed row ids; the raw cache find kernel (the whole table in an
+        # EmbeddingCache at load 0.5, as issue 12 measured it).
+        t_emb = cuda_time_ms(lambda: torch.nn.functional.embedding(idx_sets[next(it) % 4], weight))
+        res["f_embedding"] = {**t_emb, "gkeys_s": n / t_emb["median_ms"] / 1e6}
+        cache = EmbeddingCache(rows * 2, dim, device=dev)
+        for s in range(0, rows, 1 << 20):
+            cache.insert_or_assign(keys_d[s:s + (1 << 20)], weight[s:s + (1 << 20)])
+        t_find = cuda_time_ms(lambda: cache.find(query_sets[next(it) % 4]))
+        res["raw_cache_find_kernel"] = {**t_find, "gkeys_s": n / t_find["median_ms"] / 1e6}
+        cache = None  # free it before the engines load
+        torch.cuda.empty_cache()
+        fresh = torch.arange(64, device=dev, dtype=torch.int64) + (1 << 50)  # keys in no table
+        for deployment, static in (("gpucacheper_1.0", False), ("use_static_table", True)):
+            cfg = hps_json(tmp, path, dim, n, static=static, name=f"{deployment}.json")
+            t0 = time.perf_counter()
+            hps = HierarchicalParameterServer(cfg, progress=False)
+            setup_s = time.perf_counter() - t0
+            pipe = hps.pipeline("m", "t", dev)
+            out = hps.lookup("m", "t", query_sets[0])
+            exact = bool(torch.equal(out, torch.nn.functional.embedding(idx_sets[0], weight)))
+            before = hps.stats()["models"]["m"]["t"]["cuda:0"]
+            t = cuda_time_ms(lambda: hps.lookup("m", "t", query_sets[next(it) % 4]))
+            mid = hps.stats()["models"]["m"]["t"]["cuda:0"]
+            # one never-seen key per call (a fresh one each time)
+            new_sets = []
+            for i in range(16):
+                q = query_sets[i % 4].clone()
+                q[(i * 7919) % n] = fresh[i]
+                new_sets.append(q)
+            t_new = cuda_time_ms(lambda: hps.lookup("m", "t", new_sets[next(it) % 16]), repeat=16)
+            after = hps.stats()["models"]["m"]["t"]["cuda:0"]
+            g, g_out = graph_of(pipe.lookup, query_sets[0])
+            t_graph = cuda_time_ms(g.replay)
+            calls = mid["lookups"] - before["lookups"]
+            res[deployment] = {
+                "setup_s": setup_s, "exact": exact, "lookup": t, "lookup_gkeys_s": n / t["median_ms"] / 1e6,
+                "lookup_vs_raw_find": t_find["median_ms"] / t["median_ms"],
+                "lookup_vs_f_embedding": t_emb["median_ms"] / t["median_ms"],
+                "misses_per_call": (mid["cache_misses"] - before["cache_misses"]) / max(calls, 1),
+                "evictions": after["evictions"],
+                "one_new_key_per_call": t_new, "one_new_key_gkeys_s": n / t_new["median_ms"] / 1e6,
+                "one_new_key_vs_all_hit": t["median_ms"] / t_new["median_ms"],
+                "kernel_only_graph_replay": t_graph, "kernel_only_gkeys_s": n / t_graph["median_ms"] / 1e6,
+                "gpu_memory_bytes": pipe.memory_bytes(), "rows_x_row_bytes": rows * dim * 4,
+                "index_bytes_per_key": (pipe.memory_bytes() - pipe.capacity * dim * 4) / rows,
+                "stage_latency": after["latency"],
+            }
+            del g, g_out
+            hps.close()
+            torch.cuda.empty_cache()
+    return res
+
+
 def bench_p2(quick: bool) -> dict:
-    """Synchronous insertion (hit_rate_threshold 1.0: exact results, every miss fetched) and, for reference, HPS's
-    default threshold 0.9 (a batch whose key-position hit rate is >= 0.9 gets defaults for its misses and the
-    insert worker fetches them)."""
-    out = {"sync_threshold_1.0": _p2_run(quick, 1.0)}
-    out["hps_default_threshold_0.9"] = _p2_run(quick, 0.9)
+    """Synchronous insertion (hit_rate_threshold > 1: exact results), back to back and with CPU-built queries; and
+    HPS's default threshold 0.9 (asynchronous insertion) for reference."""
+    out = {}
+    for threshold in (1.1, 0.9):
+        for cpu_query in (False, True):
+            key = f"threshold_{threshold}_{'cpu_built_query' if cpu_query else 'back_to_back'}"
+            out[key] = _p2_run(quick, threshold, cpu_query)
     return out
 
 
-def _p2_run(quick: bool, threshold: float) -> dict:
+def _p2_run(quick: bool, threshold: float, cpu_query: bool) -> dict:
+    from hps_core.engine import HierarchicalParameterServer
+
     rows, dim, n = 630_000, 16, 2000
-    iters, warm = (1000, 100) if not quick else (100, 20)
+    iters, warm = (2000, 300) if not quick else (200, 50)
     with tempfile.TemporaryDirectory() as tmp:
-        hps, keys, vectors = _engine(tmp, rows, dim, 0.9, n, threshold=threshold)
+        path, keys, vectors = _table(tmp, rows, dim, seed=0)
+        hps = HierarchicalParameterServer(hps_json(tmp, path, dim, n, gpucacheper=0.9, threshold=threshold),
+                                          progress=False)
         rng = np.random.default_rng(7)
         order = rng.permutation(rows)  # popularity rank -> row
-        queries = [torch.from_numpy(keys[order[zipf_ranks(rng, 1.2, n, rows)]]).cuda() for _ in range(iters + warm)]
-        rt = hps.table("m", "t")
-        cache = rt.caches[torch.device("cuda", 0)].cache
+        pipe = hps.pipeline("m", "t", "cuda")
+
+        def make_query():
+            return torch.from_numpy(keys[order[zipf_ranks(rng, 1.2, n, rows)]]).cuda()
+
+        prebuilt = [make_query() for _ in range(iters + warm)] if not cpu_query else None
         lat, uniq_hits, uniq_total = [], 0, 0
-        for i, q in enumerate(queries):
-            if i >= warm:
+        for i in range(iters + warm):
+            q = prebuilt[i] if prebuilt is not None else make_query()
+            if i >= warm and i % 10 == 0:  # hit rate over unique keys (HPS's definition), sampled
                 u = torch.unique(q)
-                uniq_hits += int(cache.contains(u).sum())
+                uniq_hits += int(pipe.contains(u).sum())
                 uniq_total += u.numel()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -150,21 +237,70 @@ def _p2_run(quick: bool, threshold: float) -> dict:
             torch.cuda.synchronize()
             if i >= warm:
                 lat.append(time.perf_counter() - t0)
-        # correctness on the last query (exact only with synchronous insertion)
         sorter = np.argsort(keys)
         pos = sorter[np.searchsorted(keys, q.cpu().numpy(), sorter=sorter)]
-        want = torch.from_numpy(vectors[pos])
-        equal = bool(torch.equal(out.cpu(), want))
+        equal = bool(torch.equal(out.cpu(), torch.from_numpy(vectors[pos])))
         hps.wait_for_inserts()
         s = hps.stats()["models"]["m"]["t"]["cuda:0"]
         hps.close()
     ms = np.array(lat) * 1e3
     return {"keys_per_query": n, "rows": rows, "dim": dim, "cache_ratio": 0.9, "iterations": len(lat),
-            "hit_rate_threshold": threshold, "defaults_served": s["defaults_served"],
-            "mean_ms": float(ms.mean()), "p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
-            "hit_rate_unique_keys": uniq_hits / max(uniq_total, 1), "hit_rate_positions": s["hit_rate"],
-            "last_query_equal": equal, "stage_latency": s["latency"],
+            "hit_rate_threshold": threshold, "query_built_on_cpu_before_each_call": cpu_query,
+            "defaults_served": s["defaults_served"], "mean_ms": float(ms.mean()), "p50_ms": float(np.median(ms)),
+            "p99_ms": float(np.percentile(ms, 99)), "hit_rate_unique_keys": uniq_hits / max(uniq_total, 1),
+            "hit_rate_positions": s["hit_rate"], "last_query_equal": equal, "stage_latency": s["latency"],
             "hps_published": {"mean_ms": 0.231, "hit_rate": 0.844}}
+
+
+def bench_small(quick: bool) -> dict:
+    from hps_core.cache import EmbeddingCache
+    from hps_core.engine import HierarchicalParameterServer
+    from hps_core.nn import LookupLayer
+
+    dev = torch.device("cuda")
+    rows, dim = (1_000_000, 128) if not quick else (200_000, 128)
+    sizes = (1024, 26_624, 425_984)
+    res: dict = {"rows": rows, "dim": dim}
+    with tempfile.TemporaryDirectory() as tmp:
+        path, keys, vectors = _table(tmp, rows, dim, seed=2)
+        weight = torch.from_numpy(vectors).to(dev)
+        keys_d = torch.from_numpy(keys).to(dev)
+        cache = EmbeddingCache(rows * 2, dim, device=dev)
+        for s in range(0, rows, 1 << 20):
+            cache.insert_or_assign(keys_d[s:s + (1 << 20)], weight[s:s + (1 << 20)])
+        calls = 300 if not quick else 60
+        base: dict = {}
+        for n in sizes:
+            idx = [torch.randint(0, rows, (n,), device=dev) for _ in range(calls)]
+            qs = [keys_d[i] for i in idx]
+            base[n] = (idx, qs)
+            res[f"raw_cache_find_{n}"] = per_call_ms(lambda q: cache.find(q), qs)
+            res[f"f_embedding_{n}"] = per_call_ms(lambda i: torch.nn.functional.embedding(i, weight), idx)
+        cache = None  # free it before the engines load
+        for deployment, static in (("gpucacheper_1.0", False), ("use_static_table", True)):
+            hps = HierarchicalParameterServer(hps_json(tmp, path, dim, max(sizes), static=static,
+                                                       name=f"{deployment}.json"), progress=False)
+            layer = LookupLayer("m", "t", server=hps)
+            pipe = hps.pipeline("m", "t", dev)
+            op = torch.ops.hps.lookup.default
+            d: dict = {}
+            for n in sizes:
+                idx, qs = base[n]
+                d[f"lookup_{n}"] = per_call_ms(lambda q: hps.lookup("m", "t", q), qs)
+                d[f"lookup_layer_{n}"] = per_call_ms(layer, qs)
+                d[f"native_op_{n}"] = per_call_ms(lambda q: op(pipe.handle, q), qs)
+                find = res[f"raw_cache_find_{n}"]["median_ms"]
+                d[f"lookup_minus_find_us_{n}"] = (d[f"lookup_{n}"]["median_ms"] - find) * 1e3
+                d[f"lookup_layer_minus_find_us_{n}"] = (d[f"lookup_layer_{n}"]["median_ms"] - find) * 1e3
+                d[f"lookup_layer_vs_f_embedding_{n}"] = (d[f"lookup_layer_{n}"]["median_ms"]
+                                                         / res[f"f_embedding_{n}"]["median_ms"])
+                g, _ = graph_of(pipe.lookup, qs[0])
+                d[f"kernel_only_graph_replay_{n}"] = cuda_time_ms(g.replay, repeat=50)
+                del g
+            d["stats"] = {k: v for k, v in hps.stats()["models"]["m"]["t"]["cuda:0"].items() if k != "latency"}
+            res[deployment] = d
+            hps.close()
+    return res
 
 
 def bench_p3(quick: bool) -> dict:
@@ -174,7 +310,7 @@ def bench_p3(quick: bool) -> dict:
     rows = 8_000_000 if not quick else 1_000_000
     n = DLRM_KEYS if not quick else 500_000
     try:
-        from hps_core.table_modes import gather_rows
+        from hps_core.ops import gather_rows
 
         host = torch.empty(rows, dim).pin_memory()
         host.uniform_()
@@ -209,18 +345,6 @@ def bench_p3(quick: bool) -> dict:
         for q in qs[:2]:
             hps.lookup("m", "t", q)
         torch.cuda.synchronize()
-        # the miss path's host half alone: planning only (no source) and planning + host-map fetch
-        none_found = torch.zeros(tn, dtype=torch.bool, device="cuda")
-        handle = hps.tiers[0].map_handle(hps.table("m", "t").tag)
-        split = {}
-        for name, src in (("plan_only", -1), ("plan_and_fetch", handle)):
-            times = []
-            for q in qs[2:]:
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                torch.ops.hps.collect_misses(q, none_found, dim, src)
-                times.append(time.perf_counter() - t0)
-            split[f"{name}_ms"] = float(np.median(times) * 1e3)
         t0 = time.perf_counter()
         for q in qs[2:]:
             hps.lookup("m", "t", q)
@@ -228,7 +352,7 @@ def bench_p3(quick: bool) -> dict:
         dt = (time.perf_counter() - t0) / 4
         s = hps.stats()["models"]["m"]["t"]["cuda:0"]
         hps.close()
-    res["tier_path"] = {"keys_per_call": tn, "dim": dim, "ms_per_call": dt * 1e3, "collect_misses_split": split,
+    res["tier_path"] = {"keys_per_call": tn, "dim": dim, "ms_per_call": dt * 1e3,
                         "useful_gbs": tn * dim * 4 / dt / 1e9, "hit_rate": s["hit_rate"],
                         "stage_latency": s["latency"]}
     return res
@@ -275,11 +399,30 @@ def bench_mem(quick: bool) -> dict:
         out.append({"rows": rows, "dim": dim, "slots": cache.num_slots, "bytes": used,
                     "rows_x_row_bytes": rows * dim * 4,
                     "overhead_bytes_per_slot": (used - cache.num_slots * dim * 4) / cache.num_slots})
-        del cache
-    return {"caches": out}
+        cache = None  # free it before the engines load
+    # Resident tables (static / gpucacheper 1.0): the rows once plus the index, measured by the allocator.
+    from hps_core.pipeline import TablePipeline
+
+    resident = []
+    for rows, dim in [(1_000_000, 16), (1_000_000, 128), (10_000_000, 128)]:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        pipe = TablePipeline.resident("cuda", dim=dim, capacity=rows, default_value=0.0, max_keys=0, tag="mem",
+                                      mode="static", misses_to_tiers=False)
+        keys = torch.randperm(rows * 4)[:rows]
+        for s in range(0, rows, 1 << 20):
+            pipe.load(keys[s:s + (1 << 20)], torch.zeros(min(1 << 20, rows - s), dim))
+        pipe.lookup(keys[:1].cuda())  # the index reaches the device on first use
+        torch.cuda.synchronize()
+        used = torch.cuda.memory_allocated() - before
+        resident.append({"rows": rows, "dim": dim, "bytes": used, "rows_x_row_bytes": rows * dim * 4,
+                         "index_bytes_per_key": (used - rows * dim * 4) / rows, "ratio": used / (rows * dim * 4)})
+        pipe.close()
+        del pipe
+    return {"caches": out, "resident_tables": resident}
 
 
-BENCHES = {"p1": bench_p1, "p2": bench_p2, "p3": bench_p3, "p4": bench_p4, "mem": bench_mem}
+BENCHES = {"p1": bench_p1, "p2": bench_p2, "small": bench_small, "p3": bench_p3, "p4": bench_p4, "mem": bench_mem}
 
 
 def main() -> int:

@@ -1,107 +1,80 @@
 """The hierarchical parameter server: one object per process serving every model, table and device.
 
-Lookup path of one call (DESIGN.md):
-  keys (any shape, int32/int64, on device d) -> validate -> cache[d].find -> misses compacted and de-duplicated
-  -> tiers in order (host memory -> Redis Cluster -> RocksDB), each asked only for what the previous lacked
-  -> the table's default vector for what is still missing -> merged into the output -> cache insert
-  (synchronous, or queued to the cache's insert worker when the batch hit rate >= hit_rate_threshold:
-  HPS semantics, where the current batch then gets the default vector for its misses).
+Lookup path of one call (DESIGN.md): keys (any shape, int32/int64, on device d) -> the table's pipeline on d, one
+native call with the GIL released (hps_core.pipeline, cuda_ext/csrc/pipeline.h):
+  find (rows, or the default row for a miss; misses listed on the device) -> nothing else when every key was held
+  -> else the misses de-duplicated, their rows from the host-memory tier's map, the lower tiers (Redis Cluster,
+  RocksDB) through a callback into this module for what the map lacks, the table's default vector for the rest
+  -> one launch scatters them into the output and stores them in the table (synchronously, or by the pipeline's
+  insert worker when the batch hit rate >= hit_rate_threshold: HPS semantics, where the current batch then gets the
+  default vector for its misses).
 
-Where it runs: a small batch (<= 65,536 keys on a GPU; any CPU batch) of a learning cache goes through one native
-call, `hps::cache_lookup_host` (find, the miss plan with its one host sync, the host-memory tier's fetch, scatter,
-insert); it hands back to Python only what it cannot finish (an async insert, rows the host map lacks: the lower
-tiers). A large GPU batch runs the same steps as separate ops (find, an "all hit?" flag, `collect_misses` planning on
-the device, `apply_misses`, insert). cuda_ext/csrc/miss_path.cpp holds the native half.
+Tables by mode: dynamic caches below the table's size learn (LRU/LFU); a cache that covers the table (ratio >= 1)
+and a static table are resident - every row in a dense array on the device behind a hash index, never evicted;
+uvm tables keep their rows in pinned host memory behind a device index. A static table answers for the whole table
+(a key it lacks gets the default vector, as HPS); the others ask the tiers.
 
-Nothing below the engine calls back up: tiers know nothing of caches, caches nothing of tiers (the engine hands the
-host map's handle to the native miss path; the map itself stays the tier's).
+Nothing below the engine calls back up: tiers know nothing of pipelines, pipelines nothing of tiers beyond the
+host map's handle and the callback the engine gives them.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import ctypes
+import itertools
 import logging
 import threading
 import time
 import warnings
-from contextlib import contextmanager
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
+import numpy as np
 import torch
 
 from hps_core import config as hps_config
-from hps_core import ops, pipeline_ops
-from hps_core.cache import EmbeddingCache
+from hps_core import ops
+from hps_core.pipeline import TablePipeline
 from hps_core.stats import TableStats
-from hps_core.table_modes import HostMappedTable, HostMappedValues, StaticTable
 from hps_core.tables import TableFiles, open_table
 from hps_core.tiers.base import Tier
 
 log = logging.getLogger(__name__)
 
 _KEY_DTYPES = {"int64": torch.int64, "int32": torch.int32}
+_FILL_CHUNK = 1 << 20  # rows per chunk when filling a resident table from the table files
 
 
-@dataclass
-class CacheRuntime:
-    """One embedding cache of one table on one device, with what serialises access to it."""
+# The lower-tier callback the pipelines call for keys the host-memory map lacks (pipeline.h LowerTierFn): one ctypes
+# function for the process, dispatching by token to (server, table, pipeline). ctypes takes the GIL for it.
+_LOWER_TIER_FN = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                  ctypes.c_void_p)
+_lower_targets: dict[int, tuple[Any, Any, TablePipeline]] = {}
+_lower_tokens = itertools.count(1)
 
-    cache: EmbeddingCache | StaticTable | HostMappedTable
-    device: torch.device
-    stats: TableStats = field(default_factory=TableStats)
-    # One writer at a time and no find during a write: rows are never seen half-written.
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    # Bumped (under `lock`) by every update of the table; an insert of rows fetched before the bump is dropped,
-    # so a cache can never re-learn a value older than an update.
-    version: int = 0
-    # [inserted, assigned, evicted, refused] summed on the cache's device: the lookup path never reads them back
-    # (a sync); stats() does.
-    insert_counts: Any = None
-    insert_worker: concurrent.futures.ThreadPoolExecutor | None = None
-    pending_inserts: int = 0
-    max_pending_inserts: int = 1
-    # GPU ordering: the lock orders launches on the host; on the device, kernels of one stream run in launch order
-    # already, so only work on OTHER streams needs ordering (callers' streams, the insert worker's). These hold
-    # the streams (by handle) whose reads / writes since the last write may still be running.
-    _readers: dict = field(default_factory=dict)
-    _writers: dict = field(default_factory=dict)
 
-    @contextmanager
-    def reading(self) -> Iterator[None]:
-        """Hold the cache for a find/export: its kernels start after the writes already launched."""
-        with self.lock:
-            if self.device.type == "cuda":
-                handle = torch._C._cuda_getCurrentRawStream(self.device.index)
-                self._order_after(handle, self._writers)
-                if handle not in self._readers:
-                    self._readers[handle] = torch.cuda.current_stream(self.device)
-            yield
+def _lower_tiers_entry(token: int, keys_ptr: int, n: int, rows_ptr: int, found_ptr: int) -> int:
+    try:
+        target = _lower_targets.get(token)
+        if target is None:
+            return 1
+        server_ref, rt, pipe = target
+        server = server_ref()
+        if server is None:
+            return 1
+        keys = torch.frombuffer((ctypes.c_int64 * n).from_address(keys_ptr), dtype=torch.int64)
+        rows = torch.frombuffer((ctypes.c_float * (n * rt.dim)).from_address(rows_ptr), dtype=torch.float32)
+        found = torch.frombuffer((ctypes.c_bool * n).from_address(found_ptr), dtype=torch.bool)
+        server._fetch_lower_tiers(rt, pipe, keys, rows.view(n, rt.dim), found)
+        return 0
+    except BaseException:  # never unwind into native code; the pipeline raises, this log says why
+        log.exception("lower-tier fetch for lookup pipeline token %d failed", token)
+        return 1
 
-    @contextmanager
-    def writing(self) -> Iterator[None]:
-        """Hold the cache for an insert/assign: its kernels start after every read and write already launched."""
-        with self.lock:
-            if self.device.type == "cuda":
-                handle = torch._C._cuda_getCurrentRawStream(self.device.index)
-                self._order_after(handle, self._readers)
-                self._order_after(handle, self._writers)
-                # Everything launched so far now precedes this write, so later work need only follow it.
-                self._readers.clear()
-                mine = self._writers.get(handle) or torch.cuda.current_stream(self.device)
-                self._writers.clear()
-                self._writers[handle] = mine
-            yield
 
-    def _order_after(self, handle: int, others: dict) -> None:
-        """Make the current stream (raw `handle`) wait for the work launched so far on each other stream of
-        `others`: an event recorded now covers everything launched there before, all of it under this lock.
-        The usual case - one stream - costs one raw-handle read and no stream object."""
-        current = None
-        for other_handle, other in others.items():
-            if other_handle != handle:
-                current = current or torch.cuda.current_stream(self.device)
-                current.wait_event(other.record_event())
+_LOWER_TIERS = _LOWER_TIER_FN(_lower_tiers_entry)
+_LOWER_TIERS_ADDR = ctypes.cast(_LOWER_TIERS, ctypes.c_void_p).value
 
 
 @dataclass
@@ -118,10 +91,10 @@ class TableRuntime:
     config: Any  # hps_config.TableConfig
     cache_config: Any  # hps_config.CacheConfig
     files: TableFiles | None = None
-    caches: dict[torch.device, CacheRuntime] = field(default_factory=dict)
+    # The table's pipeline on each device it is served on (its cache, resident table or host-mapped index).
+    caches: dict[torch.device, TablePipeline] = field(default_factory=dict)
     cache_lock: threading.Lock = field(default_factory=threading.Lock)
     uncached_stats: TableStats = field(default_factory=TableStats)
-    host_values: HostMappedValues | None = None  # uvm mode: the rows, in pinned host memory, shared by devices
 
     @property
     def mode(self) -> str:
@@ -160,6 +133,7 @@ class HierarchicalParameterServer:
         self._host_tier = self.tiers[0] if self.tiers and hasattr(self.tiers[0], "map_handle") else None
         self.tables: dict[str, list[TableRuntime]] = {}
         self._warned_cpu_fallback = False
+        self._tokens: list[int] = []  # lower-tier callback tokens of this server's pipelines
         try:
             for model_name, model in self.config.models.items():
                 runtimes = []
@@ -278,55 +252,78 @@ class HierarchicalParameterServer:
             devices.append(torch.device("cuda", ordinal))
         return devices
 
-    def _cache_for(self, rt: TableRuntime, device: torch.device, *, create: bool = False) -> CacheRuntime | None:
-        """The cache of `rt` on `device`; CPU keys get a CPU cache created on first use."""
+    def _cache_for(self, rt: TableRuntime, device: torch.device, *, create: bool = False) -> TablePipeline | None:
+        """The pipeline of `rt` on `device`; CPU keys get a CPU pipeline created on first use."""
         if not rt.cache_config.enabled:
             return None
-        cr = rt.caches.get(device)
-        if cr is not None:
-            return cr
+        pipe = rt.caches.get(device)
+        if pipe is not None:
+            return pipe
         if not create and device.type != "cpu":
             deployed = self.config.models[rt.model].deployed_device_list
             raise ValueError(
                 f"model {rt.model!r} is not deployed on {device} (deployed_device_list {list(deployed)})"
             )
         with rt.cache_lock:
-            cr = rt.caches.get(device)
-            if cr is None:
-                cr = self._new_cache(rt, device)
-                rt.caches[device] = cr
-        return cr
+            pipe = rt.caches.get(device)
+            if pipe is None:
+                pipe = self._new_pipeline(rt, device)
+                rt.caches[device] = pipe
+        return pipe
 
-    def _new_cache(self, rt: TableRuntime, device: torch.device) -> CacheRuntime:
+    def _new_pipeline(self, rt: TableRuntime, device: torch.device) -> TablePipeline:
+        """The table's pipeline on `device`: a resident table when the whole table is meant to fit (static, uvm, or
+        a cache of ratio >= 1 built from files), else a dynamic cache of ratio x rows."""
         cfg = rt.cache_config
-        if rt.mode == "static":
-            return CacheRuntime(cache=StaticTable(rt.files, device), device=device)
-        if rt.mode == "uvm":
-            if rt.host_values is None:
-                rt.host_values = HostMappedValues(rt.files)
-            return CacheRuntime(cache=HostMappedTable(rt.host_values, device), device=device)
         rows = rt.files.num_keys if rt.files is not None else self.tiers_size(rt.tag)
-        capacity = max(int(cfg.ratio * max(rows, 1)), ops.bucket_size())
-        cache = EmbeddingCache(capacity, rt.dim, device=device, policy=cfg.policy)
-        cr = CacheRuntime(cache=cache, device=device, insert_counts=torch.zeros(4, dtype=torch.int64, device=device))
-        cr.max_pending_inserts = max(1, int(cfg.num_worker_buffers))
-        if cfg.hit_rate_threshold <= 1.0:
-            cr.insert_worker = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix=f"hps-insert-{rt.model}-{rt.name}-{device}"
-            )
-        if cfg.init and cfg.refresh_percentage > 0 and rt.files is not None:
-            self._warm_up(rt, cr)
-        return cr
+        common = dict(dim=rt.dim, default_value=rt.default_value, max_keys=rt.max_keys_per_call, tag=rt.tag)
+        resident = rt.mode in ("static", "uvm") or (cfg.ratio >= 1.0 and rt.files is not None)
+        if resident:
+            on_host = rt.mode == "uvm" and device.type == "cuda"
+            # static: the table answers for every key (HPS); uvm and covering caches ask the tiers for keys they lack.
+            pipe = TablePipeline.resident(device, capacity=max(rows, 1), mode=rt.mode,
+                                          misses_to_tiers=rt.mode != "static", rows_on_host=on_host, **common)
+            self._load_resident(rt, pipe)
+        else:
+            capacity = max(int(cfg.ratio * max(rows, 1)), ops.bucket_size())
+            pipe = TablePipeline.dynamic_cache(device, capacity=capacity, policy=cfg.policy, **common)
+        self._connect(rt, pipe)
+        if not resident and cfg.init and cfg.refresh_percentage > 0 and rt.files is not None:
+            self._warm_up(rt, pipe)
+        return pipe
 
-    def _warm_up(self, rt: TableRuntime, cr: CacheRuntime) -> None:
+    def _load_resident(self, rt: TableRuntime, pipe: TablePipeline) -> None:
+        """Fill a resident table from the table files, or from the same table on another device (uvm: one pinned
+        copy of the rows serves every GPU)."""
+        for other in rt.caches.values():
+            if other.kind == "resident" and (other.device.type == pipe.device.type or rt.mode != "uvm"):
+                pipe.load_like(other)
+                return
+        for keys, vectors in rt.files.iter_chunks(_FILL_CHUNK):
+            pipe.load(torch.from_numpy(np.array(keys, dtype=np.int64)),
+                      torch.from_numpy(np.array(vectors, dtype=np.float32)))
+
+    def _connect(self, rt: TableRuntime, pipe: TablePipeline) -> None:
+        """Wire a pipeline's miss path: the host map by handle, the lower tiers through the callback."""
+        source = self._host_tier.map_handle(rt.tag) if self._host_tier is not None else -1
+        lower = self.tiers[1:] if self._host_tier is not None else self.tiers
+        token = 0
+        if lower:
+            token = next(_lower_tokens)
+            _lower_targets[token] = (weakref.ref(self), rt, pipe)
+            self._tokens.append(token)
+        cfg = rt.cache_config
+        pipe.connect(source=source, lower_tiers=_LOWER_TIERS_ADDR if lower else 0, token=token,
+                     hit_rate_threshold=cfg.hit_rate_threshold, max_pending=max(1, int(cfg.num_worker_buffers)))
+
+    def _warm_up(self, rt: TableRuntime, pipe: TablePipeline) -> None:
         """HPS init_ec: fill the cache with the first rows of the table file."""
-        n = min(rt.files.num_keys, cr.cache.num_slots)
+        n = min(rt.files.num_keys, pipe.num_slots)
         chunk = 1 << 16
         for start in range(0, n, chunk):
             keys = torch.from_numpy(rt.files.keys[start:start + chunk].copy())
             values = torch.from_numpy(rt.files.vectors[start:start + chunk].copy())
-            with cr.writing():
-                cr.cache.insert_or_assign(keys.to(cr.device), values.to(cr.device))
+            pipe.insert(keys, values)
 
     def tiers_size(self, tag: str) -> int:
         """Rows of `tag` in the largest tier (for sizing caches when no files were loaded)."""
@@ -378,19 +375,28 @@ class HierarchicalParameterServer:
         """
         self._check_open()
         rt = self.table(model, table)
-        self._check_keys(rt, keys)
-        flat = keys.reshape(-1)
-        if not flat.is_contiguous():
-            flat = flat.contiguous()
-        cr = self._cache_for(rt, flat.device)
-        if cr is None:
-            out = self._lookup_uncached(rt, flat)
-        else:
-            out = self._lookup_cached(rt, cr, flat)
-        return out.reshape(*keys.shape, rt.dim)
+        if not isinstance(keys, torch.Tensor):
+            raise TypeError(f"keys must be a torch.Tensor, found {type(keys).__name__}")
+        pipe = rt.caches.get(keys.device) or self._cache_for(rt, keys.device)
+        if pipe is None:
+            self._check_keys(rt, keys)
+            return self._lookup_uncached(rt, keys.reshape(-1)).reshape(*keys.shape, rt.dim)
+        return pipe.lookup(keys)  # checks dtype, device and size natively
+
+    def pipeline(self, model: str, table: int | str, device: str | torch.device) -> TablePipeline:
+        """The lookup pipeline of (model, table) on `device` (what the torch layers call); ValueError if the table
+        has no cache (HPS gpucache false) or the model is not deployed there."""
+        rt = self.table(model, table)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        pipe = self._cache_for(rt, device)
+        if pipe is None:
+            raise ValueError(f"{rt.tag} has no cache (cache.enabled false): it has no lookup pipeline")
+        return pipe
 
     def _lookup_uncached(self, rt: TableRuntime, flat: torch.Tensor) -> torch.Tensor:
-        """HPS gpucache: false — every key position straight from the tiers, no de-duplication (a sort of the batch
+        """HPS gpucache: false - every key position straight from the tiers, no de-duplication (a sort of the batch
         costs more than fetching a repeated row twice)."""
         stats = rt.uncached_stats
         start = time.perf_counter()
@@ -403,166 +409,51 @@ class HierarchicalParameterServer:
         stats.latency["total"].record(time.perf_counter() - start)
         return out
 
-    def _lookup_cached(self, rt: TableRuntime, cr: CacheRuntime, flat: torch.Tensor) -> torch.Tensor:
-        stats = cr.stats
-        lat = stats.latency
-        start = time.perf_counter()
-        n = flat.numel()
-        if n == 0:
-            stats.add(lookups=1)
-            return torch.empty((0, rt.dim), dtype=torch.float32, device=flat.device)
-        source = self._host_tier.map_handle(rt.tag) if self._host_tier is not None else -1
-        learns = rt.mode == "dynamic"
-        threshold = rt.cache_config.hit_rate_threshold
-        async_ok = cr.insert_worker is not None and cr.pending_inserts < cr.max_pending_inserts
-        if learns and (flat.device.type == "cpu" or n <= ops.host_plan_max_keys()):
-            # One native call does find -> plan -> host-map fetch -> scatter -> insert (cache_lookup_host); it
-            # leaves the plan to the code below only for an async insert or rows the host map lacks.
-            cache = cr.cache
-            cache.note_find(n)
-            with cr.writing():
-                (values, unique_keys, rows, in_source, index, misses, unique, source_hits, grouped,
-                 done) = torch.ops.hps.cache_lookup_host(
-                    cache.slot_keys, cache.digests, cache.scores, cache.values, cache.clock, flat,
-                    cache.policy_code, source, cr.insert_counts, threshold if async_ok else 2.0)
-                version = cr.version
-            t_collect = time.perf_counter()
-            lat["fused_lookup"].record(t_collect - start)
-        else:
-            with cr.reading():
-                values, found = cr.cache.find(flat)
-                version = cr.version
-            t_find = time.perf_counter()
-            lat["cache_find"].record(t_find - start)
-            # A large batch checks "all hit?" on the device first (one flag read) rather than copying every key to
-            # the host for collect_misses.
-            if n > ops.host_plan_max_keys() and bool(found.all()):
-                stats.add(lookups=1, keys=n, cache_hits=n)
-                lat["total"].record(time.perf_counter() - start)
-                return values
-            num_buckets = cr.cache.num_buckets if learns else 0  # plan the keys in the cache's bucket order
-            unique_keys, rows, in_source, index, misses, unique, source_hits, grouped = torch.ops.hps.collect_misses(
-                flat, found, rt.dim, source, num_buckets)
-            t_collect = time.perf_counter()
-            lat["miss_compaction"].record(t_collect - t_find)
-            done = misses == 0
-        if misses and source >= 0:
-            self._host_tier.record_fetch(rt.tag, unique, source_hits)
-            stats.add_tier_hits(self._host_tier.name, source_hits)
-        stats.add(lookups=1, keys=n, cache_hits=n - misses, cache_misses=misses, unique_misses=unique)
-        if done:
-            lat["total"].record(time.perf_counter() - start)
-            return values
-
-        hit_rate = 1.0 - misses / n
-        if (learns and hit_rate >= threshold and cr.insert_worker is not None
-                and cr.pending_inserts < cr.max_pending_inserts):
-            # HPS async mode: the current batch gets defaults for its misses; the insert worker fetches them.
-            rows.fill_(rt.default_value)
-            torch.ops.hps.apply_misses(values, index, rows)
-            stats.add(defaults_served=misses, async_insert_batches=1)
-            with cr.lock:
-                cr.pending_inserts += 1
-            cr.insert_worker.submit(self._async_insert, rt, cr, unique_keys.clone(), version)
-            lat["total"].record(time.perf_counter() - start)
-            return values
-
-        level = 1 if source >= 0 else 0
-        if source_hits < unique:  # rows the host map lacks: the lower tiers, then the default vector
-            missing = (~in_source).nonzero().squeeze(1)
-            occurrences = torch.bincount(index[2 + misses:2 + 2 * misses], minlength=unique)
-            self._fill_missing(rt, unique_keys, rows, missing, stats, level, occurrences)
-        t_tiers = time.perf_counter()
-        lat["tiers"].record(t_tiers - t_collect)
-        dev_keys, dev_rows = torch.ops.hps.apply_misses(values, index, rows)
-        t_merge = time.perf_counter()
-        lat["merge"].record(t_merge - t_tiers)
-        if learns:
-            self._insert(rt, cr, dev_keys, dev_rows, version, grouped=grouped)
-        lat["cache_insert"].record(time.perf_counter() - t_merge)
-        lat["total"].record(time.perf_counter() - start)
-        return values
-
-    def _fetch_from_tiers(self, rt: TableRuntime, keys: torch.Tensor, stats: TableStats,
-                          positions_per_key: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows of int64 CPU `keys` from the tiers in order; the default vector for the rest.
-
-        The first tier answers for every key into its own fresh buffer (no extra copy); later tiers are asked
-        only for what is still missing. `stats.defaults_served` counts key positions: keys are weighted by how
-        often they occurred when `positions_per_key` is given, else counted once each.
-        """
+    def _fetch_from_tiers(self, rt: TableRuntime, keys: torch.Tensor, stats: TableStats) -> torch.Tensor:
+        """Rows of int64 CPU `keys` from the tiers in order; the default vector for the rest (key positions)."""
         n = keys.numel()
-        if not self.tiers:
-            out = torch.empty((n, rt.dim), dtype=torch.float32)
-            self._fill_missing(rt, keys, out, torch.arange(n), stats, 0, positions_per_key)
-            return out
-        first = self.tiers[0]
-        out, found = first.fetch(rt.tag, keys)
-        hits = int(found.count_nonzero())  # ~10x cheaper than nonzero(), which only a partial hit needs
-        stats.add_tier_hits(first.name, hits)
-        if hits < n:
-            self._fill_missing(rt, keys, out, (~found).nonzero().squeeze(1), stats, 1, positions_per_key)
+        out = torch.empty((n, rt.dim), dtype=torch.float32)
+        found = torch.zeros(n, dtype=torch.bool)
+        self._fill_from_tiers(rt, keys, out, found, 0, stats.add_tier_hits)
+        missing = (~found).nonzero().squeeze(1)
+        if missing.numel():
+            out.index_fill_(0, missing, rt.default_value)
+            stats.add(defaults_served=missing.numel())
         return out
 
-    def _fill_missing(self, rt: TableRuntime, keys: torch.Tensor, out: torch.Tensor, missing: torch.Tensor,
-                      stats: TableStats, level: int, positions_per_key: torch.Tensor | None) -> None:
-        """out[missing] = the rows of keys[missing] from tiers[level:] in order, the default vector for the rest.
+    def _fetch_lower_tiers(self, rt: TableRuntime, pipe: TablePipeline, keys: torch.Tensor, rows: torch.Tensor,
+                           found: torch.Tensor) -> None:
+        """The lower-tier callback of a pipeline: rows of distinct keys the host map lacks (rows/found are the
+        pipeline's buffers; it fills the default vector for what stays missing)."""
+        self._fill_from_tiers(rt, keys, rows, found, 1 if self._host_tier is not None else 0, pipe.add_tier_hits)
 
-        Rows found below a tier configured with cache_missed_embeddings are promoted into it.
-        """
+    def _fill_from_tiers(self, rt: TableRuntime, keys: torch.Tensor, out: torch.Tensor, found: torch.Tensor,
+                         level: int, add_hits: Any) -> None:
+        """out[i] = the row of keys[i] from tiers[level:] in order, found[i] = True where one held it. Rows found
+        below a tier configured with cache_missed_embeddings are promoted into it."""
+        missing = (~found).nonzero().squeeze(1)
         for lvl in range(level, len(self.tiers)):
             if missing.numel() == 0:
                 break
             tier = self.tiers[lvl]
-            values, found = tier.fetch(rt.tag, keys.index_select(0, missing))
-            hit_pos = found.nonzero().squeeze(1)
+            values, hit = tier.fetch(rt.tag, keys.index_select(0, missing))
+            hit_pos = hit.nonzero().squeeze(1)
             hit_idx = missing.index_select(0, hit_pos)
             if hit_idx.numel():
                 out.index_copy_(0, hit_idx, values.index_select(0, hit_pos))
+                found.index_fill_(0, hit_idx, True)
                 for upper in self._promote_into:
                     if upper < lvl and not getattr(self.tiers[upper], "read_only", False):
                         self.tiers[upper].insert(rt.tag, keys.index_select(0, hit_idx), out.index_select(0, hit_idx))
-            stats.add_tier_hits(tier.name, hit_idx.numel())
-            missing = missing[~found]
-        if missing.numel():
-            out.index_fill_(0, missing, rt.default_value)
-            weight = (positions_per_key.index_select(0, missing).sum() if positions_per_key is not None
-                      else missing.numel())
-            stats.add(defaults_served=int(weight))
-
-    def _insert(self, rt: TableRuntime, cr: CacheRuntime, keys: torch.Tensor, rows: torch.Tensor,
-                version: int, grouped: bool = False) -> None:
-        """Insert rows fetched under cache version `version` (dropped if an update came since). `grouped`: the keys
-        are in the cache's bucket order (collect_misses planned them so), which needs no sort."""
-        keys = keys.to(cr.device)
-        rows = rows.to(cr.device)
-        with cr.writing():
-            if cr.version != version:
-                cr.stats.add(stale_inserts_skipped=keys.numel())
-                return
-            if grouped:
-                cr.cache.insert_grouped(keys, rows, cr.insert_counts)
-            else:
-                cr.insert_counts.add_(cr.cache.insert_or_assign_async(keys, rows))
-
-    def _async_insert(self, rt: TableRuntime, cr: CacheRuntime, keys: torch.Tensor, version: int) -> None:
-        try:
-            rows = self._fetch_from_tiers(rt, keys, cr.stats, positions_per_key=torch.zeros(keys.numel(),
-                                                                                            dtype=torch.int64))
-            self._insert(rt, cr, keys, rows, version)
-        except Exception:  # the worker must survive; the failure is visible in the log
-            log.exception("asynchronous cache insert for %s on %s failed", rt.tag, cr.device)
-        finally:
-            with cr.lock:
-                cr.pending_inserts -= 1
+            add_hits(tier.name, hit_idx.numel())
+            missing = missing[~hit]
 
     def wait_for_inserts(self) -> None:
         """Block until every queued asynchronous cache insert has been applied."""
         for runtimes in self.tables.values():
             for rt in runtimes:
-                for cr in list(rt.caches.values()):
-                    if cr.insert_worker is not None:
-                        cr.insert_worker.submit(lambda: None).result()
+                for pipe in list(rt.caches.values()):
+                    pipe.wait_inserts()
 
     # ------------------------------------------------------------------ update / refresh
 
@@ -597,57 +488,30 @@ class HierarchicalParameterServer:
         rows = vectors.detach().to("cpu").contiguous().index_select(0, last)
         for tier in self.tiers:
             tier.insert(rt.tag, unique, rows)
-        if rt.host_values is not None:
-            self._update_host_mapped(rt, unique, rows)
-        for cr in list(rt.caches.values()):
-            if isinstance(cr.cache, HostMappedTable):
-                continue
-            dev_keys, dev_rows = unique.to(cr.device), rows.to(cr.device)
-            with cr.writing():
-                cr.version += 1
-                cr.cache.assign(dev_keys, dev_rows)
-            cr.stats.add(updates=1)
-
-    def _update_host_mapped(self, rt: TableRuntime, keys: torch.Tensor, rows: torch.Tensor) -> None:
-        """uvm mode: overwrite the shared host rows once no device still reads them (locks held, streams drained)."""
-        crs = list(rt.caches.values())
-        for cr in crs:
-            cr.lock.acquire()
-        try:
-            for cr in crs:
-                if cr.device.type == "cuda":
-                    torch.cuda.synchronize(cr.device)
-            rt.host_values.assign(keys, rows)
-            for cr in crs:
-                cr.version += 1
-                cr.stats.add(updates=1)
-        finally:
-            for cr in reversed(crs):
-                cr.lock.release()
+        # Then every device's table: present rows overwritten (a resident static table also takes new keys), and
+        # queued asynchronous inserts of older rows dropped.
+        for pipe in list(rt.caches.values()):
+            pipe.update(unique, rows)
 
     def refresh(self, model: str | None = None, table: int | str | None = None, chunk_slots: int = 1 << 16) -> int:
-        """Re-read every cached key of the selected tables from the tiers (HPS refresh); returns keys refreshed."""
+        """Re-read every cached key of the selected tables from the tiers (HPS refresh); returns keys refreshed.
+
+        Static and uvm tables are skipped: nothing is cached in them that update() does not already change."""
         self._check_open()
         total = 0
         for rt in self._select(model, table):
-            for cr in list(rt.caches.values()):
-                if not isinstance(cr.cache, EmbeddingCache):
-                    continue  # static / uvm tables are updated in place by update(); nothing cached to re-read
-                slots = cr.cache.num_slots
+            if rt.mode != "dynamic":
+                continue
+            for pipe in list(rt.caches.values()):
+                slots = pipe.num_slots
                 for start in range(0, slots, chunk_slots):
-                    end = min(start + chunk_slots, slots)
-                    with cr.reading():
-                        keys, _ = cr.cache.export_batch(start, end)
-                        version = cr.version
+                    keys, version = pipe.export_keys(start, min(start + chunk_slots, slots))
                     if keys.numel() == 0:
                         continue
-                    rows = self._fetch_from_tiers(rt, keys.to("cpu", torch.int64), TableStats())
-                    with cr.writing():
-                        if cr.version == version:
-                            cr.cache.assign(keys, rows.to(cr.device))
-                            total += keys.numel()
-                            cr.stats.add(refreshed_keys=keys.numel())
-                        # else: an update raced this chunk; its rows are newer than ours.
+                    rows = self._fetch_from_tiers(rt, keys, TableStats())
+                    assigned = pipe.assign_if_version(keys, rows, version)
+                    if assigned >= 0:  # else an update raced this chunk; its rows are newer than ours
+                        total += keys.numel()
         return total
 
     def _select(self, model: str | None, table: int | str | None) -> list[TableRuntime]:
@@ -664,23 +528,11 @@ class HierarchicalParameterServer:
         """Counters per model / table / device (lookups, keys, cache hits, hits per tier, defaults served,
         inserts, evictions, refused inserts, latency percentiles per stage), plus per tier, plus memory."""
         out: dict = {"models": {}, "tiers": {}}
+        host_tier = self._host_tier.name if self._host_tier is not None else None
         for model, runtimes in self.tables.items():
             mdict = out["models"].setdefault(model, {})
             for rt in runtimes:
-                tdict = {}
-                for device, cr in rt.caches.items():
-                    d = cr.stats.as_dict()
-                    with cr.lock:
-                        counts = cr.insert_counts.tolist() if cr.insert_counts is not None else [0, 0, 0, 0]
-                    d["inserts"] += counts[0]
-                    d["evictions"] += counts[2]
-                    d["refused_inserts"] += counts[3]
-                    d["mode"] = rt.mode
-                    if isinstance(cr.cache, EmbeddingCache):
-                        d["cache_size"] = cr.cache.size()
-                        d["cache_slots"] = cr.cache.num_slots
-                    d["cache_memory_bytes"] = cr.cache.memory_bytes()
-                    tdict[str(device)] = d
+                tdict = {str(device): pipe.stats(host_tier) for device, pipe in rt.caches.items()}
                 if not rt.cache_config.enabled:
                     tdict["uncached"] = rt.uncached_stats.as_dict()
                 mdict[rt.name] = tdict
@@ -701,9 +553,10 @@ class HierarchicalParameterServer:
         self._closed = True
         for runtimes in getattr(self, "tables", {}).values():
             for rt in runtimes:
-                for cr in rt.caches.values():
-                    if cr.insert_worker is not None:
-                        cr.insert_worker.shutdown(wait=True)
+                for pipe in rt.caches.values():
+                    pipe.close()
+        for token in getattr(self, "_tokens", []):
+            _lower_targets.pop(token, None)
         for tier in getattr(self, "tiers", []):
             try:
                 tier.close()

@@ -1,13 +1,13 @@
 """torch front end: `LookupLayer` (like nn.Embedding) and `BagLookupLayer` (like nn.EmbeddingBag) over the engine.
 
-Both call the custom op `torch.ops.hps.lookup`, whose fake kernel knows the output shape, so models using the
-layers can be traced by torch.compile / torch.export (the lookup itself stays an opaque call into the engine).
+LookupLayer calls the table's native lookup pipeline directly, through the op `torch.ops.hps.lookup(handle, keys)`
+(hps_core.pipeline): no Python between the module call and the native call beyond one dict lookup. The op's fake
+kernel knows the output shape, so models using the layers can be traced by torch.compile / torch.export (the lookup
+stays one opaque call).
 """
 
 from __future__ import annotations
 
-import itertools
-import threading
 from typing import Optional
 
 import torch
@@ -16,39 +16,12 @@ from torch import nn
 from hps_core import pipeline_ops
 from hps_core.engine import HierarchicalParameterServer, default_server
 
-# Servers addressable from the op (an op cannot take a Python object): id -> server.
-_servers: dict[int, HierarchicalParameterServer] = {}
-_server_ids = itertools.count(1)
-_servers_lock = threading.Lock()
+_lookup = torch.ops.hps.lookup.default
 
 
-def _register(server: HierarchicalParameterServer) -> int:
-    with _servers_lock:
-        for sid, s in _servers.items():
-            if s is server:
-                return sid
-        sid = next(_server_ids)
-        _servers[sid] = server
-        return sid
-
-
-def _server(sid: int) -> HierarchicalParameterServer:
-    try:
-        return _servers[sid]
-    except KeyError:
-        raise RuntimeError(f"hps server id {sid} is not registered in this process") from None
-
-
-# NOTE: defined in Python, not in cuda_ext/csrc/hps_ops.cpp, because its kernel is the Python engine.
-@torch.library.custom_op("hps::lookup", mutates_args=())
-def _lookup_op(server_id: int, model: str, table: str, keys: torch.Tensor) -> torch.Tensor:
-    return _server(server_id).lookup(model, table, keys)
-
-
-@_lookup_op.register_fake
-def _(server_id: int, model: str, table: str, keys: torch.Tensor) -> torch.Tensor:
-    dim = _server(server_id).table(model, table).dim
-    return keys.new_empty((*keys.shape, dim), dtype=torch.float32)
+@torch.compiler.disable
+def _lookup_uncached(server: HierarchicalParameterServer, model: str, table: str, keys: torch.Tensor) -> torch.Tensor:
+    return server.lookup(model, table, keys)
 
 
 _MODES = {"sum": 0, "mean": 1, "sqrtn": 2}
@@ -77,10 +50,16 @@ class LookupLayer(nn.Module):
         self.server = server if server is not None else default_server()
         rt = self.server.table(model, table)
         self.model, self.table, self.dim = rt.model, rt.name, rt.dim
-        self._sid = _register(self.server)
+        self._cached = rt.cache_config.enabled
+        self._handles: dict[torch.device, int] = {}  # the table's pipeline on each device keys came from
 
     def forward(self, keys: torch.Tensor) -> torch.Tensor:
-        return torch.ops.hps.lookup(self._sid, self.model, self.table, keys)
+        handle = self._handles.get(keys.device)
+        if handle is None:
+            if not self._cached or not isinstance(keys, torch.Tensor):
+                return _lookup_uncached(self.server, self.model, self.table, keys)
+            handle = self._handles[keys.device] = self.server.pipeline(self.model, self.table, keys.device).handle
+        return _lookup(handle, keys)
 
     def extra_repr(self) -> str:
         return f"model={self.model!r}, table={self.table!r}, dim={self.dim}"

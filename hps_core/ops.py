@@ -43,6 +43,10 @@ __all__ = [
     "cache_clear",
     "cache_size",
     "cache_decay",
+    "cache_find_misses",
+    "resident_index_build",
+    "resident_find",
+    "gather_rows",
 ]
 
 # Policy codes of the `policy` argument (cache_layout.h: kPolicyLRU, kPolicyLFU). NOTE: no op exports them, so they
@@ -62,13 +66,6 @@ def bucket_size() -> int:
 def clock_limit() -> int:
     """kClockLimit (2**30): the LRU clock is halved (with the scores) before it reaches this."""
     return int(torch.ops.hps.clock_limit())
-
-
-@functools.cache
-def host_plan_max_keys() -> int:
-    """kHostPlanMaxKeys (65,536): GPU batches up to this size take the one-call miss path (cache_lookup_host) with
-    the misses planned on the host; larger ones plan them on the device."""
-    return int(torch.ops.hps.host_plan_max_keys())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,8 +141,8 @@ def cache_insert_grouped(
     counts: Tensor,
     policy: int,
 ) -> None:
-    """cache_insert_or_assign for keys already in non-decreasing bucket order (as collect_misses plans them with
-    num_buckets): one launch on CUDA, and [inserted, assigned, evicted, refused] ADDED to `counts` (4,) int64.
+    """cache_insert_or_assign for keys already in non-decreasing bucket order (as the lookup pipeline plans its
+    misses): one launch on CUDA, and [inserted, assigned, evicted, refused] ADDED to `counts` (4,) int64.
 
     The same result as cache_insert_or_assign on the same keys. The CPU twin raises ValueError on keys out of bucket
     order before writing anything; the CUDA twin does not check (see hps_ops.cpp).
@@ -196,6 +193,76 @@ def cache_size(digests: Tensor) -> Tensor:
 def cache_decay(scores: Tensor, clock: Tensor, policy: int) -> None:
     """Halve every score (floor); for LRU the clock too (mutates `scores`, and `clock` under LRU)."""
     torch.ops.hps.cache_decay.default(scores, clock, policy)
+
+
+def cache_find_misses(slot_keys: Tensor, digests: Tensor, scores: Tensor, values: Tensor, clock: Tensor, keys: Tensor,
+                      policy: int, default_value: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The lookup pipeline's find: cache_find's hits (scores and clock as cache_find), the default row for misses,
+    and the misses as a list.
+
+    Returns:
+        out (n, D) float32; miss_positions (n,) int32 and miss_keys (n,) int64, valid up to miss_count (0-d int64,
+        on the keys' device, so no host sync), in no particular order; zeros past the count.
+    """
+    return torch.ops.hps.cache_find_misses.default(slot_keys, digests, scores, values, clock, keys, policy,
+                                                   default_value)
+
+
+def resident_index_build(keys: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The resident index of rows 0..N-1 keyed by keys (N,) int64 CPU (a later duplicate's row wins).
+
+    Returns:
+        index_keys (S,) int64, index_digests (S,) uint8, index_rows (S,) int32, index_spill (S / 32,) uint8, CPU;
+        S = the slots of buckets sized for N keys at load 0.8 (cuda_ext/csrc/lookup_layout.h).
+    """
+    return torch.ops.hps.resident_index_build.default(keys)
+
+
+def resident_find(index_keys: Tensor, index_digests: Tensor, index_rows: Tensor, index_spill: Tensor, rows: Tensor,
+                  keys: Tensor, default_value: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rows of keys from a resident table (index from resident_index_build on keys' device, rows (R, D) there or
+    pinned on the host for a GPU index): out (n, D), the default row where the index lacks the key; the misses as
+    cache_find_misses gives them."""
+    return torch.ops.hps.resident_find.default(index_keys, index_digests, index_rows, index_spill, rows, keys,
+                                               default_value)
+
+
+GATHER_STRATEGIES = {"auto": 0, "zero_copy": 1, "staged": 2}
+
+
+def gather_rows(table: Tensor, rows: Tensor, strategy: str = "auto") -> Tensor:
+    """out[i] = table[rows[i]] (zeros where rows[i] is outside the table), on rows' device.
+
+    Args:
+        table: float32 (N, D) on the CPU, on rows' CUDA device, or in host memory read from a CUDA device.
+        rows: int64 (n,).
+        strategy: for a host table and CUDA rows, how the rows travel (the result is the same): "zero_copy" (the
+            kernel reads pinned memory over the bus; no host sync), "staged" (CPU threads gather into pinned
+            buffers the copy engine moves; syncs the host), "auto" (zero-copy for a pinned table, staged for a
+            pageable one).
+
+    Example:
+        >>> gather_rows(torch.eye(3), torch.tensor([2, 0, 5]))  # last row is zeros
+    """
+    if strategy not in GATHER_STRATEGIES:
+        raise ValueError(f"strategy must be one of {sorted(GATHER_STRATEGIES)}, found {strategy!r}")
+    return torch.ops.hps.gather_rows.default(table, rows, GATHER_STRATEGIES[strategy])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Lookup pipelines (hps_core.pipeline): the op hps::lookup(handle, keys) names one by handle. The fake kernel needs
+# the table's dim, which the Python side registers here with the handle.
+# ----------------------------------------------------------------------------------------------------------------
+
+_PIPELINE_DIMS: dict[int, int] = {}
+
+
+def register_pipeline_dim(handle: int, dim: int) -> None:
+    _PIPELINE_DIMS[handle] = dim
+
+
+def unregister_pipeline_dim(handle: int) -> None:
+    _PIPELINE_DIMS.pop(handle, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,6 +350,36 @@ def _cache_size_fake(digests):
 @torch.library.register_fake("hps::cache_decay")
 def _cache_decay_fake(scores, clock, policy):
     return None
+
+
+def _find_outputs_fake(keys: Tensor, dim: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n = keys.shape[0]
+    return (like.new_empty((n, dim)), keys.new_empty((n,), dtype=torch.int32), keys.new_empty((n,), dtype=torch.int64),
+            keys.new_empty((), dtype=torch.int64))
+
+
+@torch.library.register_fake("hps::cache_find_misses")
+def _cache_find_misses_fake(slot_keys, digests, scores, values, clock, keys, policy, default_value):
+    _fake_check_keys(keys)
+    return _find_outputs_fake(keys, values.shape[1], values)
+
+
+@torch.library.register_fake("hps::resident_find")
+def _resident_find_fake(index_keys, index_digests, index_rows, index_spill, rows, keys, default_value):
+    _fake_check_keys(keys)
+    return _find_outputs_fake(keys, rows.shape[1], keys.new_empty((0,), dtype=torch.float32))
+
+
+@torch.library.register_fake("hps::gather_rows")
+def _gather_rows_fake(table: Tensor, rows: Tensor, strategy: int = 0) -> Tensor:
+    return rows.new_empty((rows.shape[0], table.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("hps::lookup")
+def _lookup_fake(handle, keys):
+    dim = _PIPELINE_DIMS.get(handle)
+    torch._check(dim is not None, lambda: f"no lookup pipeline has handle {handle} in this process")
+    return keys.new_empty((*keys.shape, dim), dtype=torch.float32)
 
 
 # The lookup-pipeline ops keep their wrappers and fake kernels in pipeline_ops, but the fakes must be registered

@@ -1,4 +1,5 @@
-"""Counters and latency recorders of the engine (what `HierarchicalParameterServer.stats()` reports)."""
+"""Counters and latency recorders of the engine's uncached lookups (HPS gpucache false); cached lookups count in
+their native pipeline (hps_core.pipeline)."""
 
 from __future__ import annotations
 
@@ -55,9 +56,9 @@ class LatencyRecorder:
         }
 
 
-# fused_lookup: find + plan + host-map fetch + merge + insert of a small batch in one native call (cache_lookup_host);
-# the other stages time the same steps one by one (large GPU batches, and what a fused call leaves unfinished).
-STAGES = ("total", "fused_lookup", "cache_find", "miss_compaction", "tiers", "merge", "cache_insert")
+# Stages of an uncached lookup (HPS gpucache false); cached lookups report the native pipeline's stages
+# (hps_core.pipeline.STAGES).
+STAGES = ("total", "tiers")
 
 
 @dataclasses.dataclass

@@ -40,28 +40,21 @@
 //           by the kernel (pinned tables only), 2 = CPU gather into pinned staging + copy engine (syncs the host),
 //           0 = zero-copy for a pinned table, staged for a pageable one.
 //
-// Miss-path ops (device-generic, miss_path.cpp; they synchronise the host by design - not for graph capture):
-//  * collect_misses(keys (n,), found (n,), dim, source, num_buckets=0) -> unique_keys (u,) int64 CPU: the distinct
-//           keys of the miss positions in ascending order (as compact_misses) - or, when num_buckets > 0 and the
-//           batch is planned on the host (any CPU batch, a GPU batch of <= 65,536 keys), in ascending
-//           (bucket_of(mix64(key), num_buckets), key) order, ready for cache_insert_grouped (`grouped` says which); rows (u, dim) float32 CPU: their rows from the HostHashMap
-//           whose handle() is `source` (zeros where absent, or everywhere for source = -1); in_source (u,) bool CPU; index (2 + 2m + u,) int64
-//           CPU = [m, u, the m miss positions ascending, for each its index into unique_keys, unique_keys]
-//           (unique_keys is a view of its tail); then m, u, the number of keys found in `source`, and `grouped`.
-//           Host buffers are pinned when keys are on a GPU. With no miss: empty tensors, index = [0, 0].
-//  * cache_lookup_host(cache state, keys, policy, source, counts (4,), async_hit_rate): one small batch's cached
-//           lookup = cache_find, then collect_misses(num_buckets of the cache), then - when every distinct miss
-//           was in `source` and the hit rate is below async_hit_rate - apply_misses and cache_insert_grouped
-//           (counts added to). Returns out (n, D), collect_misses' outputs, and `done` (false: the plan was not
-//           applied; the caller finishes). At most 65,536 keys on a GPU.
-//  * apply_misses(out (n, D), index, rows (u, D) CPU) -> (unique_keys, rows) on out's device, and
-//           out[positions[j]] = rows[inverse[j]]. The plan is checked on the host first: a bad one raises and
-//           writes nothing.
+// Lookup-pipeline finds (lookup_cpu.cpp / lookup_cuda.cu; the LookupPipeline runs the same kernels):
+//  * cache_find_misses(cache state, keys, policy, default_value) -> out (n, D): hits' rows (scores and clock as
+//           cache_find), the default row for misses; miss_positions (n,) int32 and miss_keys (n,) int64: the
+//           misses in no particular order, valid up to miss_count (0-d int64, on the keys' device); zeros after.
+//  * resident_find(index_keys, index_digests, index_rows, index_spill, rows, keys, default_value) -> the same four
+//           outputs for a resident table: keys (S,) / digests (S,) / rows (S,) int32 / spill (S/32,) of the index
+//           (lookup_layout.h), rows (R, D) on the index's device (or pinned host memory for a GPU index).
+//  * resident_index_build(keys (N,) int64 CPU) -> the resident index of row i = keys[i] as CPU tensors (the index
+//           a pipeline builds while loading; a later duplicate's row wins).
+//  * lookup(handle, keys) -> keys.shape + (D,): the whole lookup of a LookupPipeline (pipeline.h).
 #include <Python.h>
 #include <torch/library.h>
 
 #include "cache_layout.h"
-#include "miss_path.h"
+#include "pipeline.h"
 
 namespace hps {
 // Defined in cpu/host_map_cpu.cpp: the host-memory tier's hash map, a torch custom class.
@@ -75,7 +68,6 @@ TORCH_LIBRARY(hps, m) {
   // Constants shared with Python come from here, not copied.
   m.def("bucket_size() -> int", []() -> int64_t { return hps::kBucketSize; });
   m.def("clock_limit() -> int", []() -> int64_t { return hps::kClockLimit; });
-  m.def("host_plan_max_keys() -> int", []() -> int64_t { return hps::kHostPlanMaxKeys; });
 
   // (n,) keys -> bucket (n,) int64, digest (n,) uint8. For tests and tools; the kernels inline the same hash.
   m.def("hash_keys(Tensor keys, int num_buckets) -> (Tensor bucket, Tensor digest)");
@@ -104,8 +96,17 @@ TORCH_LIBRARY(hps, m) {
   m.def("bag_reduce(Tensor values, Tensor offsets, Tensor? weights, int mode) -> Tensor");
   m.def("gather_rows(Tensor table, Tensor rows, int strategy=0) -> Tensor");
 
+  m.def(
+      "cache_find_misses(Tensor slot_keys, Tensor digests, Tensor(a!) scores, Tensor values, Tensor(b!) clock, "
+      "Tensor keys, int policy, float default_value) -> (Tensor out, Tensor miss_positions, Tensor miss_keys, "
+      "Tensor miss_count)");
+  m.def(
+      "resident_find(Tensor index_keys, Tensor index_digests, Tensor index_rows, Tensor index_spill, Tensor rows, "
+      "Tensor keys, float default_value) -> (Tensor out, Tensor miss_positions, Tensor miss_keys, Tensor miss_count)");
+  m.def("resident_index_build(Tensor keys) -> (Tensor keys, Tensor digests, Tensor rows, Tensor spill)");
+
   hps::register_host_map_class(m);
-  hps::register_miss_path_ops(m);
+  hps::register_pipeline(m);
 }
 
 // The extension is imported as the Python module hps_core._C; loading it runs the registrations above.

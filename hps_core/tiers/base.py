@@ -35,7 +35,7 @@ def check_keys(keys: object, name: str = "keys") -> torch.Tensor:
 class TierStats:
     """Counters of one tier for one table tag."""
 
-    fetches: int = 0  # fetch calls
+    fetches: int = 0  # fetch calls (host memory: calls on its map, a large tier fetch being several)
     keys_requested: int = 0
     keys_found: int = 0
     keys_inserted: int = 0

@@ -201,22 +201,12 @@ class HostMemoryTier(Tier):
             for start in range(0, n, self.max_batch_size):
                 stop = min(start + self.max_batch_size, n)
                 values[start:stop], found[start:stop] = table.map.fetch(keys[start:stop])
-        self.record_fetch(tag, n, int(found.count_nonzero()))
         return values, found
 
     def map_handle(self, tag: str) -> int:
-        """The handle of the table's `torch.classes.hps.HostHashMap`, for the engine's miss path (the op
-        `hps::collect_misses` fetches from the map by handle, without a Python round trip). Whoever fetches through
-        it reports with record_fetch."""
+        """The handle of the table's `torch.classes.hps.HostHashMap`, for the engine's lookup pipelines (they fetch
+        misses from the map by handle, without a Python round trip; the map counts every fetch itself)."""
         return self._table(tag).handle
-
-    def record_fetch(self, tag: str, requested: int, found: int) -> None:
-        """Count a fetch made through native_map (keys requested, keys found)."""
-        table = self._table(tag)
-        with table.lock:
-            table.stats.fetches += 1
-            table.stats.keys_requested += requested
-            table.stats.keys_found += found
 
     def insert(self, tag: str, keys: torch.Tensor, values: torch.Tensor) -> int:
         """Insert or overwrite rows: keys int64 (n,), values float32 (n, dim), CPU. Returns how many keys were new.
@@ -307,8 +297,10 @@ class HostMemoryTier(Tier):
         """Counters per tag (copies)."""
         out = {}
         for tag, table in list(self._tables.items()):
+            fetches, requested, found = table.map.fetch_counts()
             with table.lock:
-                out[tag] = dataclasses.replace(table.stats, keys_evicted=int(table.map.evictions()))
+                out[tag] = dataclasses.replace(table.stats, keys_evicted=int(table.map.evictions()), fetches=fetches,
+                                               keys_requested=requested, keys_found=found)
         return out
 
     def close(self) -> None:

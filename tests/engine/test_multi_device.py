@@ -178,11 +178,11 @@ def key_pools(refs, rng, tables):
 
 
 def contains(cr, keys: np.ndarray) -> np.ndarray:
-    return cr.cache.contains(torch.from_numpy(keys).to(cr.device)).cpu().numpy()
+    return cr.contains(torch.from_numpy(keys).to(cr.device)).cpu().numpy()
 
 
 def cached_rows(cr) -> dict[int, np.ndarray]:
-    keys, values = cr.cache.export_all()
+    keys, values = cr.export_all()
     return dict(zip(keys.cpu().tolist(), values.cpu().numpy()))
 
 
@@ -268,18 +268,18 @@ def test_caches_are_independent_per_device(tmp_path, rng, pair):
             np.testing.assert_array_equal(out.cpu().numpy(), refs[("retrieval", "document")].lookup(k_both))
         assert set(rt.caches) >= {a, b}
         ca, cb = rt.caches[a], rt.caches[b]
-        assert ca.cache is not cb.cache and ca.lock is not cb.lock and ca.stats is not cb.stats
-        assert ca.cache.device == a and cb.cache.device == b
+        assert ca is not cb and ca.native is not cb.native
+        assert ca.device == a and cb.device == b
         assert contains(ca, k_a).all() and contains(ca, k_both).all() and not contains(ca, k_b).any()
         assert contains(cb, k_b).all() and contains(cb, k_both).all() and not contains(cb, k_a).any()
-        assert ca.cache.size() == cb.cache.size() == 160  # nothing else got in
+        assert ca.size() == cb.size() == 160  # nothing else got in
         # The other tables' caches saw none of it.
         for name in ("query_token",):
             for cr in hps.table("retrieval", name).caches.values():
-                assert cr.cache.size() == 0
+                assert cr.size() == 0
         for name, *_ in MODELS["ranking"][0]:
             for cr in hps.table("ranking", name).caches.values():
-                assert cr.cache.size() == 0
+                assert cr.size() == 0
 
 
 # ------------------------------------------------------------------------------------------------ (c) update
@@ -314,7 +314,7 @@ def test_update_reaches_every_device(tmp_path, rng, pair):
             for k in np.concatenate([mine[30:], k_both[30:]]).tolist():
                 np.testing.assert_array_equal(rows[k], ref.lookup([k])[0])  # untouched rows unchanged
             assert not contains(cr, np.concatenate([other, cold, fresh])).any()  # update assigns, never inserts
-            assert cr.stats.updates == 1 and cr.cache.size() == 160
+            assert cr.stats(None)["updates"] == 1 and cr.size() == 160
         for tier in hps.tiers:  # every row a tier holds is the new one; RocksDB (no overflow) holds them all
             values, found = tier.fetch(rt.tag, torch.from_numpy(upd))
             assert bool(found.any()) and (tier.name != "rocksdb" or bool(found.all())), tier.name
@@ -399,9 +399,10 @@ def test_static_and_host_mapped_tables_on_every_device(tmp_path, rng, pair, mode
                 np.testing.assert_array_equal(out.cpu().numpy(), ref.lookup(q))
         run_per_device([(a, run), (b, run)])
         rt = hps.table("ranking", "item")
-        assert {a, b} <= set(rt.caches) and all(cr.cache.device == d for d, cr in rt.caches.items())
-        if mode == "uvm":  # one host copy of the rows, whatever the number of devices
-            assert len({id(cr.cache.host) for cr in rt.caches.values()}) == 1
+        assert {a, b} <= set(rt.caches) and all(cr.device == d for d, cr in rt.caches.items())
+        if mode == "uvm":  # one pinned host copy of the rows, whatever the number of GPUs
+            gpus = [cr for cr in rt.caches.values() if cr.device.type == "cuda"]
+            assert len({cr.native.rows_ptr() for cr in gpus}) == min(len(gpus), 1)
         upd = ref.keys[:64]
         new = rng.standard_normal((64, ref.dim)).astype(np.float32)
         hps.update("ranking", "item", torch.from_numpy(upd), torch.from_numpy(new))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hps_core.table_modes import gather_rows
+from hps_core.ops import gather_rows
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 

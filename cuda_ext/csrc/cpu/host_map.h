@@ -52,11 +52,17 @@ class HostHashMap : public torch::CustomClassHolder {
   // Bytes allocated right now: index arrays + value pages (with their meta) + free lists + bookkeeping.
   int64_t memory_bytes() const;
   int64_t dim() const { return dim_; }
-  // A process-unique number naming this map to ops (hps::collect_misses): passing the object itself through
+  // A process-unique number naming this map to native code (a LookupPipeline): passing the object itself through
   // the dispatcher from Python costs ~30 us per call, an int nothing. Resolved by find_host_map.
   int64_t handle(const c10::intrusive_ptr<HostHashMap>& self);
   int64_t num_partitions() const { return num_partitions_; }
   int64_t evictions() const { return evictions_.load(std::memory_order_relaxed); }
+  // [fetch calls, keys requested, keys found] over the map's life, whoever fetched (the tier, or a lookup
+  // pipeline by handle).
+  std::vector<int64_t> fetch_counts() const {
+    return {fetches_.load(std::memory_order_relaxed), keys_requested_.load(std::memory_order_relaxed),
+            keys_found_.load(std::memory_order_relaxed)};
+  }
   // Every stored key, int64 (size(),), partition by partition in index order.
   at::Tensor export_keys() const;
   // Entries per partition, int64 (num_partitions,) (tests, balance checks).
@@ -76,6 +82,9 @@ class HostHashMap : public torch::CustomClassHolder {
   int64_t overflow_policy_;
   int64_t keep_after_overflow_;  // floor(margin * target)
   std::atomic<int64_t> evictions_{0};
+  std::atomic<int64_t> fetches_{0};
+  std::atomic<int64_t> keys_requested_{0};
+  std::atomic<int64_t> keys_found_{0};
   std::vector<std::unique_ptr<host_map_detail::Partition>> parts_;
 };
 

@@ -550,7 +550,9 @@ void HostHashMap::fetch_into(const at::Tensor& keys_in, at::Tensor& out, at::Ten
                         found.size(0) == n && found.is_contiguous(),
                     "HostHashMap.fetch_into: found must be a contiguous CPU bool tensor of shape (", n, ",), found ",
                     found.scalar_type(), " ", found.sizes(), " on ", found.device());
+  fetches_.fetch_add(1, std::memory_order_relaxed);
   if (n == 0) return;
+  keys_requested_.fetch_add(n, std::memory_order_relaxed);
   const at::Tensor keys = keys_in.contiguous();
   const int64_t* kp = keys.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
@@ -576,6 +578,7 @@ void HostHashMap::fetch_into(const at::Tensor& keys_in, at::Tensor& out, at::Ten
       (n + chunk - 1) / chunk,
       [&](int64_t c) {
         const int64_t begin = c * chunk, end = std::min(n, begin + chunk);
+        int64_t hits = 0;
         int64_t p = std::upper_bound(offsets, offsets + num_partitions_ + 1, begin) - offsets - 1;
         for (int64_t rb = begin; rb < end; ++p) {
           const int64_t re = std::min(end, offsets[p + 1]);
@@ -615,6 +618,7 @@ void HostHashMap::fetch_into(const at::Tensor& keys_in, at::Tensor& out, at::Ten
             }
             cpu::copy_row_out(op + i * dim, part.row_values(r), dim, streaming);
             fp[i] = true;
+            ++hits;
             if (policy == kEvictLeastUsed) {
               // NOTE: GCC atomic builtins, not std::atomic_ref: the GPU machine's torch builds as C++17.
               uint32_t* m = part.row_meta(r);
@@ -627,6 +631,7 @@ void HostHashMap::fetch_into(const at::Tensor& keys_in, at::Tensor& out, at::Ten
           }
           rb = re;
         }
+        keys_found_.fetch_add(hits, std::memory_order_relaxed);
       },
       [&] {
         if (streaming) cpu::streaming_fence();  // streamed rows visible before the join
@@ -823,6 +828,7 @@ void register_host_map_class(torch::Library& m) {
       .def("dim", &HostHashMap::dim)
       .def("num_partitions", &HostHashMap::num_partitions)
       .def("evictions", &HostHashMap::evictions)
+      .def("fetch_counts", &HostHashMap::fetch_counts)
       .def("export_keys", &HostHashMap::export_keys)
       .def("partition_sizes", &HostHashMap::partition_sizes);
 }

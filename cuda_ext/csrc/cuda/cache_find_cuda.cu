@@ -106,16 +106,6 @@ void launch_find_group(int group, bool lru, cudaStream_t stream, const at::Tenso
   }
 }
 
-// Lanes per key, measured on an H200 (16.8 M slots at 0.6 load, all hits; G keys/s by lanes per key 4/8/16/32):
-//   dim 128: 3.4 M keys 2.89/2.86/2.63/2.01, 26 K keys 0.98/1.49/1.18/1.42;
-//   dim 16:  3.4 M keys 7.02/6.51/4.81/2.84, 26 K keys 1.23/1.73/1.21/1.55.
-// Eight lanes keep several keys' loads in flight per warp; four win only on large batches of narrow rows. Digests
-// not aligned for the group's wide load (a sliced state tensor) fall back to the whole warp.
-int find_group(int64_t n, int64_t dim, const void* digests) {
-  const int group = (dim < 64 && n >= (int64_t(1) << 17)) ? 4 : 8;
-  return digests_aligned_for(group, digests) ? group : kWarp;
-}
-
 std::tuple<at::Tensor, at::Tensor> cache_find_cuda(const at::Tensor& slot_keys, const at::Tensor& digests,
                                                    at::Tensor& scores,        // (S,) int32, touched
                                                    const at::Tensor& values,  // (S, D) float32

@@ -1,35 +1,18 @@
-// CUDA twins of cache_insert_or_assign and cache_assign (hps_ops.cpp contract; results identical to
-// cpu/cache_insert_cpu.cpp).
-//
-// Parallel decomposition (both ops): the keys' buckets are computed and STABLY sorted (at::sort, no host sync), so
-// the keys of one bucket form a run in input order. Warp p starts work only if sorted position p begins a run;
-// it then walks the run's keys one by one, exactly as the CPU's sequential contract does:
-//   lane j holds slot j of the bucket (digest, key, score) in registers; for each key a ballot answers "present?",
-//   another "lowest free slot", and a warp min over (score, lane) of the slots not yet written by this call (a
-//   32-bit mask the warp holds) picks the eviction victim, ties to the lowest slot index. The warp copies each row
-//   with 16-byte accesses when possible. Buckets are independent, so runs need no ordering between them.
-// At the end of a run the rows are already written; a fence then publishes the slot keys/scores and finally the
-// digests, so a concurrent find never sees a new key before its row (an evicted slot is hidden - digest 0 - before
-// its row is overwritten).
+// CUDA twins of cache_insert_or_assign, cache_insert_grouped and cache_assign (hps_ops.cpp contract; results
+// identical to cpu/cache_insert_cpu.cpp). The insert walk itself - one warp per run of one bucket's keys, in input
+// order - is in cache_insert_run.cuh (shared with the lookup pipeline's apply kernel); insert_or_assign and assign
+// first group the keys by bucket with a STABLE sort (at::sort, no host sync).
 // Counts: per block in shared memory, one global atomicAdd per block and counter.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include "cuda/cache_cuda_common.cuh"
+#include "cuda/cache_insert_run.cuh"
 
 namespace hps {
 namespace {
 
 using namespace hps::cuda;
-
-enum Count { kInserted = 0, kAssigned = 1, kEvicted = 2, kRefused = 3 };
-
-// Orders (score, lane) so that an unsigned minimum is "lowest score, then lowest slot index".
-__device__ __forceinline__ uint64_t victim_order(int32_t score, int lane) {
-  const uint32_t biased = static_cast<uint32_t>(score) ^ 0x80000000u;
-  return (static_cast<uint64_t>(biased) << 32) | static_cast<uint32_t>(lane);
-}
 
 template <typename key_t, bool kVec4>
 __global__ void __launch_bounds__(kThreads)
@@ -42,84 +25,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ unsigned long long block_counts[4];
   if (threadIdx.x < 4) block_counts[threadIdx.x] = 0;
   __syncthreads();
-
-  const int lane = lane_id();
-  const int32_t new_score = lru ? score_from_clock(clock[0]) : 1;
-  const int64_t stride = total_warps();
-  // Without sorted_bucket/perm (cache_insert_grouped) the keys arrive grouped by bucket and each key's bucket is
-  // recomputed from the key itself: cheap, and always a bucket of this cache.
-  const auto bucket_at = [&](int64_t q) {
-    return sorted_bucket != nullptr ? sorted_bucket[q]
-                                    : bucket_of(mix64(key_bits(static_cast<int64_t>(keys[q]))), num_buckets);
-  };
-  for (int64_t p = global_warp_id(); p < n; p += stride) {
-    const int64_t bucket = bucket_at(p);
-    if (p > 0 && bucket_at(p - 1) == bucket) continue;  // not the start of a run
-    const int64_t base = bucket * kBucketSize;
-    uint8_t my_digest = digests[base + lane];
-    int64_t my_key = my_digest == kEmptyDigest ? 0 : slot_keys[base + lane];
-    int32_t my_score = scores[base + lane];
-    bool dirty = false;    // this lane's slot got a new key
-    uint32_t written = 0;  // bit j: slot j was inserted or assigned by this call (warp-uniform)
-    unsigned long long c[4] = {0, 0, 0, 0};
-
-    for (int64_t q = p; q < n && bucket_at(q) == bucket; ++q) {
-      const int64_t i = perm != nullptr ? perm[q] : q;
-      const int64_t key = static_cast<int64_t>(keys[i]);
-      const uint8_t digest = digest_of(mix64(key_bits(key)));
-      const float* src = new_values + i * dim;
-      const unsigned present = __ballot_sync(kFullMask, my_digest == digest && my_key == key);
-      if (present) {  // present before this call or inserted earlier in it: assign, score untouched
-        const int slot = __ffs(present) - 1;
-        warp_copy_row<kVec4>(values + (base + slot) * dim, src, dim, lane);
-        written |= 1u << slot;
-        ++c[kAssigned];
-        continue;
-      }
-      const unsigned free_slots = __ballot_sync(kFullMask, my_digest == kEmptyDigest);
-      int slot;
-      if (free_slots) {
-        slot = __ffs(free_slots) - 1;
-      } else {
-        const bool candidate = ((written >> lane) & 1u) == 0u;
-        const uint64_t best = warp_min_u64(candidate ? victim_order(my_score, lane) : ~uint64_t(0));
-        if (best == ~uint64_t(0)) {  // every slot written by this call
-          ++c[kRefused];
-          continue;
-        }
-        slot = static_cast<int>(best & 31u);
-        ++c[kEvicted];
-        // Hide the victim before its row changes (a concurrent reader must not pair its key with the new row).
-        if (lane == slot) digests[base + slot] = kEmptyDigest;
-        __threadfence();
-        __syncwarp();
-      }
-      if (lane == slot) {
-        my_digest = digest;
-        my_key = key;
-        my_score = new_score;
-        dirty = true;
-      }
-      warp_copy_row<kVec4>(values + (base + slot) * dim, src, dim, lane);
-      written |= 1u << slot;
-      ++c[kInserted];
-    }
-
-    // Publish: rows first (written above), then keys and scores, then the digests that make the slots visible.
-    if (dirty) {
-      slot_keys[base + lane] = my_key;
-      scores[base + lane] = my_score;
-    }
-    __threadfence();
-    __syncwarp();
-    if (dirty) digests[base + lane] = my_digest;
-    if (lane == 0) {
-      for (int k = 0; k < 4; ++k) {
-        if (c[k]) atomicAdd(&block_counts[k], c[k]);
-      }
-    }
-  }
-
+  insert_runs<key_t, kVec4>(slot_keys, digests, scores, values, clock, keys, new_values, sorted_bucket, perm, n, dim,
+                            lru, num_buckets, global_warp_id(), total_warps(), block_counts);
   __syncthreads();
   if (threadIdx.x < 4 && block_counts[threadIdx.x]) {
     atomic_add_i64(counts + threadIdx.x, static_cast<int64_t>(block_counts[threadIdx.x]));

@@ -1,0 +1,120 @@
+// The insert walk of the CUDA cache (cache_insert_or_assign, cache_insert_grouped, and the lookup pipeline's
+// apply kernel): one warp per run of keys of one bucket, in input order - the CPU's sequential contract.
+//
+// Parallel decomposition: the keys' buckets are grouped (stably sorted, or planned so on the host), so the keys of
+// one bucket form a run in input order. Warp p starts work only if sorted position p begins a run; it then walks
+// the run's keys one by one, exactly as the CPU's sequential contract does:
+//   lane j holds slot j of the bucket (digest, key, score) in registers; for each key a ballot answers "present?",
+//   another "lowest free slot", and a warp min over (score, lane) of the slots not yet written by this call (a
+//   32-bit mask the warp holds) picks the eviction victim, ties to the lowest slot index. The warp copies each row
+//   with 16-byte accesses when possible. Buckets are independent, so runs need no ordering between them.
+// At the end of a run the rows are already written; a fence then publishes the slot keys/scores and finally the
+// digests, so a concurrent find never sees a new key before its row (an evicted slot is hidden - digest 0 - before
+// its row is overwritten).
+#pragma once
+
+#include "cuda/cache_cuda_common.cuh"
+
+namespace hps {
+namespace cuda {
+
+enum InsertCount { kInserted = 0, kAssigned = 1, kEvicted = 2, kRefused = 3 };
+
+// Orders (score, lane) so that an unsigned minimum is "lowest score, then lowest slot index".
+__device__ __forceinline__ uint64_t victim_order(int32_t score, int lane) {
+  const uint32_t biased = static_cast<uint32_t>(score) ^ 0x80000000u;
+  return (static_cast<uint64_t>(biased) << 32) | static_cast<uint32_t>(lane);
+}
+
+// The insert of n keys by `num_warps` warps of a launch, this one being number `warp` among them; the
+// block's counts are added to block_counts (shared, zeroed by the caller) and later to `counts` by the caller.
+template <typename key_t, bool kVec4>
+__device__ __forceinline__ void insert_runs(int64_t* __restrict__ slot_keys, uint8_t* __restrict__ digests,
+                                            int32_t* __restrict__ scores, float* __restrict__ values,
+                                            const int64_t* __restrict__ clock, const key_t* __restrict__ keys,
+                                            const float* __restrict__ new_values,
+                                            const int64_t* __restrict__ sorted_bucket,
+                                            const int64_t* __restrict__ perm, int64_t n, int64_t dim, bool lru,
+                                            int64_t num_buckets, int64_t warp, int64_t num_warps,
+                                            unsigned long long* block_counts) {
+  const int lane = lane_id();
+  const int32_t new_score = lru ? score_from_clock(clock[0]) : 1;
+  const int64_t stride = num_warps;
+  // Without sorted_bucket/perm (cache_insert_grouped) the keys arrive grouped by bucket and each key's bucket is
+  // recomputed from the key itself: cheap, and always a bucket of this cache.
+  const auto bucket_at = [&](int64_t q) {
+    return sorted_bucket != nullptr ? sorted_bucket[q]
+                                    : bucket_of(mix64(key_bits(static_cast<int64_t>(keys[q]))), num_buckets);
+  };
+  for (int64_t p = warp; p < n; p += stride) {
+    const int64_t bucket = bucket_at(p);
+    if (p > 0 && bucket_at(p - 1) == bucket) continue;  // not the start of a run
+    const int64_t base = bucket * kBucketSize;
+    uint8_t my_digest = digests[base + lane];
+    int64_t my_key = my_digest == kEmptyDigest ? 0 : slot_keys[base + lane];
+    int32_t my_score = scores[base + lane];
+    bool dirty = false;    // this lane's slot got a new key
+    uint32_t written = 0;  // bit j: slot j was inserted or assigned by this call (warp-uniform)
+    unsigned long long c[4] = {0, 0, 0, 0};
+
+    for (int64_t q = p; q < n && bucket_at(q) == bucket; ++q) {
+      const int64_t i = perm != nullptr ? perm[q] : q;
+      const int64_t key = static_cast<int64_t>(keys[i]);
+      const uint8_t digest = digest_of(mix64(key_bits(key)));
+      const float* src = new_values + i * dim;
+      const unsigned present = __ballot_sync(kFullMask, my_digest == digest && my_key == key);
+      if (present) {  // present before this call or inserted earlier in it: assign, score untouched
+        const int slot = __ffs(present) - 1;
+        warp_copy_row<kVec4>(values + (base + slot) * dim, src, dim, lane);
+        written |= 1u << slot;
+        ++c[kAssigned];
+        continue;
+      }
+      const unsigned free_slots = __ballot_sync(kFullMask, my_digest == kEmptyDigest);
+      int slot;
+      if (free_slots) {
+        slot = __ffs(free_slots) - 1;
+      } else {
+        const bool candidate = ((written >> lane) & 1u) == 0u;
+        const uint64_t best = warp_min_u64(candidate ? victim_order(my_score, lane) : ~uint64_t(0));
+        if (best == ~uint64_t(0)) {  // every slot written by this call
+          ++c[kRefused];
+          continue;
+        }
+        slot = static_cast<int>(best & 31u);
+        ++c[kEvicted];
+        // Hide the victim before its row changes (a concurrent reader must not pair its key with the new row).
+        if (lane == slot) digests[base + slot] = kEmptyDigest;
+        __threadfence();
+        __syncwarp();
+      }
+      if (lane == slot) {
+        my_digest = digest;
+        my_key = key;
+        my_score = new_score;
+        dirty = true;
+      }
+      warp_copy_row<kVec4>(values + (base + slot) * dim, src, dim, lane);
+      written |= 1u << slot;
+      ++c[kInserted];
+    }
+
+    // Publish: rows first (written above), then keys and scores, then the digests that make the slots visible.
+    if (dirty) {
+      slot_keys[base + lane] = my_key;
+      scores[base + lane] = my_score;
+    }
+    __threadfence();
+    __syncwarp();
+    if (dirty) digests[base + lane] = my_digest;
+    if (lane == 0) {
+      for (int k = 0; k < 4; ++k) {
+        if (c[k]) atomicAdd(&block_counts[k], c[k]);
+      }
+    }
+  }
+}
+
+
+}  // namespace cuda
+}  // namespace hps

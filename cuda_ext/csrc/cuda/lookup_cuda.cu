@@ -1,0 +1,338 @@
+// The lookup pipeline's CUDA kernels (CPU twins in cpu/lookup_cpu.cpp, identical results) and the ops that expose
+// them for tests: cache_find_misses, resident_find.
+//
+// find: the cache's find (cache_find_cuda.cu: G lanes per key, digests first, 16-byte row copies) or the resident
+//   index's probe (primary bucket, then the secondary one when the primary is marked spilled), and in the same pass:
+//   - a miss gets the table's default row, and its (position, key) is appended to the miss list: per warp one
+//     ballot of the missing groups, one atomicAdd on the control block, each missing group's leader writes its
+//     entry (the list is in no particular order; the host plan sorts what it needs);
+//   - the last block to finish (a ticket counter in the control block) resets the per-call counters for the next
+//     call, adds the call to the cumulative counters, bumps the LRU clock (every block read it at its start and
+//     has finished), and publishes the miss count and the call's sequence number to pinned host memory.
+//   So a lookup is one launch - no memset, no clock kernel - and a CUDA graph can replay it.
+// apply: one launch with three block roles: scatter (a group of 8 lanes per miss position copies its row into the
+//   output), cache insert (cache_insert_run.cuh: a warp per bucket run, keys grouped by bucket on the host), and
+//   the resident writes (rows to their new row ids, whole index buckets copied from the host's index). The roles
+//   touch disjoint memory, so they need no ordering among themselves; no find runs concurrently (the pipeline
+//   orders every call on the table).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "cuda/cache_insert_run.cuh"
+#include "cuda/lookup_cuda.h"
+#include "lookup_layout.h"
+#include "resident_index.h"
+
+namespace hps {
+namespace cuda {
+namespace {
+
+template <int G, bool kVec4>
+__device__ __forceinline__ void group_fill_row(float* __restrict__ dst, float value, int64_t dim, int glane) {
+  if (kVec4) {
+    float4* d = reinterpret_cast<float4*>(dst);
+    const int64_t n4 = dim >> 2;
+    for (int64_t c = glane; c < n4; c += G) d[c] = make_float4(value, value, value, value);
+  } else {
+    for (int64_t c = glane; c < dim; c += G) dst[c] = value;
+  }
+}
+
+template <typename key_t, int G, bool kVec4, int kMode>
+__global__ void __launch_bounds__(kThreads) find_kernel(const FindArgs a) {
+  constexpr int kKeysPerWarp = kWarp / G;
+  const int lane = lane_id();
+  const int glane = lane % G;
+  const key_t* __restrict__ keys = static_cast<const key_t*>(a.keys);
+  // The clock is bumped by the last block; every hit of this call gets the bumped value.
+  const int32_t lru_score = kMode == kFindCacheLRU ? score_from_clock(a.clock[0] + 1) : 0;
+  const int64_t dim = a.dim;
+  const int64_t stride = total_warps() * kKeysPerWarp;
+  // Warp-uniform loop: every lane reaches the shuffles and ballots; groups past n only take part in them.
+  for (int64_t i0 = global_warp_id() * kKeysPerWarp; i0 < a.n; i0 += stride) {
+    const int64_t i = i0 + lane / G;
+    const bool valid = i < a.n;
+    int64_t key = 0;
+    uint64_t h = 0;
+    int64_t b1 = 0;
+    uint8_t digest = 0;
+    if (valid) {
+      key = static_cast<int64_t>(keys[i]);
+      h = mix64(key_bits(key));
+      b1 = bucket_of(h, a.num_buckets);
+      digest = digest_of(h);
+    }
+    const int j = group_probe<G>(a.slot_keys, a.digests, b1 * kBucketSize, key, digest, glane, valid);
+    int64_t slot = j >= 0 ? b1 * kBucketSize + j : -1;
+    if (kMode == kFindResident) {
+      const bool second = valid && j < 0 && a.spill[b1] != 0;
+      if (__any_sync(kFullMask, second)) {
+        const int64_t b2 = second ? secondary_bucket_of(h, a.num_buckets, b1) : 0;
+        const int j2 = group_probe<G>(a.slot_keys, a.digests, b2 * kBucketSize, key, digest, glane, second);
+        if (second && j2 >= 0) slot = b2 * kBucketSize + j2;
+      }
+    }
+    const bool miss = valid && slot < 0;
+    const unsigned leaders = __ballot_sync(kFullMask, miss && glane == 0);
+    if (leaders != 0) {
+      unsigned long long first = 0;
+      if (lane == 0) {
+        first = atomicAdd(reinterpret_cast<unsigned long long*>(a.ctrl + kCtrlMissCount),
+                          static_cast<unsigned long long>(__popc(leaders)));
+      }
+      first = __shfl_sync(kFullMask, first, 0);
+      if (miss && glane == 0 && a.miss_pos != nullptr) {
+        const int64_t r = static_cast<int64_t>(first) + __popc(leaders & ((1u << lane) - 1u));
+        a.miss_pos[r] = static_cast<int32_t>(i);
+        a.miss_keys[r] = key;
+      }
+    }
+    if (!valid) continue;
+    float* dst = a.out + i * dim;
+    if (miss) {
+      group_fill_row<G, kVec4>(dst, a.default_value, dim, glane);
+      continue;
+    }
+    int64_t row = slot;
+    if (kMode == kFindResident) {
+      row = a.slot_rows[slot];
+    } else if (glane == 0) {
+      if (kMode == kFindCacheLRU) {
+        a.scores[slot] = lru_score;
+      } else {
+        lfu_bump_atomic(a.scores + slot);
+      }
+    }
+    group_copy_row<G, kVec4>(dst, a.values + row * dim, dim, glane);
+  }
+
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();  // this block's miss entries (possibly in host memory) before its ticket
+    const unsigned long long ticket =
+        atomicAdd(reinterpret_cast<unsigned long long*>(a.ctrl + kCtrlBlocksDone), 1ull);
+    if (ticket == gridDim.x - 1) {  // the last block: every other block has finished
+      __threadfence();
+      volatile int64_t* ctrl = a.ctrl;
+      const int64_t misses = ctrl[kCtrlMissCount];
+      ctrl[kCtrlMissCount] = 0;
+      ctrl[kCtrlBlocksDone] = 0;
+      ctrl[kCtrlLookups] += 1;
+      ctrl[kCtrlKeys] += a.n;
+      ctrl[kCtrlMisses] += misses;
+      if (kMode != kFindResident) a.clock[0] += 1;
+      if (a.host_flag != nullptr) {
+        volatile int64_t* flag = a.host_flag;
+        flag[kFlagMisses] = misses;
+        __threadfence_system();
+        flag[kFlagSeq] = a.seq;
+      }
+    }
+  }
+}
+
+template <typename key_t, int G, bool kVec4>
+void launch_find_mode(const FindArgs& a, FindMode mode, cudaStream_t stream) {
+  const unsigned grid = warp_grid((a.n + kWarp / G - 1) / (kWarp / G));
+  switch (mode) {
+    case kFindCacheLRU:
+      find_kernel<key_t, G, kVec4, kFindCacheLRU><<<grid, kThreads, 0, stream>>>(a);
+      break;
+    case kFindCacheLFU:
+      find_kernel<key_t, G, kVec4, kFindCacheLFU><<<grid, kThreads, 0, stream>>>(a);
+      break;
+    default:
+      find_kernel<key_t, G, kVec4, kFindResident><<<grid, kThreads, 0, stream>>>(a);
+      break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename key_t, bool kVec4>
+void launch_find_group(int group, const FindArgs& a, FindMode mode, cudaStream_t stream) {
+  switch (group) {
+    case 4:
+      return launch_find_mode<key_t, 4, kVec4>(a, mode, stream);
+    case 8:
+      return launch_find_mode<key_t, 8, kVec4>(a, mode, stream);
+    default:
+      return launch_find_mode<key_t, 32, kVec4>(a, mode, stream);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------- apply
+
+constexpr int kApplyGroup = 8;  // lanes per row copied by the scatter and resident-write roles
+
+template <bool kVec4>
+__global__ void __launch_bounds__(kThreads) apply_kernel(const ApplyArgs a, int64_t scatter_blocks,
+                                                         int64_t insert_blocks, int64_t resident_blocks) {
+  constexpr int kGroupsPerBlock = kThreads / kApplyGroup;
+  const int glane = static_cast<int>(threadIdx.x) % kApplyGroup;
+  int64_t block = blockIdx.x;
+  if (block < scatter_blocks) {
+    const int64_t stride = scatter_blocks * kGroupsPerBlock;
+    for (int64_t j = block * kGroupsPerBlock + threadIdx.x / kApplyGroup; j < a.m; j += stride) {
+      group_copy_row<kApplyGroup, kVec4>(a.out + static_cast<int64_t>(a.pos[j]) * a.dim,
+                                         a.rows + static_cast<int64_t>(a.inv[j]) * a.dim, a.dim, glane);
+    }
+    return;
+  }
+  block -= scatter_blocks;
+  if (block < insert_blocks) {
+    __shared__ unsigned long long block_counts[4];
+    if (threadIdx.x < 4) block_counts[threadIdx.x] = 0;
+    __syncthreads();
+    insert_runs<int64_t, kVec4>(a.slot_keys, a.digests, a.scores, a.values, a.clock, a.ukeys, a.rows, nullptr,
+                                nullptr, a.u, a.dim, a.lru, a.num_buckets,
+                                (block * kThreads + threadIdx.x) / kWarp, insert_blocks * kWarpsPerBlock,
+                                block_counts);
+    __syncthreads();
+    if (threadIdx.x < 4 && block_counts[threadIdx.x]) {
+      atomic_add_i64(a.counts + threadIdx.x, static_cast<int64_t>(block_counts[threadIdx.x]));
+    }
+    return;
+  }
+  block -= insert_blocks;
+  if (block < resident_blocks) {
+    const int64_t stride = resident_blocks * kGroupsPerBlock;
+    const int64_t items = (a.row_ids != nullptr ? a.u : 0) + a.num_push;
+    const int64_t writes = a.row_ids != nullptr ? a.u : 0;
+    for (int64_t k = block * kGroupsPerBlock + threadIdx.x / kApplyGroup; k < items; k += stride) {
+      if (k < writes) {
+        const int32_t r = a.row_ids[k];
+        if (r >= 0) {
+          group_copy_row<kApplyGroup, kVec4>(a.table_rows + static_cast<int64_t>(r) * a.dim, a.rows + k * a.dim,
+                                             a.dim, glane);
+        }
+        continue;
+      }
+      const int64_t p = k - writes;
+      const int64_t base = a.push_buckets[p] * kBucketSize;
+      for (int s = glane; s < kBucketSize; s += kApplyGroup) {
+        a.index_keys[base + s] = a.push_keys[p * kBucketSize + s];
+        a.index_rows[base + s] = a.push_rows[p * kBucketSize + s];
+        a.index_digests[base + s] = a.push_digests[p * kBucketSize + s];
+      }
+      if (glane == 0) a.index_spill[a.push_buckets[p]] = a.push_spill[p];
+    }
+  }
+}
+
+int64_t blocks_for_groups(int64_t items) {
+  constexpr int64_t kGroupsPerBlock = kThreads / kApplyGroup;
+  const int64_t want = (items + kGroupsPerBlock - 1) / kGroupsPerBlock;
+  const int64_t cap = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16;
+  return want < cap ? want : cap;
+}
+
+}  // namespace
+
+void launch_find(const FindArgs& a, FindMode mode, cudaStream_t stream) {
+  const bool vec4 = rows_vec4(a.dim, {a.values, a.out});
+  const int group = find_group(a.n, a.dim, a.digests);
+  if (a.key_is_int64) {
+    if (vec4) {
+      launch_find_group<int64_t, true>(group, a, mode, stream);
+    } else {
+      launch_find_group<int64_t, false>(group, a, mode, stream);
+    }
+  } else {
+    if (vec4) {
+      launch_find_group<int32_t, true>(group, a, mode, stream);
+    } else {
+      launch_find_group<int32_t, false>(group, a, mode, stream);
+    }
+  }
+}
+
+void launch_apply(const ApplyArgs& a, cudaStream_t stream) {
+  const int64_t scatter_blocks = a.m > 0 ? blocks_for_groups(a.m) : 0;
+  const int64_t insert_blocks = a.ukeys != nullptr && a.u > 0 ? static_cast<int64_t>(warp_grid(a.u)) : 0;
+  const int64_t resident_items = (a.row_ids != nullptr ? a.u : 0) + a.num_push;
+  const int64_t resident_blocks = resident_items > 0 ? blocks_for_groups(resident_items) : 0;
+  const int64_t grid = scatter_blocks + insert_blocks + resident_blocks;
+  if (grid == 0) return;
+  const bool vec4 = rows_vec4(a.dim, {a.out, a.rows, a.values, a.table_rows});
+  auto kernel = vec4 ? apply_kernel<true> : apply_kernel<false>;
+  kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, scatter_blocks, insert_blocks, resident_blocks);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ------------------------------------------------------------------------------------------------------- ops
+
+namespace {
+
+// out (n, D), miss positions (n,) int32, miss keys (n,) int64, miss count (0-d int64, read from a fresh control
+// block, so no host sync). Entries of the miss lists past the count are zero; their order is not defined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_find_op(FindArgs& a, FindMode mode,
+                                                                       const at::Tensor& keys,
+                                                                       const at::Tensor& like_values) {
+  const int64_t n = keys.size(0);
+  at::Tensor out = at::empty({n, a.dim}, like_values.options());
+  at::Tensor miss_pos = at::zeros({n}, keys.options().dtype(at::kInt));
+  at::Tensor miss_keys = at::zeros({n}, keys.options().dtype(at::kLong));
+  at::Tensor ctrl = at::zeros({kCtrlSize}, keys.options().dtype(at::kLong));
+  if (n > 0) {
+    a.keys = keys.data_ptr();
+    a.key_is_int64 = keys.scalar_type() == at::kLong;
+    a.n = n;
+    a.out = out.data_ptr<float>();
+    a.miss_pos = miss_pos.data_ptr<int32_t>();
+    a.miss_keys = miss_keys.data_ptr<int64_t>();
+    a.ctrl = ctrl.data_ptr<int64_t>();
+    launch_find(a, mode, at::cuda::getCurrentCUDAStream());
+  }
+  return {out, miss_pos, miss_keys, ctrl.select(0, kCtrlMisses).clone()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cache_find_misses_cuda(
+    const at::Tensor& slot_keys, const at::Tensor& digests, at::Tensor& scores, const at::Tensor& values,
+    at::Tensor& clock, const at::Tensor& keys, int64_t policy, double default_value) {
+  const int64_t num_buckets = check_cuda_state(slot_keys, digests, scores, values, clock);
+  check_policy(policy);
+  check_query_keys(keys, slot_keys);
+  TORCH_CHECK_VALUE(keys.size(0) < (int64_t{1} << 31), "keys: at most 2^31 - 1 per call, found ", keys.size(0));
+  const c10::cuda::CUDAGuard guard(slot_keys.device());
+  FindArgs a;
+  a.slot_keys = slot_keys.data_ptr<int64_t>();
+  a.digests = digests.data_ptr<uint8_t>();
+  a.scores = scores.data_ptr<int32_t>();
+  a.values = values.data_ptr<float>();
+  a.clock = clock.data_ptr<int64_t>();
+  a.num_buckets = num_buckets;
+  a.dim = values.size(1);
+  a.default_value = static_cast<float>(default_value);
+  return run_find_op(a, policy == kPolicyLRU ? kFindCacheLRU : kFindCacheLFU, keys, values);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> resident_find_cuda(
+    const at::Tensor& index_keys, const at::Tensor& index_digests, const at::Tensor& index_rows,
+    const at::Tensor& index_spill, const at::Tensor& rows, const at::Tensor& keys, double default_value) {
+  const int64_t num_buckets = check_resident_index(index_keys, index_digests, index_rows, index_spill, rows);
+  HPS_CHECK_CUDA(index_keys);
+  check_query_keys(keys, index_keys);
+  TORCH_CHECK_VALUE(keys.size(0) < (int64_t{1} << 31), "keys: at most 2^31 - 1 per call, found ", keys.size(0));
+  const c10::cuda::CUDAGuard guard(index_keys.device());
+  FindArgs a;
+  a.slot_keys = index_keys.data_ptr<int64_t>();
+  a.digests = index_digests.data_ptr<uint8_t>();
+  a.slot_rows = index_rows.data_ptr<int32_t>();
+  a.spill = index_spill.data_ptr<uint8_t>();
+  a.values = rows.data_ptr<float>();
+  a.num_buckets = num_buckets;
+  a.dim = rows.size(1);
+  a.default_value = static_cast<float>(default_value);
+  return run_find_op(a, kFindResident, keys, rows);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hps, CUDA, m) {
+  m.impl("cache_find_misses", &cache_find_misses_cuda);
+  m.impl("resident_find", &resident_find_cuda);
+}
+
+}  // namespace cuda
+}  // namespace hps

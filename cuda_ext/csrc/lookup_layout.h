@@ -1,0 +1,123 @@
+// Shared by the lookup pipeline (pipeline.cpp) and its CPU and CUDA kernels (cpu/lookup_cpu.cpp,
+// cuda/lookup_cuda.cu): the control block a find publishes its misses and counters in, the resident index's
+// layout, and the kernel argument structs. Everything here is plain data, usable from host and device code.
+#pragma once
+
+#include <cstdint>
+
+#include "cache_layout.h"
+
+namespace hps {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Control block: one int64 array per pipeline, on the table's device, never reallocated (a captured CUDA graph
+// keeps its address). The find kernel's last block resets the per-call entries, so no memset runs between calls,
+// and adds the call to the cumulative counters, so lookups replayed from a CUDA graph are counted too.
+enum Ctrl : int64_t {
+  kCtrlMissCount = 0,   // misses of the running call (reset by the last block)
+  kCtrlBlocksDone = 1,  // blocks of the running call that finished (reset by the last block)
+  kCtrlLookups = 2,     // cumulative: lookups (non-empty finds)
+  kCtrlKeys = 3,        // cumulative: keys looked up
+  kCtrlMisses = 4,      // cumulative: key positions the table did not hold
+  kCtrlInserted = 5,    // cumulative insert counts of the cache (inserted, assigned, evicted, refused)
+  kCtrlAssigned = 6,
+  kCtrlEvicted = 7,
+  kCtrlRefused = 8,
+  kCtrlSize = 16,
+};
+
+// Host flag (pinned host memory the GPU writes through the bus): [misses of the call, the call's sequence
+// number]. The last block of a find writes the count, then the sequence number; the host spins on the sequence
+// number instead of synchronising the stream (a stream sync costs microseconds more on this hardware).
+enum HostFlag : int64_t { kFlagMisses = 0, kFlagSeq = 1, kFlagSize = 8 };
+
+// ---------------------------------------------------------------------------------------------------------------
+// Resident index (static tables and caches whose capacity covers the table): key -> row of a dense row array.
+// Buckets of kBucketSize slots as in the cache: keys (S,) int64, digests (S,) uint8 (0 = empty), rows (S,) int32
+// (the row of each slot's key), plus spill (B,) uint8: 1 when a key whose primary bucket is this one lives in its
+// secondary bucket. A key goes to its primary bucket while that has room, else to its secondary bucket; a find
+// probes the secondary bucket only when the primary lacks the key and is marked spilled. The index is built and
+// changed on the host (deterministic, the same on every device) and copied to the device.
+//
+// Secondary bucket: the high half of a second mix of the hash (independent of the primary bucket); never the
+// primary itself when there are two buckets or more.
+HPS_HD int64_t secondary_bucket_of(uint64_t h, int64_t num_buckets, int64_t primary) {
+  const int64_t b = bucket_of(mix64(h ^ 0x9E3779B97F4A7C15ull), num_buckets);
+  return b != primary ? b : (primary + 1 == num_buckets ? 0 : primary + 1);
+}
+
+// Load factor the index is built at: slots = keys / kResidentLoad, rounded up to whole buckets. At 0.8, ~6% of
+// buckets spill a key and a find probes a second bucket for ~0.5% of the keys; index bytes per key: 13 / 0.8.
+constexpr double kResidentLoad = 0.8;
+
+// ---------------------------------------------------------------------------------------------------------------
+// What a find probes: the dynamic cache (scores by policy, clock bumped) or the resident index (read only).
+enum FindMode : int { kFindCacheLRU = 0, kFindCacheLFU = 1, kFindResident = 2 };
+
+// Kernel arguments of one find. Table pointers for the kind being probed (the others null); misses go to
+// miss_pos/miss_keys (capacity n) or, when those are null, are only counted.
+struct FindArgs {
+  // dynamic cache
+  const int64_t* slot_keys = nullptr;
+  const uint8_t* digests = nullptr;
+  int32_t* scores = nullptr;
+  const float* values = nullptr;  // cache: (S, D) rows by slot; resident: (R, D) dense rows
+  int64_t* clock = nullptr;       // cache only: bumped once per find by the last block
+  // resident index
+  const int32_t* slot_rows = nullptr;
+  const uint8_t* spill = nullptr;
+  int64_t num_buckets = 0;
+  int64_t dim = 0;
+  // query
+  const void* keys = nullptr;  // (n,) int32 or int64 (key_is_int64)
+  bool key_is_int64 = true;
+  int64_t n = 0;
+  float default_value = 0.f;
+  float* out = nullptr;  // (n, D): hits' rows, the default row for misses
+  // misses
+  int32_t* miss_pos = nullptr;   // (n,) positions of the misses, in no particular order
+  int64_t* miss_keys = nullptr;  // (n,) their keys, widened to int64
+  int64_t* ctrl = nullptr;       // kCtrlSize entries on the table's device
+  int64_t* host_flag = nullptr;  // kFlagSize entries of pinned host memory, or null
+  int64_t seq = 0;
+};
+
+// Kernel arguments of one miss application: the fetched rows of the u distinct missed keys scattered into the
+// output, then stored in the table - inserted into the cache (keys grouped by bucket) or, for a resident table,
+// written to the rows the host index gave them, with the index buckets that changed copied over. Every pointer is
+// device memory or pinned host memory the kernel reads through the bus; unused parts are null / zero.
+struct ApplyArgs {
+  float* out = nullptr;  // (n, D)
+  int64_t dim = 0;
+  const int32_t* pos = nullptr;  // (m,) positions in out
+  const int32_t* inv = nullptr;  // (m,) row of each position in `rows`
+  int64_t m = 0;
+  const float* rows = nullptr;  // (u, D)
+  int64_t u = 0;
+  // dynamic cache: insert ukeys[k] -> rows[k] (keys in non-decreasing bucket order)
+  const int64_t* ukeys = nullptr;
+  int64_t* slot_keys = nullptr;
+  uint8_t* digests = nullptr;
+  int32_t* scores = nullptr;
+  float* values = nullptr;
+  const int64_t* clock = nullptr;
+  int64_t num_buckets = 0;
+  bool lru = true;
+  int64_t* counts = nullptr;  // ctrl + kCtrlInserted
+  // resident table: table_rows[row_ids[k]] = rows[k] where row_ids[k] >= 0
+  const int32_t* row_ids = nullptr;
+  float* table_rows = nullptr;
+  // resident index buckets to overwrite: push_buckets (k,), and their slots (k * kBucketSize each) and spill flags
+  int64_t num_push = 0;
+  const int64_t* push_buckets = nullptr;
+  const int64_t* push_keys = nullptr;
+  const int32_t* push_rows = nullptr;
+  const uint8_t* push_digests = nullptr;
+  const uint8_t* push_spill = nullptr;
+  int64_t* index_keys = nullptr;
+  int32_t* index_rows = nullptr;
+  uint8_t* index_digests = nullptr;
+  uint8_t* index_spill = nullptr;
+};
+
+}  // namespace hps
