@@ -256,7 +256,7 @@ def bench_hit(devices: list[torch.device], quick: bool, tmp: str) -> dict[str, A
                 hps.lookup("m", "t", torch.from_numpy(keys[hot[s:s + n]]).to(d))
         resident = np.ones(hot.size, dtype=bool)
         for d in dict.fromkeys(devices):
-            resident &= rt.caches[d].cache.contains(torch.from_numpy(keys[hot]).to(d)).cpu().numpy()
+            resident &= rt.caches[d].contains(torch.from_numpy(keys[hot]).to(d)).cpu().numpy()
         hot = hot[resident]
         rng = np.random.default_rng(2)
         index = [[hot[rng.integers(0, hot.size, n)] for _ in range(nb)] for _ in devices]
@@ -265,7 +265,7 @@ def bench_hit(devices: list[torch.device], quick: bool, tmp: str) -> dict[str, A
             for b in batches[i]:
                 hps.lookup("m", "t", b)
         res = {"rows": rows, "dim": DIM, "keys_per_call": n, "cache_ratio": 1.0,
-               "cache_slots": rt.caches[devices[0]].cache.num_slots, "hot_keys": int(hot.size),
+               "cache_slots": rt.caches[devices[0]].num_slots, "hot_keys": int(hot.size),
                "hot_keys_resident_fraction": float(resident.mean()), "calls_per_device": calls, "setup_s": setup_s}
         res.update(scaling_runs(hps, devices, batches, calls))
         res["rows_equal"] = check_rows(hps, devices, batches, [ix[0] for ix in index], vectors)
@@ -292,7 +292,7 @@ def bench_zipf(devices: list[torch.device], quick: bool, tmp: str) -> dict[str, 
         t1 = time.perf_counter()
         warm_phase = timed_phase(hps, devices, batches, warm)  # every cache learns the head of the distribution
         res = {"rows": rows, "dim": DIM, "keys_per_call": n, "alpha": ALPHA, "cache_ratio": CACHE_RATIO_ZIPF,
-               "cache_slots": hps.table("m", "t").caches[devices[0]].cache.num_slots, "tier": "host_memory (shared)",
+               "cache_slots": hps.table("m", "t").caches[devices[0]].num_slots, "tier": "host_memory (shared)",
                "calls_per_device": calls, "warm_calls_per_device": warm, "setup_s": setup_s,
                "warm_s": time.perf_counter() - t1,
                "warm_hit_rate": [p["hit_rate"] for p in warm_phase["per_device"]]}

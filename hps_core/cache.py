@@ -183,17 +183,12 @@ class EmbeddingCache:
             values (n, D) float32 (zero rows for misses), found (n,) bool; both on the cache's device.
         """
         keys = self._check_keys(keys)
-        self.note_find(keys.shape[0])
-        return ops.cache_find(self.slot_keys, self.digests, self.scores, self.values, self.clock, keys,
-                              self._policy_code)
-
-    def note_find(self, n: int) -> None:
-        """Account for a find of n keys about to run on the state (find() calls it; so must anyone running the
-        cache_find op on this cache's state directly): LRU decay when due, then the clock mirror's bump."""
-        if n:
+        if keys.shape[0]:  # LRU decay when due, then the clock mirror's bump
             if self._policy_code == ops.POLICY_LRU:
                 self._before_find()
             self._clock_host += 1
+        return ops.cache_find(self.slot_keys, self.digests, self.scores, self.values, self.clock, keys,
+                              self._policy_code)
 
     def contains(self, keys: Tensor) -> Tensor:
         """found (n,) bool for keys (n,) int32/int64 on the cache's device; no score or clock change."""
@@ -212,7 +207,7 @@ class EmbeddingCache:
                                           values, self._policy_code)
 
     def insert_grouped(self, keys: Tensor, values: Tensor, counts: Tensor) -> None:
-        """insert_or_assign for keys in non-decreasing bucket order (collect_misses plans them so): one launch on
+        """insert_or_assign for keys in non-decreasing bucket order (the lookup pipeline plans its misses so): one launch on
         CUDA, no sync; [inserted, assigned, evicted, refused] are added to `counts` ((4,) int64 on the device).
         The CPU raises ValueError for keys out of bucket order (the CUDA twin does not check)."""
         keys = self._check_keys(keys)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from benchmarks.suite import dlrm_interaction
 
@@ -62,10 +63,45 @@ class DLRM(nn.Module):
         return dlrm_interaction.interaction(d, emb, self.pair_index)
 
     def forward(self, dense: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        d = self.bottom(dense)
-        return torch.sigmoid(self.top(self.interaction(d, emb)))
+        d = self._mlp(self.bottom, dense)
+        return torch.sigmoid(self._mlp(self.top, self.interaction(d, emb)).float())
+
+    def _mlp(self, seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        """seq(x), with each Linear + ReLU pair on a GPU as one GEMM whose epilogue adds the bias and applies the
+        ReLU (cuBLASLt, torch._addmm_activation): the activations are written once instead of three times (GEMM,
+        bias, ReLU). Under CUDA autocast the GEMMs run in the autocast dtype with weights cast once and kept."""
+        if not x.is_cuda:
+            return seq(x)
+        lowp = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        mods = list(seq)
+        with torch.autocast("cuda", enabled=False):
+            i = 0
+            while i < len(mods):
+                lin = mods[i]
+                relu = i + 1 < len(mods) and isinstance(mods[i + 1], nn.ReLU)
+                w, b = self._weights(lin, lowp)
+                x = x.to(w.dtype)
+                if relu:
+                    x = torch._addmm_activation(b, x, w.t())
+                    i += 2
+                else:
+                    x = F.linear(x, w, b)
+                    i += 1
+        return x
+
+    def _weights(self, lin: nn.Linear, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's weight and bias in `dtype` (None: as they are), cast once per weight version."""
+        if dtype is None or lin.weight.dtype == dtype:
+            return lin.weight, lin.bias
+        cache = self.__dict__.setdefault("_cast_cache", {})
+        key = (id(lin), dtype)
+        version = (lin.weight._version, lin.bias._version, lin.weight.device)
+        hit = cache.get(key)
+        if hit is None or hit[0] != version:
+            hit = cache[key] = (version, lin.weight.detach().to(dtype), lin.bias.detach().to(dtype))
+        return hit[1], hit[2]
 
     def numpy_weights(self) -> list[tuple[object, object]]:
         """[(W (in, out), b (out,)) float32 numpy] of bottom then top layers, for the TF twin."""
-        return [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy())
+        return [(m.weight.detach().float().cpu().numpy().T.copy(), m.bias.detach().float().cpu().numpy().copy())
                 for m in (*self.bottom, *self.top) if isinstance(m, nn.Linear)]

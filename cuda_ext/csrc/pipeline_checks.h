@@ -11,7 +11,7 @@
 
 namespace hps {
 
-// compact_misses / collect_misses: keys (n,) int32|int64, found (n,) bool, one device.
+// compact_misses: keys (n,) int32|int64, found (n,) bool, one device.
 inline void check_keys_found(const at::Tensor& keys, const at::Tensor& found) {
   HPS_CHECK_KEY_DTYPE(keys);
   HPS_CHECK_DIM(keys, 1);

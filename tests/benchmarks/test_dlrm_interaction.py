@@ -40,3 +40,20 @@ def test_fused_kernel_matches_the_definition(batch, slots, dim):
     # TF32 products in tl.dot: ~2^-11 relative error per product, summed over dim terms
     torch.testing.assert_close(got.double().cpu(), want, rtol=2e-3, atol=2e-3 * dim)
     assert torch.equal(got[:, :dim].cpu(), d.cpu())  # the dense vector is copied, not computed
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("lowp", [None, torch.bfloat16])
+def test_fused_mlp_equals_the_plain_layers(lowp):
+    """The MLPs' Linear + ReLU pairs as one GEMM with a bias+ReLU epilogue: the same function as nn.Sequential."""
+    torch.manual_seed(1)
+    model = DLRM(13, 128, 26, [512, 256, 128], [1024, 1024, 512, 256, 1]).cuda().eval()
+    x = torch.randn(4096, 13, device="cuda")
+    want = model.bottom.double()(x.double())
+    model.bottom.float()
+    with torch.no_grad(), torch.autocast("cuda", dtype=lowp or torch.float32, enabled=lowp is not None):
+        got = model._mlp(model.bottom, x)
+    rel = ((got.double() - want).norm() / want.norm()).item()
+    assert rel < (2e-2 if lowp is not None else 1e-3), rel
+    assert got.dtype == (lowp or torch.float32)
