@@ -118,9 +118,9 @@ __global__ void __launch_bounds__(kThreads) find_kernel(const FindArgs a) {
       const int64_t misses = ctrl[kCtrlMissCount];
       ctrl[kCtrlMissCount] = 0;
       ctrl[kCtrlBlocksDone] = 0;
-      ctrl[kCtrlLookups] += 1;
-      ctrl[kCtrlKeys] += a.n;
-      ctrl[kCtrlMisses] += misses;
+      ctrl[kCtrlLookups] = ctrl[kCtrlLookups] + 1;
+      ctrl[kCtrlKeys] = ctrl[kCtrlKeys] + a.n;
+      ctrl[kCtrlMisses] = ctrl[kCtrlMisses] + misses;
       if (kMode != kFindResident) a.clock[0] += 1;
       if (a.host_flag != nullptr) {
         volatile int64_t* flag = a.host_flag;
@@ -267,10 +267,10 @@ namespace {
 // out (n, D), miss positions (n,) int32, miss keys (n,) int64, miss count (0-d int64, read from a fresh control
 // block, so no host sync). Entries of the miss lists past the count are zero; their order is not defined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_find_op(FindArgs& a, FindMode mode,
-                                                                       const at::Tensor& keys,
-                                                                       const at::Tensor& like_values) {
+                                                                       const at::Tensor& keys) {
   const int64_t n = keys.size(0);
-  at::Tensor out = at::empty({n, a.dim}, like_values.options());
+  // On the keys' device: the rows may be in host memory (a host-mapped table), the output never is.
+  at::Tensor out = at::empty({n, a.dim}, keys.options().dtype(at::kFloat));
   at::Tensor miss_pos = at::zeros({n}, keys.options().dtype(at::kInt));
   at::Tensor miss_keys = at::zeros({n}, keys.options().dtype(at::kLong));
   at::Tensor ctrl = at::zeros({kCtrlSize}, keys.options().dtype(at::kLong));
@@ -304,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cache_find_misses_cud
   a.num_buckets = num_buckets;
   a.dim = values.size(1);
   a.default_value = static_cast<float>(default_value);
-  return run_find_op(a, policy == kPolicyLRU ? kFindCacheLRU : kFindCacheLFU, keys, values);
+  return run_find_op(a, policy == kPolicyLRU ? kFindCacheLRU : kFindCacheLFU, keys);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> resident_find_cuda(
@@ -324,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> resident_find_cuda(
   a.num_buckets = num_buckets;
   a.dim = rows.size(1);
   a.default_value = static_cast<float>(default_value);
-  return run_find_op(a, kFindResident, keys, rows);
+  return run_find_op(a, kFindResident, keys);
 }
 
 }  // namespace
