@@ -92,6 +92,14 @@ inline void lfu_bump_atomic(int32_t* score) {
   }
 }
 
+// The finds' software pipeline (cache_find_cpu.cpp, lookup_cpu.cpp): keys between stages, the ring of in-flight
+// keys (a power of two, > 2 * kFindAhead), and keys per parallel_for task (long enough that the pipeline's fill and
+// drain, 2 * kFindAhead keys, are negligible).
+constexpr int64_t kFindAhead = 8;
+constexpr int64_t kFindRing = 32;
+constexpr int64_t kFindGrain = 2048;
+static_assert(kFindRing > 2 * kFindAhead && (kFindRing & (kFindRing - 1)) == 0, "ring must hold three stages");
+
 // Every entry point: state checks (cache_state.h) plus "on the CPU". Returns num_buckets.
 inline int64_t check_cpu_state(const at::Tensor& slot_keys, const at::Tensor& digests, const at::Tensor& scores,
                                const at::Tensor& values, const at::Tensor& clock) {

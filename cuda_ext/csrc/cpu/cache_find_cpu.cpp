@@ -16,12 +16,9 @@
 namespace hps {
 namespace {
 
-// Pipeline distance (keys between stages) and the ring of in-flight keys (power of two, > 2 * kAhead).
-constexpr int64_t kAhead = 8;
-constexpr int64_t kRing = 32;
-static_assert(kRing > 2 * kAhead && (kRing & (kRing - 1)) == 0, "ring must hold the keys of all three stages");
-// Keys per parallel_for task: long enough that the pipeline's fill/drain (2 * kAhead keys) is negligible.
-constexpr int64_t kGrain = 2048;
+constexpr int64_t kAhead = cpu::kFindAhead;
+constexpr int64_t kRing = cpu::kFindRing;
+constexpr int64_t kGrain = cpu::kFindGrain;
 
 // One key between pipeline stages.
 struct Pending {

@@ -18,16 +18,16 @@
 #include "cpu/cache_cpu_common.h"
 #include "cpu/lookup_cpu.h"
 #include "cpu/row_copy.h"
+#include "lookup_ops.h"
 #include "resident_index.h"
 
 namespace hps {
 namespace cpu {
 namespace {
 
-constexpr int64_t kAhead = 8;
-constexpr int64_t kRing = 32;
-static_assert(kRing > 2 * kAhead && (kRing & (kRing - 1)) == 0, "ring must hold the keys of all three stages");
-constexpr int64_t kGrain = 2048;
+constexpr int64_t kAhead = kFindAhead;
+constexpr int64_t kRing = kFindRing;
+constexpr int64_t kGrain = kFindGrain;
 
 struct Pending {
   int64_t key;
@@ -54,8 +54,11 @@ void find_impl(const FindArgs& a) {
   int64_t* miss_count = a.ctrl + kCtrlMissCount;
 
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> my_pos;
-    std::vector<int64_t> my_keys;
+    // This task's misses, appended to the shared list at its end (kept per thread: no allocation per call).
+    static thread_local std::vector<int32_t> my_pos;
+    static thread_local std::vector<int64_t> my_keys;
+    my_pos.clear();
+    my_keys.clear();
     Pending ring[kRing];
     for (int64_t i = begin; i < end + 2 * kAhead; ++i) {
       if (i < end) {
@@ -192,62 +195,21 @@ void apply(const ApplyArgs& a) {
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_find_op(FindArgs& a, FindMode mode,
-                                                                       const at::Tensor& keys) {
-  const int64_t n = keys.size(0);
-  at::Tensor out = at::empty({n, a.dim}, keys.options().dtype(at::kFloat));
-  at::Tensor miss_pos = at::zeros({n}, keys.options().dtype(at::kInt));
-  at::Tensor miss_keys = at::zeros({n}, keys.options().dtype(at::kLong));
-  at::Tensor ctrl = at::zeros({kCtrlSize}, keys.options().dtype(at::kLong));
-  if (n > 0) {
-    a.keys = keys.data_ptr();
-    a.key_is_int64 = keys.scalar_type() == at::kLong;
-    a.n = n;
-    a.out = out.data_ptr<float>();
-    a.miss_pos = miss_pos.data_ptr<int32_t>();
-    a.miss_keys = miss_keys.data_ptr<int64_t>();
-    a.ctrl = ctrl.data_ptr<int64_t>();
-    find(a, mode);
-  }
-  return {out, miss_pos, miss_keys, ctrl.select(0, kCtrlMisses).clone()};
+FindOutputs cache_find_misses_cpu(const at::Tensor& slot_keys, const at::Tensor& digests, at::Tensor& scores,
+                                  const at::Tensor& values, at::Tensor& clock, const at::Tensor& keys, int64_t policy,
+                                  double default_value) {
+  HPS_CHECK_CPU(slot_keys);
+  FindArgs a = cache_find_args(slot_keys, digests, scores, values, clock, keys, policy, default_value);
+  const FindMode mode = policy == kPolicyLRU ? kFindCacheLRU : kFindCacheLFU;
+  return run_find_op(a, keys, [&](const FindArgs& args) { find(args, mode); });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cache_find_misses_cpu(
-    const at::Tensor& slot_keys, const at::Tensor& digests, at::Tensor& scores, const at::Tensor& values,
-    at::Tensor& clock, const at::Tensor& keys, int64_t policy, double default_value) {
-  const int64_t num_buckets = check_cpu_state(slot_keys, digests, scores, values, clock);
-  check_policy(policy);
-  check_query_keys(keys, slot_keys);
-  TORCH_CHECK_VALUE(keys.size(0) < (int64_t{1} << 31), "keys: at most 2^31 - 1 per call, found ", keys.size(0));
-  FindArgs a;
-  a.slot_keys = slot_keys.data_ptr<int64_t>();
-  a.digests = digests.data_ptr<uint8_t>();
-  a.scores = scores.data_ptr<int32_t>();
-  a.values = values.data_ptr<float>();
-  a.clock = clock.data_ptr<int64_t>();
-  a.num_buckets = num_buckets;
-  a.dim = values.size(1);
-  a.default_value = static_cast<float>(default_value);
-  return run_find_op(a, policy == kPolicyLRU ? kFindCacheLRU : kFindCacheLFU, keys);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> resident_find_cpu(
-    const at::Tensor& index_keys, const at::Tensor& index_digests, const at::Tensor& index_rows,
-    const at::Tensor& index_spill, const at::Tensor& rows, const at::Tensor& keys, double default_value) {
-  const int64_t num_buckets = check_resident_index(index_keys, index_digests, index_rows, index_spill, rows);
+FindOutputs resident_find_cpu(const at::Tensor& index_keys, const at::Tensor& index_digests,
+                              const at::Tensor& index_rows, const at::Tensor& index_spill, const at::Tensor& rows,
+                              const at::Tensor& keys, double default_value) {
   HPS_CHECK_CPU(index_keys);
-  check_query_keys(keys, index_keys);
-  TORCH_CHECK_VALUE(keys.size(0) < (int64_t{1} << 31), "keys: at most 2^31 - 1 per call, found ", keys.size(0));
-  FindArgs a;
-  a.slot_keys = index_keys.data_ptr<int64_t>();
-  a.digests = index_digests.data_ptr<uint8_t>();
-  a.slot_rows = index_rows.data_ptr<int32_t>();
-  a.spill = index_spill.data_ptr<uint8_t>();
-  a.values = rows.data_ptr<float>();
-  a.num_buckets = num_buckets;
-  a.dim = rows.size(1);
-  a.default_value = static_cast<float>(default_value);
-  return run_find_op(a, kFindResident, keys);
+  FindArgs a = resident_find_args(index_keys, index_digests, index_rows, index_spill, rows, keys, default_value);
+  return run_find_op(a, keys, [&](const FindArgs& args) { find(args, kFindResident); });
 }
 
 // keys (N,) int64 CPU -> the resident index of row i = keys[i] (a later duplicate's row wins), as CPU tensors.

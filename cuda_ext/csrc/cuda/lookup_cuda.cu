@@ -22,7 +22,7 @@
 #include "cuda/cache_insert_run.cuh"
 #include "cuda/lookup_cuda.h"
 #include "lookup_layout.h"
-#include "resident_index.h"
+#include "lookup_ops.h"
 
 namespace hps {
 namespace cuda {
@@ -264,67 +264,26 @@ void launch_apply(const ApplyArgs& a, cudaStream_t stream) {
 
 namespace {
 
-// out (n, D), miss positions (n,) int32, miss keys (n,) int64, miss count (0-d int64, read from a fresh control
-// block, so no host sync). Entries of the miss lists past the count are zero; their order is not defined.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_find_op(FindArgs& a, FindMode mode,
-                                                                       const at::Tensor& keys) {
-  const int64_t n = keys.size(0);
-  // On the keys' device: the rows may be in host memory (a host-mapped table), the output never is.
-  at::Tensor out = at::empty({n, a.dim}, keys.options().dtype(at::kFloat));
-  at::Tensor miss_pos = at::zeros({n}, keys.options().dtype(at::kInt));
-  at::Tensor miss_keys = at::zeros({n}, keys.options().dtype(at::kLong));
-  at::Tensor ctrl = at::zeros({kCtrlSize}, keys.options().dtype(at::kLong));
-  if (n > 0) {
-    a.keys = keys.data_ptr();
-    a.key_is_int64 = keys.scalar_type() == at::kLong;
-    a.n = n;
-    a.out = out.data_ptr<float>();
-    a.miss_pos = miss_pos.data_ptr<int32_t>();
-    a.miss_keys = miss_keys.data_ptr<int64_t>();
-    a.ctrl = ctrl.data_ptr<int64_t>();
-    launch_find(a, mode, at::cuda::getCurrentCUDAStream());
-  }
-  return {out, miss_pos, miss_keys, ctrl.select(0, kCtrlMisses).clone()};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cache_find_misses_cuda(
-    const at::Tensor& slot_keys, const at::Tensor& digests, at::Tensor& scores, const at::Tensor& values,
-    at::Tensor& clock, const at::Tensor& keys, int64_t policy, double default_value) {
-  const int64_t num_buckets = check_cuda_state(slot_keys, digests, scores, values, clock);
-  check_policy(policy);
-  check_query_keys(keys, slot_keys);
-  TORCH_CHECK_VALUE(keys.size(0) < (int64_t{1} << 31), "keys: at most 2^31 - 1 per call, found ", keys.size(0));
+FindOutputs cache_find_misses_cuda(const at::Tensor& slot_keys, const at::Tensor& digests, at::Tensor& scores,
+                                   const at::Tensor& values, at::Tensor& clock, const at::Tensor& keys,
+                                   int64_t policy, double default_value) {
+  HPS_CHECK_CUDA(slot_keys);
+  FindArgs a = cache_find_args(slot_keys, digests, scores, values, clock, keys, policy, default_value);
   const c10::cuda::CUDAGuard guard(slot_keys.device());
-  FindArgs a;
-  a.slot_keys = slot_keys.data_ptr<int64_t>();
-  a.digests = digests.data_ptr<uint8_t>();
-  a.scores = scores.data_ptr<int32_t>();
-  a.values = values.data_ptr<float>();
-  a.clock = clock.data_ptr<int64_t>();
-  a.num_buckets = num_buckets;
-  a.dim = values.size(1);
-  a.default_value = static_cast<float>(default_value);
-  return run_find_op(a, policy == kPolicyLRU ? kFindCacheLRU : kFindCacheLFU, keys);
+  const FindMode mode = policy == kPolicyLRU ? kFindCacheLRU : kFindCacheLFU;
+  return run_find_op(a, keys,
+                     [&](const FindArgs& args) { launch_find(args, mode, at::cuda::getCurrentCUDAStream()); });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> resident_find_cuda(
-    const at::Tensor& index_keys, const at::Tensor& index_digests, const at::Tensor& index_rows,
-    const at::Tensor& index_spill, const at::Tensor& rows, const at::Tensor& keys, double default_value) {
-  const int64_t num_buckets = check_resident_index(index_keys, index_digests, index_rows, index_spill, rows);
+FindOutputs resident_find_cuda(const at::Tensor& index_keys, const at::Tensor& index_digests,
+                               const at::Tensor& index_rows, const at::Tensor& index_spill, const at::Tensor& rows,
+                               const at::Tensor& keys, double default_value) {
   HPS_CHECK_CUDA(index_keys);
-  check_query_keys(keys, index_keys);
-  TORCH_CHECK_VALUE(keys.size(0) < (int64_t{1} << 31), "keys: at most 2^31 - 1 per call, found ", keys.size(0));
+  FindArgs a = resident_find_args(index_keys, index_digests, index_rows, index_spill, rows, keys, default_value);
   const c10::cuda::CUDAGuard guard(index_keys.device());
-  FindArgs a;
-  a.slot_keys = index_keys.data_ptr<int64_t>();
-  a.digests = index_digests.data_ptr<uint8_t>();
-  a.slot_rows = index_rows.data_ptr<int32_t>();
-  a.spill = index_spill.data_ptr<uint8_t>();
-  a.values = rows.data_ptr<float>();
-  a.num_buckets = num_buckets;
-  a.dim = rows.size(1);
-  a.default_value = static_cast<float>(default_value);
-  return run_find_op(a, kFindResident, keys);
+  return run_find_op(a, keys, [&](const FindArgs& args) {
+    launch_find(args, kFindResident, at::cuda::getCurrentCUDAStream());
+  });
 }
 
 }  // namespace
