@@ -33,7 +33,7 @@ echo "[device] build rc=$rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/e
 if [ $rc -ne 0 ]; then tail -60 "$OUT/build.log"; exit $rc; fi
 python3 -c "import hps_core; print(hps_core.build_info())" | tee -a "$OUT/env.txt"
 if [ "$what" = pytest ] || [ "$what" = all ]; then
-  python3 -m pytest -m cuda -q -p no:cacheprovider tests/ops tests/engine --timeout 600 2>&1 | tee "$OUT/pytest_cuda.log" | tail -40
+  python3 -m pytest -m cuda -q -p no:cacheprovider tests/ops tests/engine tests/benchmarks --timeout 600 2>&1 | tee "$OUT/pytest_cuda.log" | tail -40
   echo "[device] pytest done after $(( $(date +%s) - start )) s"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then

@@ -1,11 +1,12 @@
 // The lookup pipeline's CPU kernels (twins of cuda/lookup_cuda.cu, identical results) and the CPU ops that expose
 // them: cache_find_misses, resident_find, resident_index_build.
 //
-// find: at::parallel_for over the keys; each task runs cache_find_cpu.cpp's three-stage software pipeline (hash and
-// prefetch the digests; compare them and prefetch the candidate's key, row and score; confirm and copy), probing
-// the cache's bucket or the resident index's primary bucket (its secondary one, rarely, when the primary is marked
-// spilled). A miss gets the default row; each task collects its misses and appends them with one atomic
-// reservation at its end. Counters and the host flag are written after the join, as the CUDA last block does.
+// find: at::parallel_for over the keys; each task runs cache_find_cpu.cpp's software pipeline - hash and prefetch
+// the digests; compare them and prefetch the candidate's key, row and score (a resident table: its row id, and one
+// stage later its row); confirm and copy - probing the cache's bucket or the resident index's primary bucket (its
+// secondary one, rarely, when the primary is marked spilled). A miss gets the default row; each task collects its
+// misses and appends them with one atomic reservation at its end. Counters and the host flag are written after the
+// join, as the CUDA last block does.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -52,6 +53,10 @@ void find_impl(const FindArgs& a) {
   // The clock is bumped after the find (as the CUDA last block does); hits get the bumped value.
   const int32_t lru_score = kMode == kFindCacheLRU ? score_from_clock(a.clock[0] + 1) : 0;
   int64_t* miss_count = a.ctrl + kCtrlMissCount;
+  // Keys between the first stage and the copy: two stages for the cache (its rows are addressed by slot), three
+  // for a resident table (slot -> row id -> row).
+  constexpr int64_t kLag = kMode == kFindResident ? 3 * kAhead : 2 * kAhead;
+  static_assert(kRing > kLag, "the ring holds every key in flight");
 
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     // This task's misses, appended to the shared list at its end (kept per thread: no allocation per call).
@@ -60,7 +65,7 @@ void find_impl(const FindArgs& a) {
     my_pos.clear();
     my_keys.clear();
     Pending ring[kRing];
-    for (int64_t i = begin; i < end + 2 * kAhead; ++i) {
+    for (int64_t i = begin; i < end + kLag; ++i) {
       if (i < end) {
         Pending& p = ring[i & (kRing - 1)];
         p.key = static_cast<int64_t>(kp[i]);
@@ -86,7 +91,19 @@ void find_impl(const FindArgs& a) {
           }
         }
       }
-      const int64_t m = i - 2 * kAhead;
+      if (kMode == kFindResident) {
+        // The resident table's extra stage (key i - 2 kAhead): the candidate's row id has arrived; prefetch its row.
+        const int64_t r = i - 2 * kAhead;
+        if (r >= begin && r < end) {
+          const Pending& p = ring[r & (kRing - 1)];
+          if (p.mask != 0) {
+            const char* row = reinterpret_cast<const char*>(
+                val + static_cast<int64_t>(a.slot_rows[p.base + __builtin_ctz(p.mask)]) * dim);
+            for (size_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + off, 0, 3);
+          }
+        }
+      }
+      const int64_t m = i - kLag;
       if (m < begin) continue;
       const Pending& p = ring[m & (kRing - 1)];
       int64_t s = confirm(sk, p.base, p.mask, p.key);
