@@ -4,9 +4,11 @@ The cache holds no logic of its own beyond input validation and LRU clock manage
 `torch.ops.hps.cache_*` ops (hps_core.ops), whose contract is stated in cuda_ext/csrc/hps_ops.cpp. Keys live in
 buckets of `bucket_size()` (32) slots chosen by a fixed hash; see cuda_ext/csrc/cache_layout.h.
 
+A standalone object over the ops (for direct use, tests and kernel benchmarks): the engine does not use it - its
+tables live in native lookup pipelines (hps_core.pipeline), which run the same kernels on state they own.
+
 Thread safety: one EmbeddingCache must not be used by two threads at once when either call mutates it (find
-mutates scores and the clock; insert/assign/erase/clear/decay mutate the state). The engine serialises the calls on
-each cache; there are no locks in here.
+mutates scores and the clock; insert/assign/erase/clear/decay mutate the state); there are no locks in here.
 """
 
 from __future__ import annotations
