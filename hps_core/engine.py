@@ -94,12 +94,76 @@ class TableRuntime:
     # The table's pipeline on each device it is served on (its cache, resident table or host-mapped index).
     caches: dict[torch.device, TablePipeline] = field(default_factory=dict)
     cache_lock: threading.Lock = field(default_factory=threading.Lock)
+    # update() writes the tiers then the caches under this lock: concurrent updates reach all of them in one order.
+    update_lock: threading.Lock = field(default_factory=threading.Lock)
     uncached_stats: TableStats = field(default_factory=TableStats)
+    load_source: Any = None  # _NewestRows: what the tiers were filled from at start (None without files)
 
     @property
     def mode(self) -> str:
         """dynamic (a cache that learns), static (whole table on the device) or uvm (rows in host memory)."""
         return self.cache_config.type
+
+
+class _CallGate:
+    """Counts the server's Python-side calls in flight (updates, refreshes, uncached lookups); close() refuses new ones
+    and waits for those running, so no call meets a tier closed under it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._closed = False
+
+    def __enter__(self) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("this HierarchicalParameterServer is closed")
+            self._active += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._cond:
+            self._active -= 1
+            if self._active == 0:
+                self._cond.notify_all()
+
+    def close(self, timeout_s: float = 300.0) -> None:
+        with self._cond:
+            self._closed = True
+            if not self._cond.wait_for(lambda: self._active == 0, timeout=timeout_s):
+                log.error("close(): %d calls still running after %.0f s; closing the tiers anyway", self._active,
+                          timeout_s)
+
+
+class _NewestRows:
+    """The newest rows of a table at start, as one table-files-like source (dim, num_keys, path, iter_chunks):
+    a complete persistent tier that holds the table's load record (RocksDB: the files plus every update since), else
+    the table files; then the rows of incomplete persistent tiers holding the record (a Redis cluster may have
+    evicted rows, but those it has are newer than the files). Read in order, later rows win - as every loader keeps
+    a key's last row."""
+
+    def __init__(self, rt: "TableRuntime", holders: list[Tier]) -> None:
+        complete = [t for t in holders if t.complete]
+        self._base = complete[-1] if complete else None
+        self._overlays = [t for t in holders if not t.complete]
+        self._files = rt.files
+        self._tag = rt.tag
+        self.dim = rt.dim
+        base = f"{self._base.name}:{rt.tag}" if self._base is not None else str(rt.files.path)
+        self.path = " + ".join([base] + [f"{t.name}:{rt.tag}" for t in self._overlays])
+
+    @property
+    def num_keys(self) -> int:
+        base = self._base.size(self._tag) if self._base is not None else self._files.num_keys
+        return base + sum(t.size(self._tag) for t in self._overlays)
+
+    def iter_chunks(self, chunk_rows: int = 1 << 20, progress: bool = False,
+                    desc: str | None = None) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+        if self._base is None:
+            yield from self._files.iter_chunks(chunk_rows, progress=progress, desc=desc)
+        else:
+            yield from self._base.iter_chunks(self._tag, chunk_rows)
+        for tier in self._overlays:
+            yield from tier.iter_chunks(self._tag, chunk_rows)
 
 
 def make_tag(model: str, table: str) -> str:
@@ -134,18 +198,34 @@ class HierarchicalParameterServer:
         self.tables: dict[str, list[TableRuntime]] = {}
         self._warned_cpu_fallback = False
         self._tokens: list[int] = []  # lower-tier callback tokens of this server's pipelines
+        self._gate = _CallGate()  # update / refresh / uncached lookups in flight; close() waits for them
+        created: list[tuple[Tier, str]] = []  # tables this start created in persistent tiers (undone on failure)
         try:
+            # Phase 1 - everything that can refuse the deployment (table files, devices), before any tier changes.
             for model_name, model in self.config.models.items():
-                runtimes = []
-                for table_id, table_cfg in enumerate(model.tables):
-                    rt = self._make_table(model_name, model, table_id, table_cfg, load=load, progress=progress)
-                    runtimes.append(rt)
-                self.tables[model_name] = runtimes
+                self.tables[model_name] = [self._make_table(model_name, model, table_id, table_cfg, load=load)
+                                           for table_id, table_cfg in enumerate(model.tables)]
+                self._devices_for(model_name, model.deployed_device_list)
+            # Phase 2 - the tiers, then the devices.
+            for runtimes in self.tables.values():
+                for rt in runtimes:
+                    for tier in self.tiers:
+                        if tier.persistent and not getattr(tier, "read_only", False) and hasattr(tier, "tables") \
+                                and rt.tag not in tier.tables():
+                            created.append((tier, rt.tag))
+                        tier.create_table(rt.tag, rt.dim)
+                    if rt.files is not None:
+                        self._load_table(rt, progress)
             for model_name, model in self.config.models.items():
                 for device in self._devices_for(model_name, model.deployed_device_list):
                     for rt in self.tables[model_name]:
                         self._cache_for(rt, device, create=True)
         except BaseException:
+            for tier, tag in reversed(created):  # a refused start leaves the persistent tiers as it found them
+                try:
+                    tier.drop_table(tag)
+                except Exception:
+                    log.exception("undoing table %s in %s failed", tag, tier.name)
             self.close()
             raise
 
@@ -189,8 +269,8 @@ class HierarchicalParameterServer:
     def _tier_config(self, tier: Tier) -> Any:
         return getattr(self.config.tiers, tier.name)
 
-    def _make_table(self, model_name: str, model: Any, table_id: int, table_cfg: Any, *, load: bool,
-                    progress: bool) -> TableRuntime:
+    def _make_table(self, model_name: str, model: Any, table_id: int, table_cfg: Any, *, load: bool) -> TableRuntime:
+        """The table's runtime, with its files opened and validated (nothing is written anywhere yet)."""
         cache_cfg = model.cache
         if cache_cfg.enabled and cache_cfg.type != "dynamic" and not load:
             raise ValueError(
@@ -208,26 +288,35 @@ class HierarchicalParameterServer:
             config=table_cfg,
             cache_config=cache_cfg,
         )
-        for tier in self.tiers:
-            tier.create_table(rt.tag, rt.dim)
         if load:
             rt.files = open_table(table_cfg.path, table_cfg.dim, key_dtype=self.config.key_dtype)
-            self._load_table(rt, progress)
         return rt
 
     def _load_table(self, rt: TableRuntime, progress: bool) -> None:
-        files = rt.files
-        for tier in self.tiers:
-            if getattr(tier, "read_only", False):
-                log.info("%s: %s is read-only, not loading %s", tier.name, rt.tag, files.path)
+        """Fill every tier that does not hold the table yet, from the newest rows there are.
+
+        A persistent tier records the identity of the files it was completely loaded from; holding that record it
+        keeps its rows - the files' rows and every update since - and is not reloaded. The newest rows of the
+        table are then: a complete persistent tier that holds the record (RocksDB), else the files; then, on top,
+        the rows of incomplete persistent tiers holding the record (a Redis cluster may have evicted rows, but the
+        ones it has are newer than the files). Every other tier, and later the resident tables, load those rows.
+        """
+        identity = rt.files.identity()
+        holds = [tier.persistent and tier.loaded_from(rt.tag) == identity for tier in self.tiers]
+        rt.load_source = _NewestRows(rt, [t for t, h in zip(self.tiers, holds) if h])
+        for tier, held in zip(self.tiers, holds):
+            if held:
+                log.info("%s holds %s (from %s and the updates since): not reloading", tier.name, rt.tag,
+                         rt.files.path)
                 continue
-            if getattr(tier, "persistent", False) and tier.size(rt.tag) == files.num_keys:
-                log.info("%s already holds %d rows of %s, not reloading", tier.name, files.num_keys, rt.tag)
+            if getattr(tier, "read_only", False):
+                log.info("%s: %s is read-only, not loading %s", tier.name, rt.tag, rt.files.path)
                 continue
             start = time.perf_counter()
-            tier.load(rt.tag, files, progress=progress)
-            log.info("loaded %d rows of %s into %s in %.2f s", files.num_keys, rt.tag, tier.name,
-                     time.perf_counter() - start)
+            rows = tier.load(rt.tag, rt.load_source, progress=progress)
+            tier.mark_loaded(rt.tag, identity)
+            log.info("loaded %d rows of %s into %s from %s in %.2f s", rows, rt.tag, tier.name,
+                     rt.load_source.path, time.perf_counter() - start)
 
     def _devices_for(self, model_name: str, device_list: Iterable[int]) -> list[torch.device]:
         """GPU ordinals -> devices. Without a GPU every ordinal is served from the CPU (one warning)."""
@@ -277,7 +366,7 @@ class HierarchicalParameterServer:
         cfg = rt.cache_config
         rows = rt.files.num_keys if rt.files is not None else self.tiers_size(rt.tag)
         common = dict(dim=rt.dim, default_value=rt.default_value, max_keys=rt.max_keys_per_call, tag=rt.tag)
-        resident = rt.mode in ("static", "uvm") or (cfg.ratio >= 1.0 and rt.files is not None)
+        resident = rt.mode in ("static", "uvm") or (cfg.ratio >= 1.0 and rt.load_source is not None)
         if resident:
             on_host = rt.mode == "uvm" and device.type == "cuda"
             # static: the table answers for every key (HPS); uvm and covering caches ask the tiers for keys they lack.
@@ -288,7 +377,7 @@ class HierarchicalParameterServer:
             capacity = max(int(cfg.ratio * max(rows, 1)), ops.bucket_size())
             pipe = TablePipeline.dynamic_cache(device, capacity=capacity, policy=cfg.policy, **common)
         self._connect(rt, pipe)
-        if not resident and cfg.init and cfg.refresh_percentage > 0 and rt.files is not None:
+        if not resident and cfg.init and cfg.refresh_percentage > 0 and rt.load_source is not None:
             self._warm_up(rt, pipe)
         return pipe
 
@@ -299,7 +388,7 @@ class HierarchicalParameterServer:
             if other.kind == "resident" and (other.device.type == pipe.device.type or rt.mode != "uvm"):
                 pipe.load_like(other)
                 return
-        for keys, vectors in rt.files.iter_chunks(_FILL_CHUNK):
+        for keys, vectors in rt.load_source.iter_chunks(_FILL_CHUNK):
             pipe.load(torch.from_numpy(np.array(keys, dtype=np.int64)),
                       torch.from_numpy(np.array(vectors, dtype=np.float32)))
 
@@ -317,13 +406,15 @@ class HierarchicalParameterServer:
                      hit_rate_threshold=cfg.hit_rate_threshold, max_pending=max(1, int(cfg.num_worker_buffers)))
 
     def _warm_up(self, rt: TableRuntime, pipe: TablePipeline) -> None:
-        """HPS init_ec: fill the cache with the first rows of the table file."""
-        n = min(rt.files.num_keys, pipe.num_slots)
-        chunk = 1 << 16
-        for start in range(0, n, chunk):
-            keys = torch.from_numpy(rt.files.keys[start:start + chunk].copy())
-            values = torch.from_numpy(rt.files.vectors[start:start + chunk].copy())
-            pipe.insert(keys, values)
+        """HPS init_ec: fill the cache with the first rows of the table (the newest rows, as the tiers got them)."""
+        left = pipe.num_slots
+        for keys, vectors in rt.load_source.iter_chunks(1 << 16):
+            if left <= 0:
+                break
+            keys, vectors = keys[:left], vectors[:left]
+            pipe.insert(torch.from_numpy(np.array(keys, dtype=np.int64)),
+                        torch.from_numpy(np.array(vectors, dtype=np.float32)))
+            left -= len(keys)
 
     def tiers_size(self, tag: str) -> int:
         """Rows of `tag` in the largest tier (for sizing caches when no files were loaded)."""
@@ -380,8 +471,10 @@ class HierarchicalParameterServer:
         pipe = rt.caches.get(keys.device) or self._cache_for(rt, keys.device)
         if pipe is None:
             self._check_keys(rt, keys)
-            return self._lookup_uncached(rt, keys.reshape(-1)).reshape(*keys.shape, rt.dim)
-        return pipe.lookup(keys)  # checks dtype, device and size natively
+            with self._gate:
+                return self._lookup_uncached(rt, keys.reshape(-1)).reshape(*keys.shape, rt.dim)
+        # Checks dtype, device and size natively; after close() it raises (the pipeline is closed).
+        return pipe.lookup(keys)
 
     def pipeline(self, model: str, table: int | str, device: str | torch.device) -> TablePipeline:
         """The lookup pipeline of (model, table) on `device` (what the torch layers call); ValueError if the table
@@ -486,18 +579,23 @@ class HierarchicalParameterServer:
             0, inverse, torch.arange(flat.numel()), reduce="amax", include_self=False
         )
         rows = vectors.detach().to("cpu").contiguous().index_select(0, last)
-        for tier in self.tiers:
-            tier.insert(rt.tag, unique, rows)
-        # Then every device's table: present rows overwritten (a resident static table also takes new keys), and
-        # queued asynchronous inserts of older rows dropped.
-        for pipe in list(rt.caches.values()):
-            pipe.update(unique, rows)
+        with self._gate, rt.update_lock:
+            for tier in self.tiers:
+                tier.insert(rt.tag, unique, rows)
+            # Then every device's table: present rows overwritten (a resident static table also takes new keys),
+            # and queued asynchronous inserts of older rows dropped.
+            for pipe in list(rt.caches.values()):
+                pipe.update(unique, rows)
 
     def refresh(self, model: str | None = None, table: int | str | None = None, chunk_slots: int = 1 << 16) -> int:
         """Re-read every cached key of the selected tables from the tiers (HPS refresh); returns keys refreshed.
 
         Static and uvm tables are skipped: nothing is cached in them that update() does not already change."""
         self._check_open()
+        with self._gate:
+            return self._refresh(model, table, chunk_slots)
+
+    def _refresh(self, model: str | None, table: int | str | None, chunk_slots: int) -> int:
         total = 0
         for rt in self._select(model, table):
             if rt.mode != "dynamic":
@@ -551,12 +649,23 @@ class HierarchicalParameterServer:
         if getattr(self, "_closed", True):
             return
         self._closed = True
+        # Lookups through a pipeline finish (each pipeline's close waits for its call in flight) or raise; then the
+        # Python-side calls in flight (updates, refreshes, uncached lookups) finish; only then do the tiers close.
         for runtimes in getattr(self, "tables", {}).values():
             for rt in runtimes:
                 for pipe in rt.caches.values():
                     pipe.close()
+        gate = getattr(self, "_gate", None)
+        if gate is not None:
+            gate.close()
         for token in getattr(self, "_tokens", []):
             _lower_targets.pop(token, None)
+        # Drop what the tables hold (device state, mapped files), even if something still holds this object.
+        for runtimes in getattr(self, "tables", {}).values():
+            for rt in runtimes:
+                rt.caches.clear()
+                rt.files = None
+                rt.load_source = None
         for tier in getattr(self, "tiers", []):
             try:
                 tier.close()
@@ -581,7 +690,8 @@ _default_lock = threading.Lock()
 
 
 def init(config: Any = None, **kwargs: Any) -> HierarchicalParameterServer:
-    """Create (once per process) and return the default server; later calls return the same one.
+    """Create (once per process) and return the default server; later calls return the same one (a later call
+    with a different config raises ValueError: shutdown() first).
 
     Example:
         >>> hps = hps_core.init("my_hps_config.json")
@@ -592,6 +702,14 @@ def init(config: Any = None, **kwargs: Any) -> HierarchicalParameterServer:
             if config is None:
                 raise ValueError("hps_core.init() needs a config the first time it is called")
             _default = HierarchicalParameterServer(config, **kwargs)
+        elif config is not None and hps_config.load_config(config) != _default.config:
+            # Serving the first deployment's rows for another config would be wrong without a sign; the TF plugin's
+            # Init only warns because HPS defines it as once per process (a SavedModel's recorded config path may
+            # differ from the one the deployment started with). Here the caller asked for another deployment.
+            raise ValueError(
+                "hps_core.init(): a server is already running with a different config; call hps_core.shutdown() "
+                "first to deploy another one (or init() without a config to get the running server)"
+            )
         return _default
 
 

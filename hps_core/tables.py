@@ -101,6 +101,15 @@ class TableFiles:
     vectors: np.ndarray = dataclasses.field(repr=False)
     meta: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
+    def identity(self) -> str:
+        """What names these files' contents for a persistent tier's load record: the resolved directory, and the size
+        and modification time (ns) of `key` and `emb_vector`. New files at the same path have another identity."""
+        parts = [str(self.path.resolve()), f"dim={self.dim}", f"rows={self.num_keys}"]
+        for name in (KEY_FILE, VECTOR_FILE):
+            st = (self.path / name).stat()
+            parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+        return "|".join(parts)
+
     @property
     def nbytes(self) -> int:
         """Bytes of `key` + `emb_vector` (+ `meta`) on disk."""

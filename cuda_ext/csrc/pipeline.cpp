@@ -312,6 +312,7 @@ void LookupPipeline::close() {
     if (async_thread_.joinable()) async_thread_.join();
     std::lock_guard<std::mutex> lock(mu_);
     closed_ = true;
+    source_.reset();  // the host map may go now, whoever still holds this pipeline
   }
   std::lock_guard<std::mutex> lock(g_registry_mu);
   if (handle_ >= 0) g_registry.erase(handle_);

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,6 +48,12 @@ class Tier(abc.ABC):
     """One storage level. All tensors are CPU tensors; keys are int64 (n,), values float32 (n, dim)."""
 
     name: str = "tier"
+    # Holds its rows across restarts of the server (RocksDB, a Redis cluster): it records which table files it was
+    # loaded from (loaded_from / mark_loaded), so a start keeps rows written since instead of reloading the files.
+    persistent: bool = False
+    # Holds every row written to it (no eviction): when persistent and loaded, a start can rebuild the other tiers
+    # and the resident tables from it (iter_chunks) - the newest row of every key.
+    complete: bool = False
 
     @abc.abstractmethod
     def create_table(self, tag: str, dim: int) -> None:
@@ -71,6 +78,18 @@ class Tier(abc.ABC):
     @abc.abstractmethod
     def load(self, tag: str, table: "TableFiles", progress: bool = True) -> int:
         """Bulk-load a table's files (key/emb_vector) into this tier; returns rows loaded."""
+
+    def loaded_from(self, tag: str) -> str | None:
+        """The identity (TableFiles.identity()) of the files `tag` was last completely loaded from; None if unknown
+        (a volatile tier: always)."""
+        return None
+
+    def mark_loaded(self, tag: str, identity: str | None) -> None:
+        """Record that `tag` holds every row of the files with this identity (None: forget it). Volatile: no-op."""
+
+    def iter_chunks(self, tag: str, chunk_rows: int = 1 << 16) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every row of `tag` as (keys int64 (m,), vectors float32 (m, dim)) numpy blocks (complete tiers)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its rows")
 
     def stats(self) -> dict[str, TierStats]:
         """Counters per tag."""

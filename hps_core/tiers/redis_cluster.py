@@ -1141,16 +1141,66 @@ class RedisClusterTier(Tier):
 
     # ------------------------------------------------------------------ bulk load / stats / close
 
+    # ------------------------------------------------------------------ load state
+
+    def _marker(self, table: _Table) -> tuple[_Node, bytes]:
+        """The key recording what `table` was loaded from, and its node (partition 0's slot, by its hash tag)."""
+        node = table.routes[0]
+        if node is None:
+            raise RedisClusterTierError(f"redis_cluster: partition 0 of {table.tag!r} is on a slot no node serves")
+        return self._nodes[node], f"hps_et{{{table.tag}/p0}}loaded".encode()
+
+    def _marker_call(self, table: _Table, args: list[bytes]) -> Any:
+        node, _ = self._marker(table)
+        (reply,) = self._call(node, [_pack_args(args)])
+        if isinstance(reply, ResponseError):
+            raise RedisClusterTierError(f"redis_cluster: {args[0].decode()} of {table.tag!r}'s load record failed: "
+                                        f"{reply}")
+        return reply
+
+    def loaded_from(self, tag: str) -> str | None:
+        """The identity of the table files `tag` was last completely loaded from (None: never, or a load did not
+        finish). Raises RedisClusterTierError when the node cannot be asked."""
+        table = self._table(tag)
+        reply = self._marker_call(table, [b"GET", self._marker(table)[1]])
+        return None if reply is None else bytes(reply).decode()
+
+    def mark_loaded(self, tag: str, identity: str | None) -> None:
+        """Record (None: forget) the identity of the files `tag` holds completely."""
+        table = self._table(tag)
+        key = self._marker(table)[1]
+        self._marker_call(table, [b"DEL", key] if identity is None else [b"SET", key, identity.encode()])
+
+    def iter_chunks(self, tag: str, chunk_rows: int = 1 << 16) -> Any:
+        """Every row the cluster holds for `tag`, a partition at a time (HGETALL), as (keys int64, vectors float32)
+        numpy blocks. Raises RedisClusterTierError when a partition cannot be read."""
+        table = self._table(tag)
+        for p in range(self.num_partitions):
+            node = table.routes[p]
+            if node is None:
+                raise RedisClusterTierError(f"redis_cluster: partition {p} of {tag!r} is on a slot no node serves")
+            (reply,) = self._call(self._nodes[node], [_pack_args([b"HGETALL", table.hkeys[p]])])
+            if isinstance(reply, ResponseError):
+                raise RedisClusterTierError(f"redis_cluster: reading {table.hkeys[p]!r} failed: {reply}")
+            pairs = list(reply.items()) if isinstance(reply, dict) else list(zip(reply[0::2], reply[1::2]))
+            for start in range(0, len(pairs), chunk_rows):
+                block = pairs[start : start + chunk_rows]
+                keys = np.frombuffer(b"".join(k for k, _ in block), dtype="<i8").astype(np.int64)
+                rows = np.frombuffer(b"".join(v for _, v in block), dtype="<f4").reshape(len(block), table.dim)
+                yield keys, rows.astype(np.float32)
+
     def load(self, tag: str, table: "Any", progress: bool = True) -> int:
         """Write every row of a `hps_core.tables.TableFiles` into the cluster (tqdm bar when `progress`).
 
         Returns rows loaded. Raises ValueError when the files' dim differs from the table's, and
-        RedisClusterTierError when a node cannot be written.
+        RedisClusterTierError when a node cannot be written. The table's load record is cleared first (a load
+        that does not finish leaves none).
         """
         t = self._table(tag)
         if table.dim != t.dim:
             raise ValueError(f"redis_cluster: table files {table.path} have dim {table.dim}, table {tag!r} has "
                              f"dim {t.dim}")
+        self.mark_loaded(tag, None)
         # ~32 MB of row bytes per block: big enough for full max_batch_size commands, small enough for RAM.
         chunk_rows = max(1024, min(1 << 16, (32 << 20) // (t.dim * 4 + 32)))
         loaded = 0

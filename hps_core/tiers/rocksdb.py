@@ -29,6 +29,7 @@ import logging
 import operator
 import os
 import pathlib
+import shutil
 import tempfile
 import threading
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,11 @@ _KEY_ORDER_DTYPE = np.dtype(">u8")
 
 _DIM_PREFIX = b"hps/dim/"
 _COUNT_PREFIX = b"hps/count/"
+# The identity of the table files a table was completely loaded from (TableFiles.identity()); deleted while a load
+# runs, so a start after a crashed load reloads.
+_LOADED_PREFIX = b"hps/loaded/"
+# Staging directories of SST loads (removed by the load; one left behind was a crashed load's, removed on open).
+_STAGING_PREFIX = ".hps_ingest_"
 _DEFAULT_CF = "default"
 
 # Table bytes per SST file when loading (1 GiB: 2 M rows of dim 128). A block costs 16 bytes per row of RAM (its
@@ -157,6 +163,7 @@ class RocksDBTier(Tier):
 
     name = "rocksdb"
     persistent = True
+    complete = True  # never evicts: it holds every row written to it
 
     def __init__(
         self,
@@ -214,6 +221,8 @@ class RocksDBTier(Tier):
             for tag in existing:
                 if tag != _DEFAULT_CF:
                     self._open_existing(tag)
+            if not self.read_only:
+                self._remove_stale_staging()
         except BaseException:
             self.close()  # release the directory lock before reporting
             raise
@@ -278,6 +287,14 @@ class RocksDBTier(Tier):
             return list(rocksdict.Rdict.list_cf(str(self.path), self._options))
         except Exception as exc:
             raise RuntimeError(f"RocksDBTier: cannot list the column families of {self.path}: {exc}") from exc
+
+    def _remove_stale_staging(self) -> None:
+        """Remove the SST staging directories a crashed load left. The database is open read-write, so this process
+        holds its lock: no other process can be loading into it, and no load of ours is running yet."""
+        for stale in self.path.glob(_STAGING_PREFIX + "*"):
+            if stale.is_dir():
+                logger.warning("RocksDBTier(%s): removing %s, left by a load that did not finish", self.path, stale)
+                shutil.rmtree(stale, ignore_errors=True)
 
     def _meta_get(self, prefix: bytes, tag: str) -> int | None:
         raw = self._db.get(prefix + tag.encode())
@@ -381,6 +398,57 @@ class RocksDBTier(Tier):
             self._db.write(batch, self._write_options)
             self._tables[tag] = _Table(dim=dim, cf=cf, handle=handle, count=0)
             logger.info("RocksDBTier(%s): created table %s (dim %d)", self.path, tag, dim)
+
+    def drop_table(self, tag: str) -> None:
+        """Remove table `tag`: its column family and its records (a start that failed undoes its new tables)."""
+        self._check_open()
+        self._check_writable("drop_table", tag)
+        with self._write_lock:
+            table = self._tables.pop(tag, None)
+            if table is None:
+                return
+            if table.cf is not None:
+                table.cf.close()
+            self._db.drop_column_family(tag)
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            for prefix in (_DIM_PREFIX, _COUNT_PREFIX, _LOADED_PREFIX):
+                batch.delete(prefix + tag.encode())
+            self._db.write(batch, self._write_options)
+        logger.info("RocksDBTier(%s): dropped table %s", self.path, tag)
+
+    def loaded_from(self, tag: str) -> str | None:
+        """The identity of the table files `tag` was last completely loaded from (None: never, or a load did not
+        finish)."""
+        self._table(tag)
+        raw = self._db.get(_LOADED_PREFIX + tag.encode())
+        return None if raw is None else bytes(raw).decode()
+
+    def mark_loaded(self, tag: str, identity: str | None) -> None:
+        """Record (or, with None, forget) the identity of the files `tag` now holds completely."""
+        self._table(tag)
+        self._check_writable("mark_loaded", tag)
+        key = _LOADED_PREFIX + tag.encode()
+        if identity is None:
+            self._db.delete(key, self._write_options)
+        else:
+            self._db.put(key, identity.encode(), self._write_options)
+
+    def iter_chunks(self, tag: str, chunk_rows: int = 1 << 16) -> Any:
+        """Yield (keys int64 (m,), vectors float32 (m, dim)) numpy blocks of every row of `tag`, in key-byte order
+        (a start loads the upper tiers and the resident tables from here when this tier holds the newest rows)."""
+        table = self._table(tag)
+        dim = self._table_dim(tag, table)
+        chunk_rows = _positive_int(chunk_rows, "chunk_rows")
+        if table.cf is None:
+            return
+        items = iter(table.cf.items())
+        while True:
+            block = list(itertools.islice(items, chunk_rows))
+            if not block:
+                return
+            keys = np.frombuffer(b"".join(k for k, _ in block), dtype=_KEY_DTYPE).astype(np.int64)
+            vectors = np.frombuffer(b"".join(v for _, v in block), dtype=_VALUE_DTYPE).reshape(len(block), dim)
+            yield keys, vectors.astype(np.float32)
 
     def fetch(self, tag: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of `keys` -> (values float32 (n, dim), found bool (n,)), CPU; missing rows are zeros.
@@ -564,8 +632,9 @@ class RocksDBTier(Tier):
             if rt.dim is None:
                 self._db.put(_DIM_PREFIX + tag.encode(), str(dim).encode(), self._write_options)
                 rt.dim = dim
-            # Count unknown while loading: a crash mid-load leaves no stale count behind.
+            # Count unknown and no "loaded" record while loading: a crash mid-load leaves no stale one behind.
             self._db.delete(_COUNT_PREFIX + tag.encode(), self._write_options)
+            self._db.delete(_LOADED_PREFIX + tag.encode(), self._write_options)
             rt.count = None
             unique_blocks: list[np.ndarray] = []
             try:
@@ -609,7 +678,7 @@ class RocksDBTier(Tier):
 
     def _load_sst(self, rt: _Table, chunks: Any, dim: int, unique_blocks: list[np.ndarray]) -> int:
         rows = 0
-        with tempfile.TemporaryDirectory(prefix=".hps_ingest_", dir=self.path) as staging:
+        with tempfile.TemporaryDirectory(prefix=_STAGING_PREFIX, dir=self.path) as staging:
             paths = []
             for keys, vectors in chunks:
                 keys, vectors = self._check_chunk(keys, vectors, dim)

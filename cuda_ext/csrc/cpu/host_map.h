@@ -35,6 +35,7 @@ class HostHashMap : public torch::CustomClassHolder {
   HostHashMap(int64_t dim, int64_t num_partitions, int64_t overflow_margin, int64_t overflow_policy,
               double overflow_resolution_target, int64_t allocation_rate, int64_t seed);
   ~HostHashMap() override;
+  void release_resources() override;
 
   // keys int64 (n,) CPU -> (values float32 (n, dim), found bool (n,)); missing rows are zeros.
   std::tuple<at::Tensor, at::Tensor> fetch(const at::Tensor& keys);

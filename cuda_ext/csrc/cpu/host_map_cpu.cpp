@@ -462,12 +462,17 @@ std::unordered_map<int64_t, c10::weak_intrusive_ptr<HostHashMap>>& registry() {
 int64_t next_handle = 1;
 }  // namespace
 
-HostHashMap::~HostHashMap() {
+// The last strong reference is gone: drop the registry's weak one here. (In the destructor it would never happen: an
+// intrusive_ptr target with a live weak reference is not destroyed, so the map and its rows would leak.)
+void HostHashMap::release_resources() {
   if (handle_ >= 0) {
     std::lock_guard<std::mutex> lock(registry_mutex);
     registry().erase(handle_);
+    handle_ = -1;
   }
 }
+
+HostHashMap::~HostHashMap() = default;
 
 int64_t HostHashMap::handle(const c10::intrusive_ptr<HostHashMap>& self) {
   std::lock_guard<std::mutex> lock(registry_mutex);
