@@ -223,3 +223,26 @@ def test_without_rocksdb_a_dead_node_serves_defaults_and_update_restores(fresh, 
         expected = vectors.copy()
         expected[on_victim] = 3.5
         assert np.array_equal(out, expected)
+
+
+@pytest.mark.parametrize("host,rocksdb", [(False, False), (True, False), (False, True), (True, True)])
+def test_updates_survive_a_restart_with_redis(fresh, tmp_path, host, rocksdb):
+    """update -> close -> restart: the Redis cluster keeps its rows and its load record, so the start does not reload
+    the files over the update; host memory and RocksDB (when configured) serve the updated rows too."""
+    keys, vectors = table(tmp_path)
+    cfg = config(fresh, tmp_path, rocksdb=rocksdb)
+    cfg["tiers"]["host_memory"] = {"enabled": host, "num_partitions": 2}
+    old = keys[:20]
+    new_key = np.array([1 << 50])
+    with HierarchicalParameterServer(cfg, progress=False) as hps:
+        hps.update("m", 0, torch.from_numpy(old), torch.full((20, DIM), 77.0))
+        hps.update("m", 0, torch.from_numpy(new_key), torch.full((1, DIM), 5.0))
+    with HierarchicalParameterServer(cfg, progress=False) as hps:
+        assert [t.name for t in hps.tiers] == (["host_memory"] if host else []) + ["redis_cluster"] + (
+            ["rocksdb"] if rocksdb else [])
+        for tier in hps.tiers:
+            values, found = tier.fetch(TAG, torch.from_numpy(old))
+            assert bool(found.all()) and bool((values == 77.0).all()), tier.name
+        assert bool((hps.lookup("m", 0, torch.from_numpy(old)) == 77.0).all())
+        assert bool((hps.lookup("m", 0, torch.from_numpy(new_key)) == 5.0).all())
+        np.testing.assert_array_equal(hps.lookup("m", 0, torch.from_numpy(keys[100:150])).numpy(), vectors[100:150])
