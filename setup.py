@@ -55,7 +55,19 @@ def _cuda_extra_includes() -> list[str]:
     return sorted(set(dirs))
 
 
+def _sanitizer() -> str:
+    """HPS_SANITIZE=address|thread: a CPU build instrumented with AddressSanitizer / ThreadSanitizer (CI's
+    `make sanitize-check` builds one beside the normal build and loads it with HPS_EXTENSION_PATH)."""
+    choice = os.environ.get("HPS_SANITIZE", "").strip().lower()
+    if choice not in ("", "address", "thread"):
+        sys.exit(f"HPS_SANITIZE must be empty, address or thread; found {choice!r}")
+    return choice
+
+
 VARIANT = _variant()
+SANITIZE = _sanitizer()
+if SANITIZE and VARIANT == "cuda":
+    sys.exit("HPS_SANITIZE builds the CPU variant only: set HPS_WITH_CUDA=0")
 print(f"[hps] building hps_core._C, variant={VARIANT} (torch {torch.__version__}, cuda {torch.version.cuda})")
 
 # csrc/*.cpp: the schema file and device-generic ops; cpu/*.cpp: the CPU kernels.
@@ -78,12 +90,18 @@ if VARIANT == "cuda":
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
     )
 else:
+    link_flags = []
+    if SANITIZE:
+        cxx_flags = [f for f in cxx_flags if f not in ("-O3", "-g0")] + [
+            "-O1", "-g", f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer"]
+        link_flags = [f"-fsanitize={SANITIZE}"]
     ext = CppExtension(
         "hps_core._C",
         sources,
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
     )
 
 
@@ -96,6 +114,7 @@ class BuildWithInfo(BuildExtension):
         os.makedirs(out_dir, exist_ok=True)
         info = {
             "variant": VARIANT,
+            "sanitize": SANITIZE or None,
             "torch_version": torch.__version__,
             "cuda_version": torch.version.cuda if VARIANT == "cuda" else None,
             "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if VARIANT == "cuda" else None,

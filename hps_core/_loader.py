@@ -7,6 +7,9 @@ reported where it happens, never as a later AttributeError on `torch.ops.hps`.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
 import threading
 
 import torch
@@ -47,7 +50,16 @@ def load_extension() -> None:
         if _loaded:
             return
         try:
-            importlib.import_module("hps_core._C")
+            override = os.environ.get("HPS_EXTENSION_PATH")
+            if override:  # another build of the extension (the sanitizer builds of `make sanitize-check`)
+                spec = importlib.util.spec_from_file_location("hps_core._C", override)
+                if spec is None:
+                    raise ImportError(f"HPS_EXTENSION_PATH={override!r} is not a loadable extension module")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules["hps_core._C"] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module("hps_core._C")
         except ImportError as exc:
             raise ImportError(f"hps_core._C could not be loaded: {exc}. {_describe()}. To fix, {REBUILD_HINT}.") from exc
         built_with = build_info().get("torch_version")
