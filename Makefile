@@ -8,7 +8,7 @@ CUDA_VENV ?= .venv-cuda
 CUDA_HOME ?= /usr/local/cuda-13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps build test demo cuda-build-check bench-cpu clean
+.PHONY: setup system-deps build test demo cuda-build-check sanitize-check bench-cpu clean
 
 # redis-server for the cluster-tier tests (Debian package; needs root, skipped when already there).
 system-deps:
@@ -50,6 +50,19 @@ cuda-build-check: $(CUDA_VENV)/.installed
 	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST=9.0 HPS_WITH_CUDA=1 MAX_JOBS=2 \
 	  $(CUDA_VENV)/bin/python setup.py -q build_ext --build-lib build/cuda-check/lib --build-temp build/cuda-check/tmp
 	@ls build/cuda-check/lib/hps_core/_C*.so && cat build/cuda-check/lib/hps_core/_build_info.py
+
+# The host map, the lookup pipeline and the engine's concurrency / reliability tests against an AddressSanitizer
+# build of the extension (built beside the normal one, loaded through HPS_EXTENSION_PATH). libasan and libstdc++ are
+# preloaded: Python is not instrumented, and ASan must see the real __cxa_throw before torch loads libstdc++.
+SANITIZE_TESTS ?= tests/tiers/test_host_memory.py tests/engine/test_reliability.py tests/engine/test_pipeline.py \
+	tests/engine/test_engine.py tests/ops/test_lookup_ops.py
+sanitize-check: setup
+	HPS_SANITIZE=address HPS_WITH_CUDA=0 MAX_JOBS=2 $(PY) setup.py -q build_ext \
+	  --build-lib build/sanitize-address/lib --build-temp build/sanitize-address/tmp
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:verify_asan_link_order=0 \
+	  HPS_EXTENSION_PATH=$$(ls $(CURDIR)/build/sanitize-address/lib/hps_core/_C*.so) \
+	  $(PY) -m pytest -q -p no:cacheprovider $(SANITIZE_TESTS)
 
 # The benchmark suite at CPU size, recorded into benchmarks/results/suite_cpu/<bench>/ (a few minutes on 2 cores;
 # index: benchmarks/results/README.md).
