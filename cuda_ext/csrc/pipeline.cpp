@@ -129,8 +129,17 @@ struct Deduper {
   }
 };
 
-using FindFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, at::Tensor&,
-                                                   const at::Tensor&, at::Tensor&, const at::Tensor&, int64_t);
+// The dynamic cache's state into a FindArgs or an ApplyArgs (the same fields in both).
+template <typename Args>
+void set_cache_state(Args& a, const at::Tensor& slot_keys, const at::Tensor& digests, const at::Tensor& scores,
+                     const at::Tensor& values, const at::Tensor& clock) {
+  a.slot_keys = slot_keys.data_ptr<int64_t>();
+  a.digests = digests.data_ptr<uint8_t>();
+  a.scores = scores.data_ptr<int32_t>();
+  a.values = values.data_ptr<float>();
+  a.clock = clock.data_ptr<int64_t>();
+  a.num_buckets = slot_keys.size(0) / kBucketSize;
+}
 
 template <typename Fn>
 c10::TypedOperatorHandle<Fn> op(const char* name) {
@@ -344,12 +353,7 @@ FindArgs LookupPipeline::table_args() const {
   a.default_value = default_value_;
   a.ctrl = ctrl_.data_ptr<int64_t>();
   if (kind_ == kDynamicCache) {
-    a.slot_keys = slot_keys_.data_ptr<int64_t>();
-    a.digests = digests_.data_ptr<uint8_t>();
-    a.scores = scores_.data_ptr<int32_t>();
-    a.values = values_.data_ptr<float>();
-    a.clock = clock_.data_ptr<int64_t>();
-    a.num_buckets = slot_keys_.size(0) / kBucketSize;
+    set_cache_state(a, slot_keys_, digests_, scores_, values_, clock_);
   } else if (device_.is_cpu()) {
     a.slot_keys = index_->keys();
     a.digests = index_->digests();
@@ -762,12 +766,7 @@ void LookupPipeline::apply_plan(float* out, const int32_t* pos, const int32_t* i
   if (insert && !cache) resident_put(ukeys, u, /*may_grow=*/answers_all(), &row_ids, &touched, &rebuilt);
   if (insert && cache && grouped) {
     a.ukeys = ukeys;
-    a.slot_keys = slot_keys_.data_ptr<int64_t>();
-    a.digests = digests_.data_ptr<uint8_t>();
-    a.scores = scores_.data_ptr<int32_t>();
-    a.values = values_.data_ptr<float>();
-    a.clock = clock_.data_ptr<int64_t>();
-    a.num_buckets = slot_keys_.size(0) / kBucketSize;
+    set_cache_state(a, slot_keys_, digests_, scores_, values_, clock_);
     a.lru = policy_ == kPolicyLRU;
     a.counts = ctrl_.data_ptr<int64_t>() + kCtrlInserted;
   }
