@@ -2,7 +2,7 @@
 # One call on the GPU machine (the `device` tool): build the CUDA variant, run the CUDA tests, run the GPU
 # benchmarks, leave logs and results under $OUT. Carry `.whl` (omegaconf, hydra-core, antlr4, rocksdict for
 # Python 3.12 - see benchmarks/README or the issue notes) so the engine imports there.
-#   usage (from the repo root on the device): bash benchmarks/device_run.sh [pytest|bench|all|suite|multi_gpu] [args...]
+#   usage (from the repo root on the device): bash benchmarks/device_run.sh [pytest|bench|all|suite|multi_gpu|py] [args...]
 #          bash benchmarks/device_run.sh suite      the Hydra suite at GPU size: bench=lookup then bench=dlrm
 #            (results.json/.md + PNGs under $OUT/suite/<bench>/; extra overrides via LOOKUP_ARGS / DLRM_ARGS,
 #            default max_wall_s=300 / 240; which benches via SUITE="lookup dlrm" - one bench per call keeps each
@@ -43,6 +43,10 @@ if [ "$what" = pytest ] || [ "$what" = all ]; then
   timeout "$left" python3 -m pytest -m cuda -q -p no:cacheprovider --maxfail=${PYTEST_MAXFAIL:-25} \
     ${PYTEST_PATHS:-tests/ops tests/engine tests/benchmarks} --timeout 300 2>&1 | tee "$OUT/pytest_cuda.log" | tail -40
   echo "[device] pytest rc=${PIPESTATUS[0]} done after $(( $(date +%s) - start )) s"
+fi
+if [ "$what" = py ]; then  # any module after the build, e.g. py benchmarks.profile_host_path --out "$OUT/x.json"
+  python3 -m "$@" 2>&1 | tee "$OUT/py_$1.log" | cut -c1-400
+  echo "[device] py $1 rc=${PIPESTATUS[0]} after $(( $(date +%s) - start )) s"
 fi
 if [ "$what" = suite ]; then
   export HPS_BENCH_TMP=${HPS_BENCH_TMP:-/tmp}

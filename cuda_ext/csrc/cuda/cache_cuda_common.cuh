@@ -142,8 +142,8 @@ inline int find_group(int64_t n, int64_t dim, const void* digests) {
 // index in the bucket (lowest match, as the CPU) or -1, the same in every lane of the group. All 32 lanes of the
 // warp must call it (the shuffles); a lane with valid == false only takes part in them.
 template <int G>
-__device__ __forceinline__ int group_probe(const int64_t* __restrict__ slot_keys, const uint8_t* __restrict__ digests,
-                                           int64_t base, int64_t key, uint8_t digest, int glane, bool valid) {
+__device__ __forceinline__ uint32_t group_digest_matches(const uint8_t* __restrict__ digests, int64_t base,
+                                                         uint8_t digest, int glane, bool valid) {
   constexpr int kPer = kWarp / G;  // digests per lane
   using word_t = typename DigestWord<G>::type;
   uint32_t bits = 0;
@@ -158,6 +158,13 @@ __device__ __forceinline__ int group_probe(const int64_t* __restrict__ slot_keys
   }
 #pragma unroll
   for (int off = G / 2; off > 0; off >>= 1) bits |= __shfl_xor_sync(kFullMask, bits, off, G);
+  return bits;
+}
+
+template <int G>
+__device__ __forceinline__ int group_probe(const int64_t* __restrict__ slot_keys, const uint8_t* __restrict__ digests,
+                                           int64_t base, int64_t key, uint8_t digest, int glane, bool valid) {
+  uint32_t bits = group_digest_matches<G>(digests, base, digest, glane, valid);
   if (!valid) return -1;
   while (bits) {
     const int j = __ffs(bits) - 1;

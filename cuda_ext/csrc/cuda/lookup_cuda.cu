@@ -39,6 +39,27 @@ __device__ __forceinline__ void group_fill_row(float* __restrict__ dst, float va
   }
 }
 
+// The resident index's probe: as group_probe, but a digest match reads the slot's key and its row id together, so
+// the row copy waits on one dependent load after the digests instead of two (measured on an H100 at 3.4 M keys x
+// dim 128: the serial row-id read kept the find at 0.92x the cache's). Sets row on a match; -1 when absent.
+template <int G>
+__device__ __forceinline__ int resident_probe(const FindArgs& a, int64_t base, int64_t key, uint8_t digest,
+                                              int glane, bool valid, int64_t& row) {
+  uint32_t bits = group_digest_matches<G>(a.digests, base, digest, glane, valid);
+  if (!valid) return -1;
+  while (bits) {
+    const int j = __ffs(bits) - 1;
+    const int64_t k = a.slot_keys[base + j];
+    const int32_t r = a.slot_rows[base + j];
+    if (k == key) {
+      row = r;
+      return j;
+    }
+    bits &= bits - 1;
+  }
+  return -1;
+}
+
 template <typename key_t, int G, bool kVec4, int kMode>
 __global__ void __launch_bounds__(kThreads) find_kernel(const FindArgs a) {
   constexpr int kKeysPerWarp = kWarp / G;
@@ -63,15 +84,21 @@ __global__ void __launch_bounds__(kThreads) find_kernel(const FindArgs a) {
       b1 = bucket_of(h, a.num_buckets);
       digest = digest_of(h);
     }
-    const int j = group_probe<G>(a.slot_keys, a.digests, b1 * kBucketSize, key, digest, glane, valid);
-    int64_t slot = j >= 0 ? b1 * kBucketSize + j : -1;
+    int64_t slot = -1;
+    int64_t row = -1;
     if (kMode == kFindResident) {
+      int j = resident_probe<G>(a, b1 * kBucketSize, key, digest, glane, valid, row);
       const bool second = valid && j < 0 && a.spill[b1] != 0;
       if (__any_sync(kFullMask, second)) {
         const int64_t b2 = second ? secondary_bucket_of(h, a.num_buckets, b1) : 0;
-        const int j2 = group_probe<G>(a.slot_keys, a.digests, b2 * kBucketSize, key, digest, glane, second);
-        if (second && j2 >= 0) slot = b2 * kBucketSize + j2;
+        const int j2 = resident_probe<G>(a, b2 * kBucketSize, key, digest, glane, second, row);
+        if (second) j = j2;
       }
+      slot = j;  // only its sign is used below
+    } else {
+      const int j = group_probe<G>(a.slot_keys, a.digests, b1 * kBucketSize, key, digest, glane, valid);
+      slot = j >= 0 ? b1 * kBucketSize + j : -1;
+      row = slot;
     }
     const bool miss = valid && slot < 0;
     const unsigned leaders = __ballot_sync(kFullMask, miss && glane == 0);
@@ -94,10 +121,7 @@ __global__ void __launch_bounds__(kThreads) find_kernel(const FindArgs a) {
       group_fill_row<G, kVec4>(dst, a.default_value, dim, glane);
       continue;
     }
-    int64_t row = slot;
-    if (kMode == kFindResident) {
-      row = a.slot_rows[slot];
-    } else if (glane == 0) {
+    if (kMode != kFindResident && glane == 0) {
       if (kMode == kFindCacheLRU) {
         a.scores[slot] = lru_score;
       } else {

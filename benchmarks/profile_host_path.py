@@ -1,0 +1,169 @@
+"""Where a GPU lookup's wall time goes outside the kernels (issue 12's small-batch and P2 targets).
+
+    python -m benchmarks.profile_host_path [--out host_path.json] [--quick]
+
+For a resident table (gpucacheper 1.0, the find waits for its miss count) and a static one (nothing waited on), at
+1,024 and 26,624 keys: the wall time of the native op until it returns, of the op plus a device sync, and of the
+sync alone after it; the pipeline's own stage latencies; and a torch.profiler table of the CUDA API calls and
+kernels. For P2 (2,000 keys, power law 1.2, 630,000 x 16, cache 90%, synchronous inserts): the same split when the
+query is prebuilt, built by numpy just before (as in a server), or preceded by a busy wait of the same length that
+touches no memory (separates an idle GPU from a cold CPU cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.bench_gpu import _table, env_info, hps_json
+from benchmarks.common import zipf_ranks
+
+
+def _split(call, args, sync_after: bool = True) -> dict:
+    """Per call: microseconds until call returns, and until a device sync after it returns."""
+    ret, tot = [], []
+    for a in args[:20]:
+        call(a)
+    torch.cuda.synchronize()
+    for a in args:
+        t0 = time.perf_counter()
+        call(a)
+        t1 = time.perf_counter()
+        if sync_after:
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        ret.append(t1 - t0)
+        tot.append(t2 - t0)
+    r, t = np.array(ret) * 1e6, np.array(tot) * 1e6
+    return {"return_us_p50": float(np.median(r)), "total_us_p50": float(np.median(t)),
+            "total_us_mean": float(t.mean()), "total_us_p99": float(np.percentile(t, 99))}
+
+
+def _profile_table(call, args, rows: int = 25) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for a in args:
+            call(a)
+            torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
+
+
+def small(quick: bool) -> dict:
+    from hps_core.engine import HierarchicalParameterServer
+
+    dev = torch.device("cuda")
+    rows, dim = (200_000, 128)
+    res: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path, keys, _ = _table(tmp, rows, dim, seed=2)
+        keys_d = torch.from_numpy(keys).to(dev)
+        for deployment, static in (("gpucacheper_1.0", False), ("use_static_table", True)):
+            hps = HierarchicalParameterServer(hps_json(tmp, path, dim, 26_624, static=static,
+                                                       name=f"{deployment}.json"), progress=False)
+            pipe = hps.pipeline("m", "t", dev)
+            op = torch.ops.hps.lookup.default
+            d: dict = {}
+            for n in (1024, 26_624):
+                qs = [keys_d[torch.randint(0, rows, (n,), device=dev)] for _ in range(200)]
+                d[f"op_{n}"] = _split(lambda q: op(pipe.handle, q), qs)
+                d[f"lookup_{n}"] = _split(lambda q: hps.lookup("m", "t", q), qs)
+                d[f"op_no_sync_{n}"] = _split(lambda q: op(pipe.handle, q), qs, sync_after=False)
+                d[f"profile_{n}"] = _profile_table(lambda q: op(pipe.handle, q), qs[:30])
+            d["latency"] = hps.stats()["models"]["m"]["t"]["cuda:0"]["latency"]
+            res[deployment] = d
+            hps.close()
+    # the sync alone on an idle device
+    torch.cuda.synchronize()
+    t = []
+    for _ in range(200):
+        t0 = time.perf_counter()
+        torch.cuda.synchronize()
+        t.append(time.perf_counter() - t0)
+    res["idle_sync_us_p50"] = float(np.median(t) * 1e6)
+    return res
+
+
+def p2(quick: bool) -> dict:
+    from hps_core.engine import HierarchicalParameterServer
+
+    rows, dim, n = 630_000, 16, 2000
+    iters = 600 if not quick else 100
+    res: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path, keys, _ = _table(tmp, rows, dim, seed=0)
+        hps = HierarchicalParameterServer(hps_json(tmp, path, dim, n, gpucacheper=0.9, threshold=1.1),
+                                          progress=False)
+        rng = np.random.default_rng(7)
+        order = rng.permutation(rows)
+
+        def make_query():
+            return torch.from_numpy(keys[order[zipf_ranks(rng, 1.2, n, rows)]]).cuda()
+
+        t0 = time.perf_counter()
+        for _ in range(50):
+            make_query()
+        gen_s = (time.perf_counter() - t0) / 50
+        res["make_query_us"] = gen_s * 1e6
+        for q in [make_query() for _ in range(300)]:
+            hps.lookup("m", "t", q)
+        for mode in ("prebuilt", "numpy_before", "busy_wait_before", "sleep_before"):
+            prebuilt = [make_query() for _ in range(iters)]
+            ret, tot = [], []
+            for i in range(iters):
+                if mode == "numpy_before":
+                    q = make_query()
+                else:
+                    q = prebuilt[i]
+                    if mode == "busy_wait_before":
+                        end = time.perf_counter() + gen_s
+                        while time.perf_counter() < end:
+                            pass
+                    elif mode == "sleep_before":
+                        time.sleep(gen_s)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                hps.lookup("m", "t", q)
+                t1 = time.perf_counter()
+                torch.cuda.synchronize()
+                t2 = time.perf_counter()
+                ret.append(t1 - t0)
+                tot.append(t2 - t0)
+            r, t = np.array(ret) * 1e6, np.array(tot) * 1e6
+            res[mode] = {"return_us_p50": float(np.median(r)), "total_us_mean": float(t.mean()),
+                         "total_us_p50": float(np.median(t)), "total_us_p99": float(np.percentile(t, 99))}
+        qs = [make_query() for _ in range(30)]
+        res["profile_prebuilt"] = _profile_table(lambda q: hps.lookup("m", "t", q), qs)
+        res["latency"] = hps.stats()["models"]["m"]["t"]["cuda:0"]["latency"]
+        hps.close()
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="host_path.json")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    res = {"env": env_info(), "small": small(args.quick), "p2": p2(args.quick)}
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    for part in ("small", "p2"):
+        for k, v in res[part].items():
+            if isinstance(v, dict):
+                for kk, vv in v.items():
+                    if isinstance(vv, str):
+                        print(f"--- {part}/{k}/{kk}\n{vv}")
+                    elif kk != "latency":
+                        print(f"{part}/{k}/{kk}: {vv}")
+            else:
+                print(f"{part}/{k}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
