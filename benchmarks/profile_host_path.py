@@ -144,15 +144,70 @@ def p2(quick: bool) -> dict:
     return res
 
 
+def big(quick: bool) -> dict:
+    """3.4 M keys x 128, every key resident: the find kernel's own time (torch.profiler) and the call's wall and
+    event times, for a resident table that waits for its miss count and a static one that does not."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hps_core.engine import HierarchicalParameterServer
+
+    dev = torch.device("cuda")
+    rows, dim, n = (1_000_000, 128, 3_407_872) if not quick else (100_000, 128, 340_000)
+    res: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path, keys, _ = _table(tmp, rows, dim, seed=3)
+        keys_d = torch.from_numpy(keys).to(dev)
+        qs = [keys_d[torch.randint(0, rows, (n,), device=dev)] for _ in range(4)]
+        for deployment, static in (("gpucacheper_1.0", False), ("use_static_table", True)):
+            hps = HierarchicalParameterServer(hps_json(tmp, path, dim, n, static=static, name=f"{deployment}.json"),
+                                              progress=False)
+            pipe = hps.pipeline("m", "t", dev)
+            op = torch.ops.hps.lookup.default
+            d: dict = {}
+            for q in qs:
+                op(pipe.handle, q)
+            torch.cuda.synchronize()
+            wall, ev = [], []
+            for i in range(20):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                t0 = time.perf_counter()
+                op(pipe.handle, qs[i % 4])
+                t1 = time.perf_counter()
+                e.record()
+                e.synchronize()
+                wall.append((t1 - t0) * 1e3)
+                ev.append(s.elapsed_time(e))
+            d["op_return_ms_p50"] = float(np.median(wall))
+            d["event_ms_p50"] = float(np.median(ev))
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for i in range(10):
+                    op(pipe.handle, qs[i % 4])
+                torch.cuda.synchronize()
+            kern = [k for k in prof.key_averages() if "find_kernel" in k.key]
+            d["find_kernel_cuda_ms_avg"] = (kern[0].device_time_total / kern[0].count / 1e3) if kern else None
+            d["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12,
+                                                     max_name_column_width=50)
+            res[deployment] = d
+            hps.close()
+            torch.cuda.empty_cache()
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="host_path.json")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--parts", default="big,small,p2")
     args = ap.parse_args()
-    res = {"env": env_info(), "small": small(args.quick), "p2": p2(args.quick)}
+    parts = args.parts.split(",")
+    res = {"env": env_info()}
+    for part, fn in (("big", big), ("small", small), ("p2", p2)):
+        if part in parts:
+            res[part] = fn(args.quick)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
-    for part in ("small", "p2"):
+    for part in parts:
         for k, v in res[part].items():
             if isinstance(v, dict):
                 for kk, vv in v.items():
