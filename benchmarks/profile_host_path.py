@@ -194,20 +194,83 @@ def big(quick: bool) -> dict:
     return res
 
 
+def p1trace(quick: bool, trace_path: str | None = None) -> dict:
+    """P1's resident deployment as bench_p1 builds it (2 M x 128 from HPS files, gpucacheper 1.0, 3.4 M keys through
+    hps.lookup, four query sets in turn, CUDA-event timing): per call, the host's view (op start -> return), the
+    kernel's start and end (torch.profiler), and the event pair around the call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hps_core.engine import HierarchicalParameterServer
+
+    dev = torch.device("cuda")
+    rows, dim, n = (2_000_000, 128, 3_407_872) if not quick else (200_000, 128, 340_000)
+    res: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path, keys, _ = _table(tmp, rows, dim)
+        keys_d = torch.from_numpy(keys).to(dev)
+        qs = [keys_d[torch.randint(0, rows, (n,), device=dev)] for _ in range(4)]
+        for deployment, static in (("gpucacheper_1.0", False), ("use_static_table", True)):
+            hps = HierarchicalParameterServer(hps_json(tmp, path, dim, n, static=static, name=f"{deployment}.json"),
+                                              progress=False)
+            for i in range(8):
+                hps.lookup("m", "t", qs[i % 4])
+            torch.cuda.synchronize()
+            ev, host = [], []
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for i in range(20):
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    t0 = time.perf_counter()
+                    hps.lookup("m", "t", qs[i % 4])
+                    host.append((time.perf_counter() - t0) * 1e3)
+                    e.record()
+                    e.synchronize()
+                    ev.append(s.elapsed_time(e))
+            if trace_path:
+                prof.export_chrome_trace(f"{trace_path}.{deployment}.json")
+            evs = prof.events()
+            ops = sorted([x for x in evs if x.name == "hps::lookup"], key=lambda x: x.time_range.start)
+            kerns = sorted([x for x in evs if "find_kernel" in x.name and x.device_type.name == "CUDA"],
+                           key=lambda x: x.time_range.start)
+            launches = sorted([x for x in evs if x.name == "cudaLaunchKernel"], key=lambda x: x.time_range.start)
+            per = []
+            for i, (o, k) in enumerate(zip(ops, kerns)):
+                la = [x for x in launches if o.time_range.start <= x.time_range.start <= o.time_range.end]
+                per.append({
+                    "event_ms": round(ev[i], 4), "host_ms": round(host[i], 4),
+                    "op_ms": round((o.time_range.end - o.time_range.start) / 1e3, 4),
+                    "kernel_ms": round((k.time_range.end - k.time_range.start) / 1e3, 4),
+                    "op_start_to_launch_us": round((la[0].time_range.start - o.time_range.start), 1) if la else None,
+                    "launch_to_kernel_start_us": round((k.time_range.start - la[0].time_range.start), 1) if la else None,
+                    "kernel_end_to_op_end_us": round((o.time_range.end - k.time_range.end), 1),
+                })
+            res[deployment] = per
+            hps.close()
+            torch.cuda.empty_cache()
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="host_path.json")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--parts", default="big,small,p2")
+    ap.add_argument("--trace", default=None, help="p1trace: write chrome traces to TRACE.<deployment>.json")
     args = ap.parse_args()
     parts = args.parts.split(",")
     res = {"env": env_info()}
-    for part, fn in (("big", big), ("small", small), ("p2", p2)):
+    for part, fn in (("big", big), ("small", small), ("p2", p2), ("p1trace", p1trace)):
         if part in parts:
-            res[part] = fn(args.quick)
+            res[part] = fn(args.quick, args.trace) if part == "p1trace" else fn(args.quick)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     for part in parts:
+        if part == "p1trace":
+            for k, v in res[part].items():
+                print(f"--- p1trace/{k}")
+                for row in v:
+                    print(row)
+            continue
         for k, v in res[part].items():
             if isinstance(v, dict):
                 for kk, vv in v.items():
