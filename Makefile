@@ -8,7 +8,7 @@ CUDA_VENV ?= .venv-cuda
 CUDA_HOME ?= /usr/local/cuda-13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps build test demo cuda-build-check sanitize-check bench-cpu clean
+.PHONY: setup system-deps build test demo cuda-build-check sanitize-check tsan-check bench-cpu clean
 
 # redis-server for the cluster-tier tests (Debian package; needs root, skipped when already there).
 system-deps:
@@ -63,6 +63,28 @@ sanitize-check: setup
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:verify_asan_link_order=0 \
 	  HPS_EXTENSION_PATH=$$(ls $(CURDIR)/build/sanitize-address/lib/hps_core/_C*.so) \
 	  $(PY) -m pytest -q -p no:cacheprovider $(SANITIZE_TESTS)
+
+# The same concurrency tests against a ThreadSanitizer build (data races and lock-order inversions in our C++; Python,
+# libtorch and libgomp are not instrumented, so TSan checks our code and the pthread/malloc calls it intercepts).
+# OMP_NUM_THREADS=1: an uninstrumented OpenMP barrier hides the ordering TSan needs, so intra-op parallel_for runs
+# inline and the races checked are those between Python threads calling into the extension. Reports go to
+# build/sanitize-thread/reports and fail the target: under pytest's capture a passing test's report would be lost,
+# leaving only TSan's exit code 66. tests/tsan.supp holds the third-party false positives (each one explained). If
+# TSan ever dies with "unexpected memory mapping" (high ASLR entropy), run pytest under `setarch "$(uname -m)" -R`.
+TSAN_TESTS ?= tests/engine/test_reliability.py tests/tiers/test_host_memory.py tests/engine/test_pipeline.py \
+	tests/engine/test_engine.py
+TSAN_REPORTS := build/sanitize-thread/reports
+tsan-check: setup
+	HPS_SANITIZE=thread HPS_WITH_CUDA=0 MAX_JOBS=2 $(PY) setup.py -q build_ext \
+	  --build-lib build/sanitize-thread/lib --build-temp build/sanitize-thread/tmp
+	rm -rf $(TSAN_REPORTS) && mkdir -p $(TSAN_REPORTS)
+	LD_PRELOAD="$$(gcc -print-file-name=libtsan.so) $$(gcc -print-file-name=libstdc++.so)" OMP_NUM_THREADS=1 \
+	  TSAN_OPTIONS=suppressions=$(CURDIR)/tests/tsan.supp:log_path=$(CURDIR)/$(TSAN_REPORTS)/tsan \
+	  HPS_EXTENSION_PATH=$$(ls $(CURDIR)/build/sanitize-thread/lib/hps_core/_C*.so) \
+	  $(PY) -m pytest -q -p no:cacheprovider $(TSAN_TESTS); rc=$$?; \
+	if ls $(TSAN_REPORTS)/tsan.* >/dev/null 2>&1; then \
+	  cat $(TSAN_REPORTS)/tsan.*; echo "[tsan] ThreadSanitizer reports above ($(TSAN_REPORTS))"; exit 1; fi; \
+	exit $$rc
 
 # The benchmark suite at CPU size, recorded into benchmarks/results/suite_cpu/<bench>/ (a few minutes on 2 cores;
 # index: benchmarks/results/README.md).
