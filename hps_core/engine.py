@@ -369,9 +369,14 @@ class HierarchicalParameterServer:
         resident = rt.mode in ("static", "uvm") or (cfg.ratio >= 1.0 and rt.load_source is not None)
         if resident:
             on_host = rt.mode == "uvm" and device.type == "cuda"
-            # static: the table answers for every key (HPS); uvm and covering caches ask the tiers for keys they lack.
+            # A key a resident table lacks is in no tier: the table starts from the newest rows of every tier and
+            # update() writes it too (it grows for new keys). So static tables (HPS) and covering caches answer
+            # every key themselves - a lookup is one launch, nothing waited on - unless a tier other servers write
+            # can hold keys this engine never saw (Redis), or the rows are host-mapped (uvm: the table cannot grow).
+            shared = any(t.shared for t in self.tiers)
+            asks_tiers = rt.mode == "uvm" or (rt.mode != "static" and shared)
             pipe = TablePipeline.resident(device, capacity=max(rows, 1), mode=rt.mode,
-                                          misses_to_tiers=rt.mode != "static", rows_on_host=on_host, **common)
+                                          misses_to_tiers=asks_tiers, rows_on_host=on_host, **common)
             self._load_resident(rt, pipe)
         else:
             capacity = max(int(cfg.ratio * max(rows, 1)), ops.bucket_size())

@@ -54,6 +54,10 @@ class Tier(abc.ABC):
     # Holds every row written to it (no eviction): when persistent and loaded, a start can rebuild the other tiers
     # and the resident tables from it (iter_chunks) - the newest row of every key.
     complete: bool = False
+    # Other processes write it too (a Redis cluster several servers share): it can gain keys this engine never
+    # saw, so a table resident on a GPU must still ask it for the keys it lacks. In-process tiers gain keys only
+    # through this engine (load, update), which writes the resident tables too.
+    shared: bool = False
 
     @abc.abstractmethod
     def create_table(self, tag: str, dim: int) -> None:

@@ -393,6 +393,7 @@ class RedisClusterTier(Tier):
     name = "redis_cluster"
     # The cluster outlives this process: the engine does not reload a table the cluster already holds in full.
     persistent = True
+    shared = True
     read_only = False
 
     def __init__(

@@ -77,20 +77,26 @@ def test_static_table_answers_every_key_itself(tmp_path, rng, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_resident_cache_asks_the_tiers_for_keys_it_lacks(tmp_path, rng, device):
-    """ratio 1.0 (dynamic): resident, but the tiers stay the source of truth for keys outside the loaded table."""
+def test_resident_cache_over_private_tiers_answers_every_key_itself(tmp_path, rng, device):
+    """ratio 1.0 (dynamic) over in-process tiers: the table holds the newest row of every key any tier holds (it
+    starts from them and update() writes it too, growing for new keys), so a key it lacks is in no tier - it gets the
+    default without a tier being asked, and the lookup waits on nothing (one launch, like a static table)."""
     hps, ref, keys = engine(tmp_path, rng, mode="dynamic", ratio=1.0, tiers=("host_memory", "rocksdb"))
     with hps:
+        pipe = hps.pipeline("m", "t", device)
+        assert pipe.answers_all and pipe.mode == "dynamic"
         extra = torch.tensor([1 << 61])
-        hps.update("m", "t", extra, torch.full((1, ref.dim), 9.0))  # in the tiers only: no spare row to hold it
+        hps.update("m", "t", extra, torch.full((1, ref.dim), 9.0))  # a new key: the resident table grows for it
+        fetches = {t.name: sum(s.fetches for s in t.stats().values()) for t in hps.tiers}
         q = torch.tensor([1 << 61, int(keys[0]), 1 << 62])
         for _ in range(2):
             out = hps.lookup("m", "t", q.to(device)).cpu()
             assert bool((out[0] == 9.0).all()) and bool((out[2] == ref.default).all())
             np.testing.assert_array_equal(out[1].numpy(), ref.rows[int(keys[0])])
+        assert {t.name: sum(s.fetches for s in t.stats().values()) for t in hps.tiers} == fetches
         s = stats(hps, device)
-        assert s["cache_misses"] == 4 and s["unique_misses"] == 4 and s["tier_hits"]["host_memory"] == 2
-        assert s["defaults_served"] == 2
+        assert s["cache_misses"] == 2 and s["defaults_served"] == 2 and s["unique_misses"] == 0
+        assert pipe.size() == keys.size + 1
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -246,3 +246,23 @@ def test_updates_survive_a_restart_with_redis(fresh, tmp_path, host, rocksdb):
         assert bool((hps.lookup("m", 0, torch.from_numpy(old)) == 77.0).all())
         assert bool((hps.lookup("m", 0, torch.from_numpy(new_key)) == 5.0).all())
         np.testing.assert_array_equal(hps.lookup("m", 0, torch.from_numpy(keys[100:150])).numpy(), vectors[100:150])
+
+
+def test_resident_table_over_a_shared_redis_asks_it_for_keys_it_lacks(fresh, tmp_path):
+    """Redis is shared by several servers (shared = True): a key another server wrote there after this one started
+    is served from Redis even by a table resident here (ratio 1.0); a key no tier holds gets the default. Without
+    a shared tier the same table answers for every key itself (tests/engine/test_pipeline.py)."""
+    keys, vectors = table(tmp_path)
+    cfg = config(fresh, tmp_path, rocksdb=False, default=-2.0)
+    cfg["models"]["m"]["cache"]["ratio"] = 1.0
+    with HierarchicalParameterServer(cfg, progress=False) as hps:
+        pipe = hps.pipeline("m", "t0", "cpu")
+        assert pipe.kind == "resident" and not pipe.answers_all
+        new_key = np.array([1 << 50], dtype=np.int64)
+        # another server's update, straight into the cluster
+        redis_tier(hps).insert(TAG, torch.from_numpy(new_key), torch.full((1, DIM), 7.0))
+        q = torch.tensor([int(new_key[0]), int(keys[3]), 1 << 51])
+        out = hps.lookup("m", "t0", q)
+        assert bool((out[0] == 7.0).all()) and bool((out[2] == -2.0).all())
+        np.testing.assert_array_equal(out[1].numpy(), vectors[3])
+        assert table_stats(hps)["tier_hits"]["redis_cluster"] == 1
