@@ -175,6 +175,25 @@ def test_lookup_layer_is_the_pipeline(tmp_path, rng, device):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+@pytest.mark.parametrize("mode,ratio,waits", [("static", 1.0, False), ("dynamic", 1.0, False), ("dynamic", 0.5, True)])
+def test_a_resident_lookup_returns_before_the_gpu_runs_it(tmp_path, rng, mode, ratio, waits):
+    """A table that answers every key (static, or covering over in-process tiers) is one launch the host does not
+    wait for: the call returns while the stream is still busy with earlier work. A learning cache waits for its
+    miss count, so its call returns only after the stream ran it."""
+    hps, ref, keys = engine(tmp_path, rng, mode=mode, ratio=ratio)
+    with hps:
+        q = torch.from_numpy(keys[:512].copy()).cuda()
+        hps.lookup("m", "t", q)  # the learning cache now holds q: the timed call below is all hits
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time ahead of the lookup on the same stream
+        out = hps.lookup("m", "t", q)
+        busy = not torch.cuda.current_stream().query()
+        assert busy != waits
+        np.testing.assert_array_equal(out.cpu().numpy(), ref.lookup(keys[:512]))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 @pytest.mark.parametrize("mode,ratio", [("static", 1.0), ("dynamic", 1.0), ("dynamic", 0.5)])
 def test_all_hit_lookup_is_capturable_in_a_cuda_graph(tmp_path, rng, mode, ratio):
     """torch.cuda.graph captures the layer's lookup (the find alone); replays with new keys in the static input
