@@ -112,6 +112,9 @@ class CacheConfig:
     refresh_delay: float = field(default=0.0, metadata=_hps("refresh_delay"))  # seconds
     refresh_interval: float = field(default=0.0, metadata=_hps("refresh_interval"))  # seconds
     init: bool = field(default=True, metadata=_hps("init_ec"))  # allow start-up warm-up of the cache
+    # Below a dynamic cache (ratio < 1): none, or host_mapped - the whole table in pinned host memory behind an
+    # index (one copy shared by every GPU of the process), read for the cache's misses before the tiers.
+    second_level: str = field(default="none", metadata=_hps("gpucache_second_level"))
     num_worker_buffers: int = field(default=1, metadata=_hps("num_of_worker_buffer_in_pool"))  # 1..256
     num_refresher_buffers: int = field(default=1, metadata=_hps("num_of_refresher_buffer_in_pool"))  # 1..256
     use_context_stream: bool = field(default=True, metadata=_hps("use_context_stream"))
@@ -391,6 +394,7 @@ def _container(node: Union[DictConfig, ListConfig], path: str) -> Any:
 
 _CACHE_TYPES = {"dynamic": "dynamic", "static": "static", "uvm": "uvm", "stochastic": "dynamic"}
 _CACHE_POLICIES = {"lru": "lru", "lfu": "lfu"}
+_SECOND_LEVELS = {"none": "none", "host_mapped": "host_mapped", "uvm": "host_mapped"}
 _OVERFLOW_POLICIES = {
     "evict_random": "evict_random", "random": "evict_random",
     "evict_least_used": "evict_least_used", "least_used": "evict_least_used",
@@ -490,6 +494,13 @@ def _validate_model(model_name: str, m: ModelConfig) -> None:
     k.check("ratio", 0.0 < m.cache.ratio <= 1.0, "must be in (0, 1]")
     k.enum("policy", _CACHE_POLICIES)
     k.enum("type", _CACHE_TYPES)
+    k.enum("second_level", _SECOND_LEVELS)
+    if m.cache.second_level != "none":
+        k.check("second_level", m.cache.type == "dynamic",
+                f"a second level goes below a dynamic cache; cache.type is {m.cache.type!r}")
+        k.check("second_level", m.cache.ratio < 1.0,
+                f"a cache of ratio {m.cache.ratio} already holds the whole table (it is resident)")
+        k.check("second_level", m.cache.enabled, "needs the cache enabled (gpucache true)")
     k.check("hit_rate_threshold", m.cache.hit_rate_threshold >= 0.0 and not math.isnan(m.cache.hit_rate_threshold),
             "must be >= 0 (values > 1 mean always synchronous insertion)")
     k.check("refresh_percentage", 0.0 <= m.cache.refresh_percentage <= 1.0, "must be in [0, 1]")
@@ -595,6 +606,8 @@ _HPS_MODEL_KEYS: Dict[str, Tuple[Any, Any]] = {
     "init_ec": (bool, True),
     "enable_pagelock": (bool, False),
     "fp8_quant": (bool, False),
+    # ours, in HPS's style: "none" | "host_mapped" (a dynamic cache over the whole table in pinned host memory)
+    "gpucache_second_level": (str, "none"),
 }
 # Documented by HPS but never read from JSON (InferenceParams / HugeCTR inference only): accepted and ignored.
 _HPS_MODEL_IGNORED = (
@@ -828,6 +841,7 @@ def _hps_model(raw: Any, path: str, global_fuse: bool) -> Tuple[str, ModelConfig
         num_refresher_buffers=m["num_of_refresher_buffer_in_pool"], use_context_stream=m["use_context_stream"],
         enable_pagelock=m["enable_pagelock"], fp8_quant=m["fp8_quant"], thread_pool_size=m["thread_pool_size"],
         use_hctr_cache_implementation=m["use_hctr_cache_implementation"],
+        second_level=m["gpucache_second_level"],
     )
     if not global_fuse and "fuse_embedding_table" in raw:
         logger.debug("HPS JSON %s.fuse_embedding_table ignored: the global fuse_embedding_table is false", path)

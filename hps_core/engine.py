@@ -93,6 +93,9 @@ class TableRuntime:
     files: TableFiles | None = None
     # The table's pipeline on each device it is served on (its cache, resident table or host-mapped index).
     caches: dict[torch.device, TablePipeline] = field(default_factory=dict)
+    # cache.second_level host_mapped: the whole table below each device's cache (on GPUs one pinned copy of the
+    # rows, shared), read for the cache's misses.
+    second_levels: dict[torch.device, TablePipeline] = field(default_factory=dict)
     cache_lock: threading.Lock = field(default_factory=threading.Lock)
     # update() writes the tiers then the caches under this lock: concurrent updates reach all of them in one order.
     update_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -367,13 +370,13 @@ class HierarchicalParameterServer:
         rows = rt.files.num_keys if rt.files is not None else self.tiers_size(rt.tag)
         common = dict(dim=rt.dim, default_value=rt.default_value, max_keys=rt.max_keys_per_call, tag=rt.tag)
         resident = rt.mode in ("static", "uvm") or (cfg.ratio >= 1.0 and rt.load_source is not None)
+        shared = any(t.shared for t in self.tiers)
         if resident:
             on_host = rt.mode == "uvm" and device.type == "cuda"
             # A key a resident table lacks is in no tier: the table starts from the newest rows of every tier and
             # update() writes it too (it grows for new keys). So static tables (HPS) and covering caches answer
             # every key themselves - a lookup is one launch, nothing waited on - unless a tier other servers write
             # can hold keys this engine never saw (Redis), or the rows are host-mapped (uvm: the table cannot grow).
-            shared = any(t.shared for t in self.tiers)
             asks_tiers = rt.mode == "uvm" or (rt.mode != "static" and shared)
             pipe = TablePipeline.resident(device, capacity=max(rows, 1), mode=rt.mode,
                                           misses_to_tiers=asks_tiers, rows_on_host=on_host, **common)
@@ -381,10 +384,35 @@ class HierarchicalParameterServer:
         else:
             capacity = max(int(cfg.ratio * max(rows, 1)), ops.bucket_size())
             pipe = TablePipeline.dynamic_cache(device, capacity=capacity, policy=cfg.policy, **common)
+            if cfg.second_level == "host_mapped":
+                pipe.set_second_level(self._second_level_for(rt, device))
         self._connect(rt, pipe)
         if not resident and cfg.init and cfg.refresh_percentage > 0 and rt.load_source is not None:
             self._warm_up(rt, pipe)
         return pipe
+
+    def _second_level_for(self, rt: TableRuntime, device: torch.device) -> TablePipeline:
+        """The table's host-mapped second level on `device`: the whole table in host memory behind an index (on a
+        GPU the rows are pinned and shared by every GPU's second level; the index has a copy on each). Host-mapped
+        rows cannot grow, so a key update() adds beyond them lives in the tiers: keys it lacks go on to the tiers."""
+        l2 = rt.second_levels.get(device)
+        if l2 is not None:
+            return l2
+        if rt.load_source is None:
+            raise ValueError(f"{rt.tag}: cache.second_level host_mapped needs the table's files (path) to fill it")
+        rows = rt.load_source.num_keys
+        l2 = TablePipeline.resident(device, capacity=max(rows, 1), mode="uvm", misses_to_tiers=True,
+                                    rows_on_host=device.type == "cuda", dim=rt.dim, default_value=rt.default_value,
+                                    max_keys=rt.max_keys_per_call, tag=rt.tag)
+        other = next((p for p in rt.second_levels.values() if p.device.type == device.type == "cuda"), None)
+        if other is not None:
+            l2.load_like(other)
+        else:
+            for keys, vectors in rt.load_source.iter_chunks(_FILL_CHUNK):
+                l2.load(torch.from_numpy(np.array(keys, dtype=np.int64)),
+                        torch.from_numpy(np.array(vectors, dtype=np.float32)))
+        rt.second_levels[device] = l2
+        return l2
 
     def _load_resident(self, rt: TableRuntime, pipe: TablePipeline) -> None:
         """Fill a resident table from the table files, or from the same table on another device (uvm: one pinned
@@ -587,9 +615,10 @@ class HierarchicalParameterServer:
         with self._gate, rt.update_lock:
             for tier in self.tiers:
                 tier.insert(rt.tag, unique, rows)
-            # Then every device's table: present rows overwritten (a resident static table also takes new keys),
-            # and queued asynchronous inserts of older rows dropped.
-            for pipe in list(rt.caches.values()):
+            # Then the second levels (a cache's misses read them), then every device's table: present rows
+            # overwritten (a resident table that answers every key also takes new keys), queued asynchronous
+            # inserts of older rows dropped.
+            for pipe in list(rt.second_levels.values()) + list(rt.caches.values()):
                 pipe.update(unique, rows)
 
     def refresh(self, model: str | None = None, table: int | str | None = None, chunk_slots: int = 1 << 16) -> int:
@@ -658,7 +687,7 @@ class HierarchicalParameterServer:
         # Python-side calls in flight (updates, refreshes, uncached lookups) finish; only then do the tiers close.
         for runtimes in getattr(self, "tables", {}).values():
             for rt in runtimes:
-                for pipe in rt.caches.values():
+                for pipe in list(rt.caches.values()) + list(rt.second_levels.values()):
                     pipe.close()
         gate = getattr(self, "_gate", None)
         if gate is not None:
@@ -669,6 +698,7 @@ class HierarchicalParameterServer:
         for runtimes in getattr(self, "tables", {}).values():
             for rt in runtimes:
                 rt.caches.clear()
+                rt.second_levels.clear()
                 rt.files = None
                 rt.load_source = None
         for tier in getattr(self, "tiers", []):

@@ -27,7 +27,7 @@ __all__ = ["TablePipeline", "STAGES", "summarize_latencies"]
 
 # pipeline.h PipelineStat, then the control block (lookup_layout.h Ctrl) as counters() returns them.
 _STATS = ("misses_planned", "unique_misses", "source_hits", "lower_tier_keys", "lower_tier_hits", "defaults_planned",
-          "async_insert_batches", "stale_inserts_skipped", "updates", "refreshed_keys")
+          "async_insert_batches", "stale_inserts_skipped", "updates", "refreshed_keys", "second_level_hits")
 _CTRL = {"lookups": 2, "keys": 3, "misses": 4, "inserted": 5, "assigned": 6, "evicted": 7, "refused": 8}
 # pipeline.h PipelineStage: total = the whole call; find = until the misses are known; plan / fetch / apply = the
 # miss path's steps (host plan; host map + lower tiers + defaults; scatter + insert launch).
@@ -74,6 +74,7 @@ class TablePipeline:
         ops.register_pipeline_dim(self.handle, self.dim)
         self._tier_hits: dict[str, int] = {}
         self._tier_lock = threading.Lock()
+        self.second_level: "TablePipeline | None" = None
 
     # ------------------------------------------------------------------ construction
 
@@ -105,6 +106,13 @@ class TablePipeline:
         self.native.set_lower_tiers(lower_tiers, token)
         if self.kind == "dynamic_cache":
             self.native.set_async(float(hit_rate_threshold), int(max_pending))
+
+    def set_second_level(self, second: "TablePipeline") -> None:
+        """Put a resident table of the same table under this dynamic cache (its rows readable by the host: a CPU
+        table, or host-mapped rows on a GPU): the cache's misses are read from it before the host map and the lower
+        tiers. The two must be closed together (the engine does)."""
+        self.native.set_second_level(second.native)
+        self.second_level = second
 
     # ------------------------------------------------------------------ the hot path
 
@@ -212,6 +220,7 @@ class TablePipeline:
             "stale_inserts_skipped": host["stale_inserts_skipped"],
             "updates": host["updates"],
             "refreshed_keys": host["refreshed_keys"],
+            "second_level_hits": host["second_level_hits"],
             "hit_rate": (keys - misses) / keys if keys else 0.0,
             "cache_size": self.size(),
             "cache_slots": self.num_slots,
@@ -219,6 +228,8 @@ class TablePipeline:
             "cache_memory_bytes": self.memory_bytes(),
             "latency": {stage: summarize_latencies(self.native.latencies(i)) for i, stage in enumerate(STAGES)},
         }
+        if self.second_level is not None:
+            out["second_level_memory_bytes"] = self.second_level.memory_bytes()
         return out
 
     def __repr__(self) -> str:

@@ -276,6 +276,40 @@ void LookupPipeline::set_source(int64_t handle) {
   }
 }
 
+void LookupPipeline::set_second_level(const c10::intrusive_ptr<LookupPipeline>& second) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!second) {
+    second_level_.reset();
+    return;
+  }
+  TORCH_CHECK_VALUE(kind_ == kDynamicCache, tag_, ": only a dynamic cache takes a second level");
+  TORCH_CHECK_VALUE(second.get() != this && second->kind_ == kResident, tag_,
+                    ": the second level must be a resident table, found kind ", second->kind_);
+  TORCH_CHECK_VALUE(second->dim_ == dim_, tag_, ": the second level holds rows of dim ", second->dim_,
+                    ", the table has dim ", dim_);
+  TORCH_CHECK_VALUE(second->device_.is_cpu() || second->rows_on_host_, tag_,
+                    ": the second level's rows must be readable by the host (a CPU table, or host-mapped rows); ",
+                    second->tag_, " on ", second->device_, " keeps them in device memory");
+  second_level_ = second;
+}
+
+int64_t LookupPipeline::read_rows(const int64_t* keys, int64_t u, float* rows, bool* found) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  TORCH_CHECK(kind_ == kResident && (device_.is_cpu() || rows_on_host_), tag_, ": read_rows needs host-readable rows");
+  const float* src = rows_.data_ptr<float>();
+  const size_t row_bytes = static_cast<size_t>(dim_) * sizeof(float);
+  int64_t hits = 0;
+  for (int64_t k = 0; k < u; ++k) {
+    const int64_t r = index_->row_of(keys[k]);
+    if (r < 0) continue;
+    std::memcpy(rows + k * dim_, src + r * dim_, row_bytes);
+    found[k] = true;
+    ++hits;
+  }
+  return hits;
+}
+
 void LookupPipeline::set_lower_tiers(int64_t fn, int64_t token) {
   std::lock_guard<std::mutex> lock(mu_);
   lower_tiers_ = reinterpret_cast<LowerTierFn>(fn);
@@ -322,6 +356,7 @@ void LookupPipeline::close() {
     std::lock_guard<std::mutex> lock(mu_);
     closed_ = true;
     source_.reset();  // the host map may go now, whoever still holds this pipeline
+    second_level_.reset();
   }
   std::lock_guard<std::mutex> lock(g_registry_mu);
   if (handle_ >= 0) g_registry.erase(handle_);
@@ -651,17 +686,50 @@ void LookupPipeline::resolve_misses(int64_t m, int64_t n, float* out, bool big) 
 // Rows of u distinct keys: the host-memory map, then the lower tiers for what it lacks, then the default vector.
 void LookupPipeline::fetch_rows(const int64_t* keys, int64_t u, float* rows, bool* found) {
   if (u == 0) return;
-  if (source_) {
-    at::Tensor k = at::from_blob(const_cast<int64_t*>(keys), {u}, at::kLong);
-    at::Tensor r = at::from_blob(rows, {u, dim_}, at::kFloat);
-    at::Tensor f = at::from_blob(found, {u}, at::kBool);
-    source_->fetch_into(k, r, f);
-  } else {
-    std::fill(found, found + u, false);
-  }
+  std::fill(found, found + u, false);
   int64_t hits = 0;
-  for (int64_t k = 0; k < u; ++k) hits += found[k];
-  stats_[kStatSourceHits] += hits;
+  if (second_level_) {
+    hits = second_level_->read_rows(keys, u, rows, found);
+    stats_[kStatSecondLevelHits] += hits;
+    if (hits < u && second_level_->answers_all()) {
+      // The second level holds every key any tier holds: the rest get the default vector.
+      for (int64_t k = 0; k < u; ++k) {
+        if (!found[k]) std::fill(rows + k * dim_, rows + (k + 1) * dim_, default_value_);
+      }
+      return;
+    }
+  }
+  if (hits < u && source_) {
+    std::vector<int64_t> rest;  // positions the second level lacked (all of them without one)
+    for (int64_t k = 0; k < u; ++k) {
+      if (!found[k]) rest.push_back(k);
+    }
+    const int64_t q = static_cast<int64_t>(rest.size());
+    if (q == u) {
+      at::Tensor k = at::from_blob(const_cast<int64_t*>(keys), {u}, at::kLong);
+      at::Tensor r = at::from_blob(rows, {u, dim_}, at::kFloat);
+      at::Tensor f = at::from_blob(found, {u}, at::kBool);
+      source_->fetch_into(k, r, f);
+    } else {
+      std::vector<int64_t> rest_keys(q);
+      for (int64_t i = 0; i < q; ++i) rest_keys[i] = keys[rest[i]];
+      at::Tensor r = at::empty({q, dim_}, at::kFloat);
+      at::Tensor f = at::empty({q}, at::kBool);
+      source_->fetch_into(at::from_blob(rest_keys.data(), {q}, at::kLong), r, f);
+      const float* rp = r.data_ptr<float>();
+      const bool* fp = f.data_ptr<bool>();
+      for (int64_t i = 0; i < q; ++i) {
+        if (!fp[i]) continue;
+        std::memcpy(rows + rest[i] * dim_, rp + i * dim_, static_cast<size_t>(dim_) * sizeof(float));
+        found[rest[i]] = true;
+      }
+    }
+    int64_t source_hits = 0;
+    for (int64_t k = 0; k < u; ++k) source_hits += found[k];
+    source_hits -= hits;
+    stats_[kStatSourceHits] += source_hits;
+    hits += source_hits;
+  }
   if (hits == u) return;
   std::vector<int64_t> missing;
   std::vector<int64_t> missing_keys;
@@ -1189,6 +1257,7 @@ void register_pipeline(torch::Library& m) {
       .def("set_source", &P::set_source)
       .def("set_lower_tiers", &P::set_lower_tiers)
       .def("set_async", &P::set_async)
+      .def("set_second_level", &P::set_second_level)
       .def("lookup", &P::lookup)
       .def("load", &P::load)
       .def("load_like", &P::load_like)

@@ -57,6 +57,7 @@ enum PipelineStat : int64_t {
   kStatStaleInserts,       // keys of asynchronous inserts dropped because an update came in between
   kStatUpdates,
   kStatRefreshedKeys,
+  kStatSecondLevelHits,    // distinct keys found in the second level (a host-mapped table below a cache)
   kStatCount,
 };
 
@@ -82,6 +83,10 @@ class LookupPipeline : public torch::CustomClassHolder {
   void set_source(int64_t host_map_handle);  // -1: no host-memory tier
   void set_lower_tiers(int64_t fn, int64_t token);  // fn: a LowerTierFn address, 0 for none
   void set_async(double hit_rate_threshold, int64_t max_pending);  // threshold > 1: always synchronous
+  // A dynamic cache's second level: a resident table of the same table whose rows the host can read (on the CPU,
+  // or host-mapped on a GPU), consulted for the cache's misses before the host map and the lower tiers. When it
+  // answers every key, a key it lacks gets the default vector without asking the tiers.
+  void set_second_level(const c10::intrusive_ptr<LookupPipeline>& second);
 
   // The hot path: keys int32/int64 of any shape on this pipeline's device -> float32 keys.shape + (dim,).
   at::Tensor lookup(const at::Tensor& keys);
@@ -141,8 +146,11 @@ class LookupPipeline : public torch::CustomClassHolder {
   FindMode find_mode() const;
   // Plan the misses of the call just found (host or device planner), fetch their rows, then apply or queue.
   void resolve_misses(int64_t misses, int64_t n, float* out, bool big);
-  // Rows of `u` distinct keys into `rows` (host memory): host map, lower tiers, default. Returns rows found.
+  // Rows of `u` distinct keys into `rows` (host memory): second level, host map, lower tiers, default.
   void fetch_rows(const int64_t* keys, int64_t u, float* rows, bool* found);
+  // Resident tables with host-readable rows: copy the rows of the keys present into `rows`, set found; returns
+  // how many were present. Takes this pipeline's lock (a second level is read under its own lock).
+  int64_t read_rows(const int64_t* keys, int64_t u, float* rows, bool* found);
   // Store u rows for keys (grouped by bucket for a cache when `grouped`) and scatter m positions; host pointers
   // `pos`, `inv`, `ukeys`, `rows` in the pinned plan buffer (or any host memory on the CPU).
   void apply_plan(float* out, const int32_t* pos, const int32_t* inv, int64_t m, const int64_t* ukeys,
@@ -170,6 +178,7 @@ class LookupPipeline : public torch::CustomClassHolder {
   const std::string tag_;
   int64_t capacity_;
   c10::intrusive_ptr<HostHashMap> source_;
+  c10::intrusive_ptr<LookupPipeline> second_level_;
   LowerTierFn lower_tiers_ = nullptr;
   int64_t lower_token_ = 0;
   double async_threshold_ = 2.0;
