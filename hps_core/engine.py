@@ -385,23 +385,25 @@ class HierarchicalParameterServer:
             capacity = max(int(cfg.ratio * max(rows, 1)), ops.bucket_size())
             pipe = TablePipeline.dynamic_cache(device, capacity=capacity, policy=cfg.policy, **common)
             if cfg.second_level == "host_mapped":
-                pipe.set_second_level(self._second_level_for(rt, device))
+                pipe.set_second_level(self._second_level_for(rt, device, shared=shared))
         self._connect(rt, pipe)
         if not resident and cfg.init and cfg.refresh_percentage > 0 and rt.load_source is not None:
             self._warm_up(rt, pipe)
         return pipe
 
-    def _second_level_for(self, rt: TableRuntime, device: torch.device) -> TablePipeline:
+    def _second_level_for(self, rt: TableRuntime, device: torch.device, *, shared: bool) -> TablePipeline:
         """The table's host-mapped second level on `device`: the whole table in host memory behind an index (on a
-        GPU the rows are pinned and shared by every GPU's second level; the index has a copy on each). Host-mapped
-        rows cannot grow, so a key update() adds beyond them lives in the tiers: keys it lacks go on to the tiers."""
+        GPU the rows are pinned and shared by every GPU's second level; the index has a copy on each). It answers
+        every key itself - on a GPU the cache's misses then never reach the CPU - unless a shared tier (Redis) can
+        hold keys this engine never saw, or an update() brought a key beyond its rows (host-mapped rows cannot
+        grow: the key lives in the tiers); then the keys it lacks go on to the tiers."""
         l2 = rt.second_levels.get(device)
         if l2 is not None:
             return l2
         if rt.load_source is None:
             raise ValueError(f"{rt.tag}: cache.second_level host_mapped needs the table's files (path) to fill it")
         rows = rt.load_source.num_keys
-        l2 = TablePipeline.resident(device, capacity=max(rows, 1), mode="uvm", misses_to_tiers=True,
+        l2 = TablePipeline.resident(device, capacity=max(rows, 1), mode="uvm", misses_to_tiers=shared,
                                     rows_on_host=device.type == "cuda", dim=rt.dim, default_value=rt.default_value,
                                     max_keys=rt.max_keys_per_call, tag=rt.tag)
         other = next((p for p in rt.second_levels.values() if p.device.type == device.type == "cuda"), None)

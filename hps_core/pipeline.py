@@ -28,7 +28,8 @@ __all__ = ["TablePipeline", "STAGES", "summarize_latencies"]
 # pipeline.h PipelineStat, then the control block (lookup_layout.h Ctrl) as counters() returns them.
 _STATS = ("misses_planned", "unique_misses", "source_hits", "lower_tier_keys", "lower_tier_hits", "defaults_planned",
           "async_insert_batches", "stale_inserts_skipped", "updates", "refreshed_keys", "second_level_hits")
-_CTRL = {"lookups": 2, "keys": 3, "misses": 4, "inserted": 5, "assigned": 6, "evicted": 7, "refused": 8}
+_CTRL = {"lookups": 2, "keys": 3, "misses": 4, "inserted": 5, "assigned": 6, "evicted": 7, "refused": 8,
+         "second_level_hits": 10}
 # pipeline.h PipelineStage: total = the whole call; find = until the misses are known; plan / fetch / apply = the
 # miss path's steps (host plan; host map + lower tiers + defaults; scatter + insert launch).
 STAGES = ("total", "find", "plan", "fetch", "apply")
@@ -70,11 +71,15 @@ class TablePipeline:
         self.tag = str(native.tag())
         self.device = torch.device(native.device())
         self.kind = "dynamic_cache" if int(native.kind()) == _KIND_DYNAMIC else "resident"
-        self.answers_all = bool(native.answers_all())
         ops.register_pipeline_dim(self.handle, self.dim)
         self._tier_hits: dict[str, int] = {}
         self._tier_lock = threading.Lock()
         self.second_level: "TablePipeline | None" = None
+
+    @property
+    def answers_all(self) -> bool:
+        """A resident table that answers every key itself (a key it lacks gets the default vector, no tier asked)."""
+        return bool(self.native.answers_all())
 
     # ------------------------------------------------------------------ construction
 
@@ -212,7 +217,7 @@ class TablePipeline:
             "cache_misses": misses,
             "unique_misses": host["unique_misses"],
             "tier_hits": tier_hits,
-            "defaults_served": host["defaults_planned"] + (misses - host["misses_planned"]),
+            "defaults_served": host["defaults_planned"] + (misses - host["misses_planned"] - ctrl["second_level_hits"]),
             "inserts": ctrl["inserted"],
             "evictions": ctrl["evicted"],
             "refused_inserts": ctrl["refused"],
@@ -220,7 +225,9 @@ class TablePipeline:
             "stale_inserts_skipped": host["stale_inserts_skipped"],
             "updates": host["updates"],
             "refreshed_keys": host["refreshed_keys"],
-            "second_level_hits": host["second_level_hits"],
+            # keys read from the second level: distinct keys per call when the CPU reads it, miss positions on the
+            # GPU-direct path
+            "second_level_hits": host["second_level_hits"] + ctrl["second_level_hits"],
             "hit_rate": (keys - misses) / keys if keys else 0.0,
             "cache_size": self.size(),
             "cache_slots": self.num_slots,

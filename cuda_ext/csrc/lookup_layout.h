@@ -23,6 +23,8 @@ enum Ctrl : int64_t {
   kCtrlAssigned = 6,
   kCtrlEvicted = 7,
   kCtrlRefused = 8,
+  kCtrlPending = 9,           // the last find's miss count (kept by its last block for the kernels after it)
+  kCtrlSecondLevelHits = 10,  // cumulative: miss positions the GPU-direct second level answered
   kCtrlSize = 16,
 };
 
@@ -118,6 +120,44 @@ struct ApplyArgs {
   int32_t* index_rows = nullptr;
   uint8_t* index_digests = nullptr;
   uint8_t* index_spill = nullptr;
+};
+
+// GPU-direct second level (a dynamic cache over a host-mapped table that holds every key): the misses of the find
+// just launched (its list and ctrl[kCtrlPending] on the device) are probed in the second level's device index, their
+// rows copied from pinned host memory into the output, and each (cache bucket, key, position) staged for the
+// insert; entries past the miss count, and keys the second level lacks, get bucket = cache_buckets (no insert).
+struct SecondLevelArgs {
+  const int32_t* miss_pos = nullptr;  // (n,)
+  const int64_t* miss_keys = nullptr;  // (n,)
+  int64_t* ctrl = nullptr;             // the cache's control block: kCtrlPending in, kCtrlSecondLevelHits out
+  int64_t n = 0;                       // the batch's keys: capacity of the list and the staging arrays
+  FindArgs index;                      // the second level: slot_keys, digests, slot_rows, spill, num_buckets,
+                                       // values = its host-mapped rows, dim
+  float* out = nullptr;                // (n, dim)
+  int64_t cache_buckets = 0;
+  int64_t* stage_bucket = nullptr;     // (n,)
+  int64_t* stage_key = nullptr;        // (n,)
+  int64_t* stage_pos = nullptr;        // (n,)
+};
+
+// The insert of staged rows in (bucket, key) order: keys[perm[q]] -> rows + perm[q] * dim for q < n, runs of one
+// bucket each; entries whose bucket is num_buckets are skipped. Counts added to counts[kInserted..kRefused].
+struct InsertSortedArgs {
+  int64_t* slot_keys = nullptr;
+  uint8_t* digests = nullptr;
+  int32_t* scores = nullptr;
+  float* values = nullptr;
+  const int64_t* clock = nullptr;
+  const void* keys = nullptr;  // int32 or int64 (key_is_int64)
+  bool key_is_int64 = true;
+  const float* rows = nullptr;
+  const int64_t* sorted_bucket = nullptr;
+  const int64_t* perm = nullptr;
+  int64_t n = 0;
+  int64_t dim = 0;
+  bool lru = true;
+  int64_t num_buckets = 0;
+  int64_t* counts = nullptr;
 };
 
 }  // namespace hps

@@ -190,6 +190,11 @@ struct LookupPipeline::Workspace {
     miss_pos_d = at::empty({n}, at::TensorOptions().dtype(at::kInt).device(device));
     miss_keys_d = at::empty({n}, at::TensorOptions().dtype(at::kLong).device(device));
   }
+  at::Tensor stage_d;  // (3, n) int64: the GPU-direct second level's staged (bucket, key, position)
+  void ensure_stage(int64_t n, const c10::Device& device) {
+    if (stage_d.defined() && stage_d.size(1) >= n) return;
+    stage_d = at::empty({3, n}, at::TensorOptions().dtype(at::kLong).device(device));
+  }
   uint8_t* plan(int64_t bytes) {
     if (!plan_h.defined() || plan_h.size(0) < bytes) plan_h = host_bytes(bytes + bytes / 2);
     return plan_h.data_ptr<uint8_t>();
@@ -291,6 +296,65 @@ void LookupPipeline::set_second_level(const c10::intrusive_ptr<LookupPipeline>& 
                     ": the second level's rows must be readable by the host (a CPU table, or host-mapped rows); ",
                     second->tag_, " on ", second->device_, " keeps them in device memory");
   second_level_ = second;
+}
+
+void LookupPipeline::second_level_direct(const at::Tensor& flat, at::Tensor& out, int64_t n, bool capturing) {
+#ifdef HPS_WITH_CUDA
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream(device_.index()).stream();
+  const int64_t cache_buckets = slot_keys_.size(0) / kBucketSize;
+  at::Tensor stage = ws_->stage_d.narrow(1, 0, n);
+  at::Tensor bucket = stage.select(0, 0), key = stage.select(0, 1), pos = stage.select(0, 2);
+  SecondLevelArgs s;
+  s.miss_pos = ws_->miss_pos_d.data_ptr<int32_t>();
+  s.miss_keys = ws_->miss_keys_d.data_ptr<int64_t>();
+  s.ctrl = ctrl_.data_ptr<int64_t>();
+  s.n = n;
+  s.out = out.data_ptr<float>();
+  s.cache_buckets = cache_buckets;
+  s.stage_bucket = bucket.data_ptr<int64_t>();
+  s.stage_key = key.data_ptr<int64_t>();
+  s.stage_pos = pos.data_ptr<int64_t>();
+  {
+    // The second level's device index is read under its lock, after its own earlier work (an index upload by
+    // update()); its next update waits for this stream's work (order_stream records this stream as its last).
+    LookupPipeline& l2 = *second_level_;
+    std::lock_guard<std::mutex> lock(l2.mu_);
+    l2.check_open();
+    l2.sync_index();
+    if (!capturing) l2.order_stream();
+    s.index = l2.table_args();
+    cuda::launch_second_level(s, stream);
+  }
+  // The staged entries in (bucket, key) order - the order the host plan inserts in, so the cache ends the same
+  // on every device - then the insert walk over them (sentinel entries sort last and are skipped).
+  at::Tensor by_key = std::get<1>(at::sort(key, /*stable=*/true, 0, false));
+  at::Tensor sorted_bucket, by_bucket;
+  std::tie(sorted_bucket, by_bucket) = at::sort(bucket.index_select(0, by_key), /*stable=*/true, 0, false);
+  at::Tensor perm = pos.index_select(0, by_key).index_select(0, by_bucket);
+  InsertSortedArgs ins;
+  ins.slot_keys = slot_keys_.data_ptr<int64_t>();
+  ins.digests = digests_.data_ptr<uint8_t>();
+  ins.scores = scores_.data_ptr<int32_t>();
+  ins.values = values_.data_ptr<float>();
+  ins.clock = clock_.data_ptr<int64_t>();
+  ins.keys = flat.data_ptr();
+  ins.key_is_int64 = flat.scalar_type() == at::kLong;
+  ins.rows = out.data_ptr<float>();
+  ins.sorted_bucket = sorted_bucket.data_ptr<int64_t>();
+  ins.perm = perm.data_ptr<int64_t>();
+  ins.n = n;
+  ins.dim = dim_;
+  ins.lru = policy_ == kPolicyLRU;
+  ins.num_buckets = cache_buckets;
+  ins.counts = ctrl_.data_ptr<int64_t>() + kCtrlInserted;
+  cuda::launch_insert_sorted(ins, stream);
+#else
+  (void)flat;
+  (void)out;
+  (void)n;
+  (void)capturing;
+  TORCH_CHECK(false, tag_, ": the GPU-direct second level needs the CUDA build");
+#endif
 }
 
 int64_t LookupPipeline::read_rows(const int64_t* keys, int64_t u, float* rows, bool* found) {
@@ -503,6 +567,20 @@ at::Tensor LookupPipeline::lookup(const at::Tensor& keys) {
     C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
     const bool capturing = capture != cudaStreamCaptureStatusNone;
     if (!capturing) order_stream();
+    if (second_level_ && second_level_->device_ == device_ && second_level_->rows_on_host_ &&
+        second_level_->answers_all()) {
+      // GPU-direct second level: the misses never reach the host, so nothing is waited on (and a graph capture
+      // takes the whole lookup).
+      ws_->ensure_device_misses(n, device_);
+      ws_->ensure_stage(n, device_);
+      a.miss_pos = ws_->miss_pos_d.data_ptr<int32_t>();
+      a.miss_keys = ws_->miss_keys_d.data_ptr<int64_t>();
+      if (!capturing) before_find();
+      cuda::launch_find(a, find_mode(), stream);
+      second_level_direct(flat, out, n, capturing);
+      record_latency(kStageTotal, seconds_since(t0));
+      return out.view(shape);
+    }
     // While a graph is captured the lookup is the find alone: nothing it captures may point at buffers that
     // later calls reallocate, and a replay cannot come back to the host.
     want_misses = want_misses && !capturing;
@@ -780,6 +858,7 @@ void LookupPipeline::resident_put(const int64_t* keys, int64_t u, bool may_grow,
     }
     if (next_row_ >= capacity_) {
       (*row_ids)[k] = -1;
+      if (!misses_to_tiers_) overflowed_ = true;
       continue;
     }
     const int32_t r = static_cast<int32_t>(next_row_++);

@@ -126,7 +126,9 @@ class LookupPipeline : public torch::CustomClassHolder {
   int64_t dim() const { return dim_; }
   std::string device() const { return device_.str(); }
   int64_t kind() const { return kind_; }
-  bool answers_all() const { return kind_ == kResident && !misses_to_tiers_; }
+  // A resident table that answers every key itself: built so (misses_to_tiers false), and no update() has brought a
+  // key it could not hold (host-mapped rows cannot grow: such a key lives in the tiers only).
+  bool answers_all() const { return kind_ == kResident && !misses_to_tiers_ && !overflowed_.load(); }
   // Address of a resident table's rows (tests: GPUs of a host-mapped table share one pinned copy); 0 for a cache.
   int64_t rows_ptr() const { return rows_.defined() ? reinterpret_cast<int64_t>(rows_.data_ptr()) : 0; }
   // Stop the worker, drop the handle; every later call raises. Idempotent.
@@ -159,6 +161,9 @@ class LookupPipeline : public torch::CustomClassHolder {
   void resident_put(const int64_t* keys, int64_t u, bool may_grow, std::vector<int32_t>* row_ids,
                     std::vector<int64_t>* touched, bool* rebuilt);
   void resident_upload_index();
+  // GPU-direct second level: after the find of this call, the second level answers its misses on the device and
+  // the cache inserts them (stream-ordered, nothing waited on, capturable).
+  void second_level_direct(const at::Tensor& flat, at::Tensor& out, int64_t n, bool capturing);
   void grow_rows(int64_t needed);
   void order_stream();
   void quiesce();
@@ -191,6 +196,7 @@ class LookupPipeline : public torch::CustomClassHolder {
   at::Tensor rows_;                                           // resident: (capacity, dim) rows
   int64_t next_row_ = 0;
   bool index_dirty_ = false;  // the host index changed since it was copied to the device
+  std::atomic<bool> overflowed_{false};  // answers_all() no more: a key did not fit
   int64_t clock_host_ = 0;  // mirror of the LRU clock: decay before it reaches kClockLimit
   at::Tensor ctrl_;         // kCtrlSize int64 on the device
 

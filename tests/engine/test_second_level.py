@@ -21,9 +21,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:no CUDA device:RuntimeWarning")
 DEVICES = device_params()
 
 
-def config(tmp_path, rng, *, rows=20_000, dim=16, default=-0.5, ratio=0.05, tiers=("host_memory",), **cache):
+def config(tmp_path, rng, *, rows=20_000, dim=16, default=-0.5, ratio=0.05, tiers=("host_memory",), int32=False,
+           **cache):
     path = tmp_path / "t"
-    keys, vectors = make_table(path, rows, dim, rng)
+    keys, vectors = make_table(path, rows, dim, rng, int32=int32)
     cfg = {
         "key_dtype": "int64",
         "models": {"m": {"tables": [{"name": "t", "path": str(path), "dim": dim, "max_keys_per_sample": 4096,
@@ -68,8 +69,9 @@ def test_misses_come_from_the_second_level_and_the_cache_learns(tmp_path, rng, d
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_keys_the_table_lacks_go_on_to_the_tiers(tmp_path, rng, device):
-    """update() of a key outside the files: the second level cannot grow into host-mapped rows, so the key lives in
-    the tiers, and a miss the second level lacks is asked of them; a key no tier holds gets the default."""
+    """update() of a key outside the files: a second level in RAM (CPU) grows for it; host-mapped rows (GPU) cannot,
+    so there the key lives in the tiers and the second level stops answering for every key - its misses are asked
+    of the tiers from then on. Either way the row is the new one; a key no tier holds gets the default."""
     cfg, ref, keys = config(tmp_path, rng, tiers=("host_memory", "rocksdb"))
     with HierarchicalParameterServer(cfg, progress=False) as hps:
         new = np.array([1 << 61], dtype=np.int64)
@@ -79,8 +81,12 @@ def test_keys_the_table_lacks_go_on_to_the_tiers(tmp_path, rng, device):
         out = hps.lookup("m", "t", torch.from_numpy(q).to(device))
         np.testing.assert_array_equal(out.cpu().numpy(), ref.lookup(q))
         s = stats(hps, device)
-        assert s["second_level_hits"] == 1 and s["defaults_served"] == 1
-        assert sum(s["tier_hits"].values()) == 1
+        l2 = hps.pipeline("m", "t", device).second_level
+        assert s["defaults_served"] == 1
+        if device == "cpu":
+            assert l2.answers_all and s["second_level_hits"] == 2 and sum(s["tier_hits"].values()) == 0
+        else:
+            assert not l2.answers_all and s["second_level_hits"] == 1 and sum(s["tier_hits"].values()) == 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -146,3 +152,66 @@ def test_hps_json_key(tmp_path, rng):
         q = keys[:64]
         np.testing.assert_array_equal(hps.lookup("m", "t", torch.from_numpy(q)).numpy(), ref.lookup(q))
         assert stats(hps, "cpu")["second_level_hits"] == 64
+
+
+# ---------------------------------------------------------------------------------------------- GPU-direct path
+# On a GPU whose second level answers every key (host-mapped rows, no shared tier, no update beyond the rows), the
+# cache's misses never reach the CPU: find -> second-level probe + zero-copy row copy -> (bucket, key) sort -> insert,
+# all on the caller's stream.
+
+
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("key_dtype", [torch.int64, torch.int32])
+def test_gpu_direct_lookup_waits_on_nothing_and_matches_the_cpu_twin(tmp_path, rng, policy, key_dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    cfg, ref, keys = config(tmp_path, rng, rows=20_000, ratio=0.05, policy=policy, int32=True)
+    with HierarchicalParameterServer(cfg, progress=False) as hps:
+        gpu, cpu = hps.pipeline("m", "t", "cuda:0"), hps.pipeline("m", "t", "cpu")
+        assert gpu.second_level.answers_all
+        batches = [rng.choice(keys, 3000) for _ in range(6)]  # repeats inside and across batches; evictions
+        batches.append(np.concatenate([batches[0][:100], np.array([2**31 - 1, -(2**31)])]))  # keys not in the table
+        for i, b in enumerate(batches):
+            q = torch.from_numpy(b).to(key_dtype)
+            torch.cuda.synchronize()
+            torch.cuda._sleep(100_000_000)  # GPU work ahead of the lookup on the same stream
+            out_gpu = hps.lookup("m", "t", q.cuda())
+            assert not torch.cuda.current_stream().query(), f"batch {i}: the lookup waited for the GPU"
+            out_cpu = hps.lookup("m", "t", q)
+            np.testing.assert_array_equal(out_gpu.cpu().numpy(), ref.lookup(b), err_msg=f"batch {i}")
+            np.testing.assert_array_equal(out_cpu.numpy(), ref.lookup(b))
+        # the same cache on both devices (the GPU inserts in the host plan's (bucket, key) order)
+        kg, vg = gpu.native.export_all()
+        kc, vc = cpu.native.export_all()
+        og, oc = torch.argsort(kg.cpu()), torch.argsort(kc)
+        assert torch.equal(kg.cpu()[og], kc[oc]) and torch.equal(vg.cpu()[og], vc[oc])
+        s = stats(hps, "cuda:0")
+        assert s["defaults_served"] == 2 and s["second_level_hits"] > 0 and s["inserts"] > 0
+
+
+@pytest.mark.cuda
+def test_gpu_direct_lookup_with_misses_is_capturable(tmp_path, rng):
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    cfg, ref, keys = config(tmp_path, rng, ratio=0.05)
+    with HierarchicalParameterServer(cfg, progress=False) as hps:
+        pipe = hps.pipeline("m", "t", "cuda:0")
+        warm = torch.from_numpy(rng.choice(keys, 512)).cuda()
+        pipe.lookup(warm)  # sizes the workspaces before the capture
+        q = torch.from_numpy(rng.choice(keys, 512)).cuda()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            pipe.lookup(warm)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = pipe.lookup(q)
+        for _ in range(2):  # the first replay misses (second level), the second hits the cache
+            g.replay()
+            torch.cuda.synchronize()
+            np.testing.assert_array_equal(out.cpu().numpy(), ref.lookup(q.cpu().numpy()))
+        assert bool(pipe.contains(q).all())

@@ -14,25 +14,6 @@ namespace {
 
 using namespace hps::cuda;
 
-template <typename key_t, bool kVec4>
-__global__ void __launch_bounds__(kThreads)
-    cache_insert_or_assign_kernel(int64_t* __restrict__ slot_keys, uint8_t* __restrict__ digests,
-                                  int32_t* __restrict__ scores, float* __restrict__ values,
-                                  const int64_t* __restrict__ clock, const key_t* __restrict__ keys,
-                                  const float* __restrict__ new_values, const int64_t* __restrict__ sorted_bucket,
-                                  const int64_t* __restrict__ perm, int64_t n, int64_t dim, bool lru,
-                                  int64_t* __restrict__ counts, int64_t num_buckets) {
-  __shared__ unsigned long long block_counts[4];
-  if (threadIdx.x < 4) block_counts[threadIdx.x] = 0;
-  __syncthreads();
-  insert_runs<key_t, kVec4>(slot_keys, digests, scores, values, clock, keys, new_values, sorted_bucket, perm, n, dim,
-                            lru, num_buckets, global_warp_id(), total_warps(), block_counts);
-  __syncthreads();
-  if (threadIdx.x < 4 && block_counts[threadIdx.x]) {
-    atomic_add_i64(counts + threadIdx.x, static_cast<int64_t>(block_counts[threadIdx.x]));
-  }
-}
-
 // assign: the same run walk without any slot changes; rows are copied in input order so the last duplicate wins.
 template <typename key_t, bool kVec4>
 __global__ void __launch_bounds__(kThreads)
@@ -95,7 +76,7 @@ at::Tensor cache_insert_or_assign_cuda(at::Tensor& slot_keys,         // (S,) in
   const unsigned grid = warp_grid(n);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "cache_insert_or_assign_cuda", [&] {
-    auto kernel = vec4 ? cache_insert_or_assign_kernel<index_t, true> : cache_insert_or_assign_kernel<index_t, false>;
+    auto kernel = vec4 ? insert_runs_kernel<index_t, true> : insert_runs_kernel<index_t, false>;
     kernel<<<grid, kThreads, 0, stream>>>(slot_keys.data_ptr<int64_t>(), digests.data_ptr<uint8_t>(),
                                           scores.data_ptr<int32_t>(), values.data_ptr<float>(),
                                           clock.data_ptr<int64_t>(), keys.data_ptr<index_t>(),
@@ -128,7 +109,7 @@ void cache_insert_grouped_cuda(at::Tensor& slot_keys, at::Tensor& digests, at::T
   const bool vec4 = rows_vec4(dim, {values.data_ptr(), new_values.data_ptr()});
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "cache_insert_grouped_cuda", [&] {
-    auto kernel = vec4 ? cache_insert_or_assign_kernel<index_t, true> : cache_insert_or_assign_kernel<index_t, false>;
+    auto kernel = vec4 ? insert_runs_kernel<index_t, true> : insert_runs_kernel<index_t, false>;
     kernel<<<warp_grid(n), kThreads, 0, stream>>>(slot_keys.data_ptr<int64_t>(), digests.data_ptr<uint8_t>(),
                                                   scores.data_ptr<int32_t>(), values.data_ptr<float>(),
                                                   clock.data_ptr<int64_t>(), keys.data_ptr<index_t>(),

@@ -48,6 +48,7 @@ __device__ __forceinline__ void insert_runs(int64_t* __restrict__ slot_keys, uin
   };
   for (int64_t p = warp; p < n; p += stride) {
     const int64_t bucket = bucket_at(p);
+    if (bucket >= num_buckets) continue;  // staged entries with nothing to insert (sorted last)
     if (p > 0 && bucket_at(p - 1) == bucket) continue;  // not the start of a run
     const int64_t base = bucket * kBucketSize;
     uint8_t my_digest = digests[base + lane];
@@ -115,6 +116,24 @@ __device__ __forceinline__ void insert_runs(int64_t* __restrict__ slot_keys, uin
   }
 }
 
+// A launch of the walk over n keys (grid: warp_grid(n)); block counts added to counts[kInserted..kRefused].
+template <typename key_t, bool kVec4>
+__global__ void __launch_bounds__(kThreads)
+    insert_runs_kernel(int64_t* __restrict__ slot_keys, uint8_t* __restrict__ digests, int32_t* __restrict__ scores,
+                       float* __restrict__ values, const int64_t* __restrict__ clock, const key_t* __restrict__ keys,
+                       const float* __restrict__ new_values, const int64_t* __restrict__ sorted_bucket,
+                       const int64_t* __restrict__ perm, int64_t n, int64_t dim, bool lru,
+                       int64_t* __restrict__ counts, int64_t num_buckets) {
+  __shared__ unsigned long long block_counts[4];
+  if (threadIdx.x < 4) block_counts[threadIdx.x] = 0;
+  __syncthreads();
+  insert_runs<key_t, kVec4>(slot_keys, digests, scores, values, clock, keys, new_values, sorted_bucket, perm, n, dim,
+                            lru, num_buckets, global_warp_id(), total_warps(), block_counts);
+  __syncthreads();
+  if (threadIdx.x < 4 && block_counts[threadIdx.x]) {
+    atomic_add_i64(counts + threadIdx.x, static_cast<int64_t>(block_counts[threadIdx.x]));
+  }
+}
 
 }  // namespace cuda
 }  // namespace hps

@@ -140,6 +140,7 @@ __global__ void __launch_bounds__(kThreads) find_kernel(const FindArgs a) {
       __threadfence();
       volatile int64_t* ctrl = a.ctrl;
       const int64_t misses = ctrl[kCtrlMissCount];
+      ctrl[kCtrlPending] = misses;  // for a kernel that follows on the stream (the GPU-direct second level)
       ctrl[kCtrlMissCount] = 0;
       ctrl[kCtrlBlocksDone] = 0;
       ctrl[kCtrlLookups] = ctrl[kCtrlLookups] + 1;
@@ -182,6 +183,57 @@ void launch_find_group(int group, const FindArgs& a, FindMode mode, cudaStream_t
       return launch_find_mode<key_t, 8, kVec4>(a, mode, stream);
     default:
       return launch_find_mode<key_t, 32, kVec4>(a, mode, stream);
+  }
+}
+
+// ------------------------------------------------------------------------------------------ second level
+// One group of G lanes per entry of the miss list (capacity n; entries past ctrl[kCtrlPending] only stage a
+// sentinel): probe the second level's index as the resident find does, copy the row from host-mapped memory into
+// the output, stage (cache bucket, key, position) for the insert.
+template <int G, bool kVec4>
+__global__ void __launch_bounds__(kThreads) second_level_kernel(const SecondLevelArgs a) {
+  constexpr int kKeysPerWarp = kWarp / G;
+  const int lane = lane_id();
+  const int glane = lane % G;
+  const int64_t pending = a.ctrl[kCtrlPending];
+  const int64_t m = pending < a.n ? pending : a.n;
+  const int64_t dim = a.index.dim;
+  const int64_t stride = total_warps() * kKeysPerWarp;
+  for (int64_t i0 = global_warp_id() * kKeysPerWarp; i0 < a.n; i0 += stride) {
+    const int64_t j = i0 + lane / G;
+    const bool valid = j < m;
+    int64_t key = 0;
+    uint64_t h = 0;
+    int64_t b1 = 0;
+    uint8_t digest = 0;
+    if (valid) {
+      key = a.miss_keys[j];
+      h = mix64(key_bits(key));
+      b1 = bucket_of(h, a.index.num_buckets);
+      digest = digest_of(h);
+    }
+    int64_t row = -1;
+    int slot = resident_probe<G>(a.index, b1 * kBucketSize, key, digest, glane, valid, row);
+    const bool second = valid && slot < 0 && a.index.spill[b1] != 0;
+    if (__any_sync(kFullMask, second)) {
+      const int64_t b2 = second ? secondary_bucket_of(h, a.index.num_buckets, b1) : 0;
+      const int s2 = resident_probe<G>(a.index, b2 * kBucketSize, key, digest, glane, second, row);
+      if (second) slot = s2;
+    }
+    const bool hit = valid && slot >= 0;
+    const unsigned leaders = __ballot_sync(kFullMask, hit && glane == 0);
+    if (lane == 0 && leaders != 0) {
+      atomicAdd(reinterpret_cast<unsigned long long*>(a.ctrl + kCtrlSecondLevelHits),
+                static_cast<unsigned long long>(__popc(leaders)));
+    }
+    if (j >= a.n) continue;
+    const int64_t pos = hit ? static_cast<int64_t>(a.miss_pos[j]) : 0;
+    if (glane == 0) {
+      a.stage_bucket[j] = hit ? bucket_of(h, a.cache_buckets) : a.cache_buckets;
+      a.stage_key[j] = hit ? key : 0;
+      a.stage_pos[j] = pos;
+    }
+    if (hit) group_copy_row<G, kVec4>(a.out + pos * dim, a.index.values + row * dim, dim, glane);
   }
 }
 
@@ -252,6 +304,42 @@ int64_t blocks_for_groups(int64_t items) {
 }
 
 }  // namespace
+
+void launch_second_level(const SecondLevelArgs& a, cudaStream_t stream) {
+  if (a.n == 0) return;
+  const bool vec4 = rows_vec4(a.index.dim, {a.index.values, a.out});
+  const int group = find_group(a.n, a.index.dim, a.index.digests);
+  const unsigned grid = warp_grid((a.n + kWarp / group - 1) / (kWarp / group));
+  const auto go = [&](auto kernel) {
+    kernel<<<grid, kThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  switch (group) {
+    case 4:
+      return vec4 ? go(second_level_kernel<4, true>) : go(second_level_kernel<4, false>);
+    case 8:
+      return vec4 ? go(second_level_kernel<8, true>) : go(second_level_kernel<8, false>);
+    default:
+      return vec4 ? go(second_level_kernel<32, true>) : go(second_level_kernel<32, false>);
+  }
+}
+
+void launch_insert_sorted(const InsertSortedArgs& a, cudaStream_t stream) {
+  if (a.n == 0) return;
+  const bool vec4 = rows_vec4(a.dim, {a.values, a.rows});
+  const unsigned grid = warp_grid(a.n);
+  const auto go = [&](auto kernel, const auto* keys) {
+    kernel<<<grid, kThreads, 0, stream>>>(a.slot_keys, a.digests, a.scores, a.values, a.clock, keys, a.rows,
+                                          a.sorted_bucket, a.perm, a.n, a.dim, a.lru, a.counts, a.num_buckets);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (a.key_is_int64) {
+    const auto* k = static_cast<const int64_t*>(a.keys);
+    return vec4 ? go(insert_runs_kernel<int64_t, true>, k) : go(insert_runs_kernel<int64_t, false>, k);
+  }
+  const auto* k = static_cast<const int32_t*>(a.keys);
+  return vec4 ? go(insert_runs_kernel<int32_t, true>, k) : go(insert_runs_kernel<int32_t, false>, k);
+}
 
 void launch_find(const FindArgs& a, FindMode mode, cudaStream_t stream) {
   const bool vec4 = rows_vec4(a.dim, {a.values, a.out});

@@ -15,5 +15,10 @@ void launch_find(const FindArgs& a, FindMode mode, cudaStream_t stream);
 // One miss application (scatter, cache insert / resident row writes and index pushes) on `stream`.
 void launch_apply(const ApplyArgs& a, cudaStream_t stream);
 
+// GPU-direct second level: the misses of the find just launched probed in the second level, rows copied into the
+// output, the insert staged (SecondLevelArgs); then the staged entries' insert in (bucket, key) order.
+void launch_second_level(const SecondLevelArgs& a, cudaStream_t stream);
+void launch_insert_sorted(const InsertSortedArgs& a, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace hps
