@@ -113,17 +113,20 @@ def _table(tmp: str, rows: int, dim: int, seed: int = 1):
 
 
 def _engine(tmp: str, rows: int, dim: int, ratio: float, keys_per_call: int, threshold: float = 1.0,
-            policy: str = "lru", seed: int = 0):
-    """An engine over one synthetic table (host-memory tier below the cache); returns (hps, keys, vectors)."""
+            policy: str = "lru", seed: int = 0, second_level: str = "none", table=None):
+    """An engine over one synthetic table: the host-memory tier below the cache, or (second_level host_mapped) the
+    whole table host-mapped below it and no tier; returns (hps, keys, vectors). `table`: (path, keys, vectors) of
+    a table already written (the same rows for two deployments)."""
     from hps_core.engine import HierarchicalParameterServer
 
-    path, keys, vectors = _table(tmp, rows, dim, seed)
+    path, keys, vectors = table if table is not None else _table(tmp, rows, dim, seed)
     cfg = {
         "key_dtype": "int64",
         "models": {"m": {"tables": [{"name": "t", "path": path, "dim": dim, "max_keys_per_sample": keys_per_call}],
                          "max_batch_size": 1, "deployed_device_list": [0],
-                         "cache": {"ratio": ratio, "hit_rate_threshold": threshold, "policy": policy}}},
-        "tiers": {"host_memory": {"enabled": True, "num_partitions": 16}},
+                         "cache": {"ratio": ratio, "hit_rate_threshold": threshold, "policy": policy,
+                                   "second_level": second_level}}},
+        "tiers": {"host_memory": {"enabled": second_level == "none", "num_partitions": 16}},
     }
     return HierarchicalParameterServer(cfg, progress=False), keys, vectors
 
@@ -355,35 +358,69 @@ def bench_p3(quick: bool) -> dict:
     res["tier_path"] = {"keys_per_call": tn, "dim": dim, "ms_per_call": dt * 1e3,
                         "useful_gbs": tn * dim * 4 / dt / 1e9, "hit_rate": s["hit_rate"],
                         "stage_latency": s["latency"]}
+    # the same all-miss lookups served by the host-mapped second level (issue 14: rows read by the GPU)
+    with tempfile.TemporaryDirectory() as tmp:
+        hps, keys, vectors = _engine(tmp, trows, dim, 0.0001, tn, threshold=2.0, second_level="host_mapped")
+        rng = np.random.default_rng(3)
+        idx = [rng.integers(0, trows, tn) for _ in range(6)]
+        qs = [torch.from_numpy(keys[i]).cuda() for i in idx]
+        for q in qs[:2]:
+            hps.lookup("m", "t", q)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for q in qs[2:]:
+            out = hps.lookup("m", "t", q)
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / 4
+        exact = bool(torch.equal(out.cpu(), torch.from_numpy(vectors[idx[-1]])))
+        s = hps.stats()["models"]["m"]["t"]["cuda:0"]
+        hps.close()
+    res["host_mapped_second_level"] = {"keys_per_call": tn, "dim": dim, "ms_per_call": dt * 1e3,
+                                       "useful_gbs": tn * dim * 4 / dt / 1e9, "hit_rate": s["hit_rate"],
+                                       "exact": exact, "second_level_hits": s["second_level_hits"],
+                                       "stage_latency": s["latency"]}
     return res
 
 
 def bench_p4(quick: bool) -> dict:
+    """10% cache, Zipf 1.05 over the 32.7 M x 128 table, 3.4 M keys per call, threshold 1.0: the cache over the
+    host-memory tier (misses through the CPU) and over the host-mapped second level (issue 14: misses on the GPU),
+    the same table and queries, one after the other."""
     rows = 32_709_138 if not quick else 2_000_000
     dim, n = 128, DLRM_KEYS if not quick else 200_000
+    out: dict = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("HPS_BENCH_TMP")) as tmp:
-        t0 = time.perf_counter()
-        hps, keys, _ = _engine(tmp, rows, dim, 0.1, n, threshold=1.0)
-        setup_s = time.perf_counter() - t0
+        table = _table(tmp, rows, dim, 0)
+        keys, vectors = table[1], table[2]
         rng = np.random.default_rng(11)
         batches = 8 if not quick else 4
-        qs = [torch.from_numpy(keys[zipf_ranks(rng, 1.05, n, rows)]).cuda() for _ in range(batches)]
-        for q in qs[:3]:
-            hps.lookup("m", "t", q)  # warm the cache
-        torch.cuda.synchronize()
-        before = hps.stats()["models"]["m"]["t"]["cuda:0"]
-        t0 = time.perf_counter()
-        for q in qs[3:]:
-            hps.lookup("m", "t", q)
-        torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) / (batches - 3)
-        after = hps.stats()["models"]["m"]["t"]["cuda:0"]
-        hps.close()
-    hits = after["cache_hits"] - before["cache_hits"]
-    total = after["keys"] - before["keys"]
-    return {"rows": rows, "dim": dim, "keys_per_call": n, "cache_ratio": 0.1, "setup_s": setup_s,
-            "ms_per_call": dt * 1e3, "keys_per_s": n / dt, "hit_rate": hits / max(total, 1),
-            "stage_latency": after["latency"]}
+        ranks = [zipf_ranks(rng, 1.05, n, rows) for _ in range(batches)]
+        qs = [torch.from_numpy(keys[r]).cuda() for r in ranks]
+        for name, second_level in (("host_tier", "none"), ("host_mapped_second_level", "host_mapped")):
+            t0 = time.perf_counter()
+            hps, _, _ = _engine(tmp, rows, dim, 0.1, n, threshold=1.0, second_level=second_level, table=table)
+            setup_s = time.perf_counter() - t0
+            for q in qs[:3]:
+                hps.lookup("m", "t", q)  # warm the cache
+            torch.cuda.synchronize()
+            before = hps.stats()["models"]["m"]["t"]["cuda:0"]
+            t0 = time.perf_counter()
+            for q in qs[3:]:
+                out_rows = hps.lookup("m", "t", q)
+            torch.cuda.synchronize()
+            dt = (time.perf_counter() - t0) / (batches - 3)
+            exact = bool(torch.equal(out_rows.cpu(), torch.from_numpy(vectors[ranks[-1]])))
+            after = hps.stats()["models"]["m"]["t"]["cuda:0"]
+            hps.close()
+            del out_rows
+            torch.cuda.empty_cache()
+            hits = after["cache_hits"] - before["cache_hits"]
+            total = after["keys"] - before["keys"]
+            out[name] = {"rows": rows, "dim": dim, "keys_per_call": n, "cache_ratio": 0.1, "setup_s": setup_s,
+                         "ms_per_call": dt * 1e3, "keys_per_s": n / dt, "hit_rate": hits / max(total, 1),
+                         "exact": exact, "second_level_hits": after.get("second_level_hits", 0),
+                         "stage_latency": after["latency"]}
+    return out
 
 
 def bench_mem(quick: bool) -> dict:

@@ -14,6 +14,9 @@
 //      in the same launch (the kernel reads pinned memory) or by one copy when it is large.
 //   -> HPS's asynchronous insertion (hit rate >= hit_rate_threshold): the batch keeps the default vector for its
 //      misses (the find wrote it) and a worker thread of this pipeline fetches and inserts them later.
+//   -> a dynamic cache on a GPU over a host-mapped second level that holds every key (set_second_level): no host
+//      step at all - the misses are probed in the second level's device index, their rows copied from pinned
+//      memory and inserted by kernels on the same stream (second_level_direct); capturable.
 // Every call on a table runs under the pipeline's lock; GPU work goes to the caller's current stream, and a call
 // from another stream than the last one first waits for the last one's work (an event), so the table sees one
 // total order of operations.

@@ -10,6 +10,10 @@
 //     call, adds the call to the cumulative counters, bumps the LRU clock (every block read it at its start and
 //     has finished), and publishes the miss count and the call's sequence number to pinned host memory.
 //   So a lookup is one launch - no memset, no clock kernel - and a CUDA graph can replay it.
+// second level (a dynamic cache over a host-mapped table that holds every key): after the find, one launch probes
+//   the table's index for each miss (the resident find's probe), copies the row from pinned host memory into the
+//   output and stages (cache bucket, key, position); the host code sorts the staged entries by (bucket, key) on the
+//   device and the insert walk (cache_insert_run.cuh) stores them - nothing comes back to the host.
 // apply: one launch with three block roles: scatter (a group of 8 lanes per miss position copies its row into the
 //   output), cache insert (cache_insert_run.cuh: a warp per bucket run, keys grouped by bucket on the host), and
 //   the resident writes (rows to their new row ids, whole index buckets copied from the host's index). The roles
