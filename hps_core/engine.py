@@ -413,6 +413,7 @@ class HierarchicalParameterServer:
             for keys, vectors in rt.load_source.iter_chunks(_FILL_CHUNK):
                 l2.load(torch.from_numpy(np.array(keys, dtype=np.int64)),
                         torch.from_numpy(np.array(vectors, dtype=np.float32)))
+        self._connect(rt, l2)  # its own lookups (refresh) reach the tiers for keys it lacks
         rt.second_levels[device] = l2
         return l2
 
@@ -642,7 +643,10 @@ class HierarchicalParameterServer:
                     keys, version = pipe.export_keys(start, min(start + chunk_slots, slots))
                     if keys.numel() == 0:
                         continue
-                    rows = self._fetch_from_tiers(rt, keys, TableStats())
+                    if pipe.second_level is not None:  # the table below the cache, then its tiers
+                        rows = pipe.second_level.lookup(keys.to(pipe.second_level.device)).cpu()
+                    else:
+                        rows = self._fetch_from_tiers(rt, keys, TableStats())
                     assigned = pipe.assign_if_version(keys, rows, version)
                     if assigned >= 0:  # else an update raced this chunk; its rows are newer than ours
                         total += keys.numel()

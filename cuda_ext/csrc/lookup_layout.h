@@ -124,8 +124,9 @@ struct ApplyArgs {
 
 // GPU-direct second level (a dynamic cache over a host-mapped table that holds every key): the misses of the find
 // just launched (its list and ctrl[kCtrlPending] on the device) are probed in the second level's device index, their
-// rows copied from pinned host memory into the output, and each (cache bucket, key, position) staged for the
-// insert; entries past the miss count, and keys the second level lacks, get bucket = cache_buckets (no insert).
+// rows copied from pinned host memory into the output, and each miss's (cache bucket, key, position) staged for the
+// insert (a key the second level lacks with its default row, as the host path does); entries past the miss count
+// get bucket = cache_buckets (nothing to insert).
 struct SecondLevelArgs {
   const int32_t* miss_pos = nullptr;  // (n,)
   const int64_t* miss_keys = nullptr;  // (n,)

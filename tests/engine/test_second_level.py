@@ -106,6 +106,19 @@ def test_update_reaches_the_second_level_and_the_cache(tmp_path, rng, device):
         np.testing.assert_array_equal(out.cpu().numpy(), ref.lookup(q))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_refresh_rereads_the_cached_rows_from_the_second_level(tmp_path, rng, device):
+    """HPS refresh with no tier holding the table (the second level is the only copy): the cached rows stay right."""
+    cfg, ref, keys = config(tmp_path, rng, tiers=())
+    with HierarchicalParameterServer(cfg, progress=False) as hps:
+        assert hps.tiers == []
+        q = torch.from_numpy(keys[:200]).to(device)
+        hps.lookup("m", "t", q)
+        assert hps.refresh("m", "t") >= 200
+        np.testing.assert_array_equal(hps.lookup("m", "t", q).cpu().numpy(), ref.lookup(keys[:200]))
+        assert stats(hps, device)["cache_hits"] == 200
+
+
 @pytest.mark.cuda
 def test_gpus_of_a_table_share_one_pinned_copy(tmp_path, rng):
     """Every GPU's second level reads the same pinned rows (one copy per process); the CPU's has its own."""

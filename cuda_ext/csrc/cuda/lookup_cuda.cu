@@ -193,7 +193,7 @@ void launch_find_group(int group, const FindArgs& a, FindMode mode, cudaStream_t
 // ------------------------------------------------------------------------------------------ second level
 // One group of G lanes per entry of the miss list (capacity n; entries past ctrl[kCtrlPending] only stage a
 // sentinel): probe the second level's index as the resident find does, copy the row from host-mapped memory into
-// the output, stage (cache bucket, key, position) for the insert.
+// the output, stage (cache bucket, key, position) of every miss for the insert.
 template <int G, bool kVec4>
 __global__ void __launch_bounds__(kThreads) second_level_kernel(const SecondLevelArgs a) {
   constexpr int kKeysPerWarp = kWarp / G;
@@ -231,10 +231,12 @@ __global__ void __launch_bounds__(kThreads) second_level_kernel(const SecondLeve
                 static_cast<unsigned long long>(__popc(leaders)));
     }
     if (j >= a.n) continue;
-    const int64_t pos = hit ? static_cast<int64_t>(a.miss_pos[j]) : 0;
+    // Every miss is staged, a key the second level lacks with the default row the find wrote (the host path
+    // caches those too, as HPS does).
+    const int64_t pos = valid ? static_cast<int64_t>(a.miss_pos[j]) : 0;
     if (glane == 0) {
-      a.stage_bucket[j] = hit ? bucket_of(h, a.cache_buckets) : a.cache_buckets;
-      a.stage_key[j] = hit ? key : 0;
+      a.stage_bucket[j] = valid ? bucket_of(h, a.cache_buckets) : a.cache_buckets;
+      a.stage_key[j] = valid ? key : 0;
       a.stage_pos[j] = pos;
     }
     if (hit) group_copy_row<G, kVec4>(a.out + pos * dim, a.index.values + row * dim, dim, glane);
