@@ -228,3 +228,40 @@ def test_gpu_direct_lookup_with_misses_is_capturable(tmp_path, rng):
             torch.cuda.synchronize()
             np.testing.assert_array_equal(out.cpu().numpy(), ref.lookup(q.cpu().numpy()))
         assert bool(pipe.contains(q).all())
+
+
+def test_lookups_during_updates_never_see_a_torn_row(tmp_path, rng):
+    """Readers on the CPU pipeline (cache misses read the second level under its lock) while a writer updates the
+    same keys with rows whose every element is the version: every row read is one version, never a mix, and no
+    reader goes back in time."""
+    import threading
+
+    cfg, ref, keys = config(tmp_path, rng, rows=4000, dim=16, ratio=0.02)
+    hot = keys[:256]
+    with HierarchicalParameterServer(cfg, progress=False) as hps:
+        hps.update("m", "t", torch.from_numpy(hot), torch.zeros(hot.size, 16))
+        stop, problems = threading.Event(), []
+
+        def reader(seed):
+            r = np.random.default_rng(seed)
+            last = np.zeros(hot.size)
+            while not stop.is_set():
+                idx = r.integers(0, hot.size, 64)
+                out = hps.lookup("m", "t", torch.from_numpy(hot[idx])).numpy()
+                if not (out == out[:, :1]).all():
+                    problems.append("torn row")
+                v = out[:, 0]
+                if (v < last[idx]).any():
+                    problems.append("a row went back to an older version")
+                np.maximum.at(last, idx, v)
+
+        threads = [threading.Thread(target=reader, args=(s,)) for s in range(3)]
+        for t in threads:
+            t.start()
+        for version in range(1, 40):
+            hps.update("m", "t", torch.from_numpy(hot), torch.full((hot.size, 16), float(version)))
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not problems, problems[:5]
+        np.testing.assert_array_equal(hps.lookup("m", "t", torch.from_numpy(hot)).numpy(), np.full((hot.size, 16), 39.0))
