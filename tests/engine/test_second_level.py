@@ -185,6 +185,9 @@ def test_gpu_direct_lookup_waits_on_nothing_and_matches_the_cpu_twin(tmp_path, r
     with HierarchicalParameterServer(cfg, progress=False) as hps:
         gpu, cpu = hps.pipeline("m", "t", "cuda:0"), hps.pipeline("m", "t", "cpu")
         assert gpu.second_level.answers_all
+        warm = torch.from_numpy(rng.choice(keys, 3000)).to(key_dtype)
+        hps.lookup("m", "t", warm.cuda())  # first call: index upload, workspaces; not the one checked
+        hps.lookup("m", "t", warm)
         batches = [rng.choice(keys, 3000) for _ in range(6)]  # repeats inside and across batches; evictions
         batches.append(np.concatenate([batches[0][:100], np.array([2**31 - 1, -(2**31)])]))  # keys not in the table
         for i, b in enumerate(batches):
