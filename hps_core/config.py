@@ -17,6 +17,7 @@ This module imports neither torch nor tensorflow: it must stay cheap to import.
 import collections.abc
 import copy
 import dataclasses
+import difflib
 import json
 import logging
 import math
@@ -705,13 +706,16 @@ def _hps_value(spec: Any, value: Any, path: str) -> Any:
 
 def _hps_section(obj: Mapping[str, Any], keys: Dict[str, Tuple[Any, Any]], path: str, where: str,
                  ignored: Tuple[str, ...] = ()) -> Dict[str, Any]:
-    """Read one JSON object: unknown keys raise, ignored keys are logged, missing keys take the parser default."""
+    """Read one JSON object: unknown keys are logged and ignored (as HPS does), mistyped values raise, missing keys
+    take the parser default."""
     for k in obj:
         if k in ignored:
             logger.debug("HPS JSON %s: key %r is not read by HPS from JSON; ignored", _join(path, k), k)
         elif k not in keys:
-            known = ", ".join(list(keys) + list(ignored))
-            raise ConfigError(_join(path, k), obj[k], f"unknown key{where}; known keys: {known}")
+            # HPS reads the keys it knows and never looks at the others: a config that runs under HPS runs here.
+            close = difflib.get_close_matches(str(k), list(keys) + list(ignored), n=1)
+            logger.warning("HPS JSON %s = %r: unknown key%s, ignored as HPS ignores it%s", _join(path, k), obj[k],
+                           where, f" (did you mean {close[0]!r}?)" if close else "")
     out = {}
     for k, (spec, default) in keys.items():
         if k in obj:
@@ -723,10 +727,15 @@ def _hps_section(obj: Mapping[str, Any], keys: Dict[str, Tuple[Any, Any]], path:
     return out
 
 
-def _hps_db_type(value: str, path: str, allowed: Tuple[str, ...]) -> str:
+def _hps_db_type(value: str, path: str, allowed: Tuple[str, ...], default: str) -> str:
     canonical = _HPS_DB_TYPES.get(value)
-    if canonical is None or canonical not in allowed:
-        aliases = sorted(k for k, v in _HPS_DB_TYPES.items() if v in allowed)
+    aliases = sorted(k for k, v in _HPS_DB_TYPES.items() if v in allowed)
+    if canonical is None:
+        # HPS's get_hps_database_type leaves the default for a string it does not know.
+        logger.warning("HPS JSON %s = %r: not a database type; %r as HPS does (allowed: %s; aliases: %s)", path,
+                       value, default, " | ".join(allowed), ", ".join(aliases))
+        return default
+    if canonical not in allowed:  # a type HPS knows but cannot create here: HPS dies at start
         raise ConfigError(path, value, f"allowed: {' | '.join(allowed)} (with aliases: {', '.join(aliases)})")
     return canonical
 
@@ -734,10 +743,14 @@ def _hps_db_type(value: str, path: str, allowed: Tuple[str, ...]) -> str:
 def read_hps_json(path_or_dict: Union[str, os.PathLike, Mapping[str, Any]]) -> DeploymentConfig:
     """Read a HugeCTR HPS JSON config (file path or parsed dict) into a validated DeploymentConfig.
 
-    Unchanged HPS files are accepted: key names, parser defaults (not the docs' where they differ) and enum
-    aliases follow HPS. Unlike HPS, unknown keys, unknown enum strings, wrong types and list-length mismatches
-    raise ConfigError instead of being ignored, defaulted or padded. Keys HPS documents but never reads from JSON
-    (network_file, slot_num, i64_input_key, ..., initialize_after_startup) are accepted and ignored.
+    Unchanged HPS files are accepted: key names, parser defaults (not the docs' where they differ), enum aliases
+    and HPS's leniencies follow HPS - an unknown key is ignored, an unknown cache or database type string takes
+    HPS's default, default_value_for_each_table is padded with 0.0 or truncated to the table count,
+    refresh_interval is truncated to whole seconds - each logged with the key's path. What HPS would turn into
+    garbage or a crash raises ConfigError: wrong value types, short sparse_files / maxnum_catfeature... /
+    embedding_table_names lists, a database type HPS knows but cannot create there (e.g. volatile_db rocks_db),
+    out-of-range values. Keys HPS documents but never reads from JSON (network_file, slot_num, i64_input_key, ...,
+    initialize_after_startup) are accepted and ignored.
 
     `volatile_db` absent => host memory tier (parallel_hash_map); present without "type" => disabled (HPS's
     asymmetry, kept). redis_cluster => Redis tier on, host tier off. multi_process_hash_map => host memory tier
@@ -806,14 +819,20 @@ def _hps_model(raw: Any, path: str, global_fuse: bool) -> Tuple[str, ModelConfig
     names = m["embedding_table_names"]
     if names is None:
         names = [f"sparse_embedding{j}" for j in range(n)]
+    defaults = list(m["default_value_for_each_table"])
+    if len(defaults) != n:
+        # HPS's parser truncates this list or pads it with 0.0 to the table count (its own examples give one value
+        # for many tables); the other per-table lists it indexes blindly, so a short one is an error here.
+        logger.info("HPS JSON %s: default_value_for_each_table has %d entries for %d tables; %s as HPS does", path,
+                    len(defaults), n, "padded with 0.0" if len(defaults) < n else "truncated")
+        defaults = (defaults + [0.0] * n)[:n]
     per_table = {
         "sparse_files": m["sparse_files"],
         "maxnum_catfeature_query_per_table_per_sample": m["maxnum_catfeature_query_per_table_per_sample"],
-        "default_value_for_each_table": m["default_value_for_each_table"],
         "embedding_table_names": names,
     }
     for key, values in per_table.items():
-        if len(values) != n:  # HPS pads default values with 0.0 silently; we raise
+        if len(values) != n:
             raise ConfigError(_join(path, key), values,
                               f"has {len(values)} entries but embedding_vecsize_per_table has {n}{where}")
 
@@ -824,13 +843,14 @@ def _hps_model(raw: Any, path: str, global_fuse: bool) -> Tuple[str, ModelConfig
                         path, m["embedding_cache_type"])
         cache_type = "static"
     if m["refresh_interval"] != int(m["refresh_interval"]):
-        logger.warning("HPS JSON %s.refresh_interval = %r: HPS truncates it to an integer; kept as given here",
-                       path, m["refresh_interval"])
+        logger.warning("HPS JSON %s.refresh_interval = %r: HPS reads it as an integer; truncated to %d s as HPS does",
+                       path, m["refresh_interval"], int(m["refresh_interval"]))
+        m["refresh_interval"] = float(int(m["refresh_interval"]))
 
     tables = [
         TableConfig(name=names[j], path=m["sparse_files"][j], dim=dims[j],
                     max_keys_per_sample=m["maxnum_catfeature_query_per_table_per_sample"][j],
-                    default_value=m["default_value_for_each_table"][j])
+                    default_value=defaults[j])
         for j in range(n)
     ]
     cache = CacheConfig(
@@ -856,7 +876,9 @@ def _hps_model(raw: Any, path: str, global_fuse: bool) -> Tuple[str, ModelConfig
 
 def _hps_cache_type(value: str, path: str) -> str:
     if value not in _CACHE_TYPES:
-        raise ConfigError(path, value, "allowed: dynamic | static | uvm | stochastic (stochastic means dynamic)")
+        logger.warning("HPS JSON %s = %r: not a cache type; 'dynamic' as HPS does (allowed: dynamic | static | uvm | "
+                       "stochastic, stochastic means dynamic)", path, value)
+        return "dynamic"
     return _CACHE_TYPES[value]
 
 
@@ -874,7 +896,7 @@ def _hps_tiers(vdb: Optional[Dict[str, Any]], pdb: Optional[Dict[str, Any]]) -> 
             logger.info("HPS JSON: volatile_db has no 'type'; it is disabled (as in HPS)")
             vtype = "disabled"
         else:
-            vtype = _hps_db_type(v["type"], "volatile_db.type", _VDB_TYPES)
+            vtype = _hps_db_type(v["type"], "volatile_db.type", _VDB_TYPES, "parallel_hash_map")
     if vtype == "multi_process_hash_map":
         logger.warning("HPS JSON: volatile_db type multi_process_hash_map is served by the in-process host memory "
                        "tier here; it is not shared between processes (shared_memory_* keys are ignored)")
@@ -893,7 +915,7 @@ def _hps_tiers(vdb: Optional[Dict[str, Any]], pdb: Optional[Dict[str, Any]]) -> 
 
     if pdb is not None:
         p = _hps_section(pdb, _HPS_PDB_KEYS, "persistent_db", "", _HPS_DB_IGNORED)
-        ptype = _hps_db_type(p["type"], "persistent_db.type", _PDB_TYPES)
+        ptype = _hps_db_type(p["type"], "persistent_db.type", _PDB_TYPES, "disabled")
         if "update_filters" in pdb:
             logger.debug("HPS JSON: persistent_db.update_filters is accepted but has no effect here")
         tiers.rocksdb = RocksDBTierConfig(enabled=ptype == "rocks_db", path=p["path"], num_threads=p["num_threads"],

@@ -402,6 +402,10 @@ class HierarchicalParameterServer:
             return l2
         if rt.load_source is None:
             raise ValueError(f"{rt.tag}: cache.second_level host_mapped needs the table's files (path) to fill it")
+        if self._host_tier is not None and not rt.second_levels:
+            log.warning("%s: cache.second_level host_mapped holds the whole table in host memory, and so does the "
+                        "host-memory tier: disable one of them (tiers.host_memory.enabled false) to hold it once",
+                        rt.tag)
         rows = rt.load_source.num_keys
         l2 = TablePipeline.resident(device, capacity=max(rows, 1), mode="uvm", misses_to_tiers=shared,
                                     rows_on_host=device.type == "cuda", dim=rt.dim, default_value=rt.default_value,

@@ -1101,6 +1101,7 @@ void LookupPipeline::load_like(const c10::intrusive_ptr<LookupPipeline>& other) 
   next_row_ = other->next_row_;
   index_dirty_ = false;
   capacity_ = other->capacity_;
+  overflowed_ = other->overflowed_.load();  // keys that did not fit there did not fit here either
   if (rows_on_host_) {
     rows_ = other->rows_;  // one pinned copy serves every GPU
   } else {
