@@ -101,21 +101,36 @@ _init_lock = threading.Lock()
 _init_source: Any = None  # what the server was started from, for the "already initialised" message
 
 
-def _check_global_batch_size(server: hps_engine.HierarchicalParameterServer, global_batch_size: Any) -> int:
+def _check_global_batch_size(server: hps_engine.HierarchicalParameterServer, global_batch_size: Any,
+                             num_replicas: int = 1) -> int:
     if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
         raise ValueError(f"global_batch_size must be an int >= 1, found {global_batch_size!r}")
-    # HPS: global_batch_size / num_replicas <= max_batch_size of every model; one replica here.
+    # HPS: global_batch_size / num_replicas <= max_batch_size (per replica) of every model.
+    per_replica = -(-global_batch_size // num_replicas)
     for name, model in server.config.models.items():
-        if global_batch_size > model.max_batch_size:
+        if per_replica > model.max_batch_size:
+            across = f" / {num_replicas} replicas = {per_replica}" if num_replicas > 1 else ""
             raise ValueError(
-                f"global_batch_size = {global_batch_size} exceeds models.{name}.max_batch_size = "
-                f"{model.max_batch_size} (HPS: max_batch_size)"
+                f"global_batch_size = {global_batch_size}{across} exceeds models.{name}.max_batch_size = "
+                f"{model.max_batch_size} (HPS: max_batch_size, per replica)"
             )
     return global_batch_size
 
 
-def _init(ps_config_file: Any, global_batch_size: Any,
-          explicit: bool = False) -> hps_engine.HierarchicalParameterServer:
+def _replicas() -> int:
+    """Replicas of the tf.distribute strategy Init runs under (HPS: MirroredStrategy / MultiWorkerMirroredStrategy,
+    anything else is refused with HPS's message); 1 without a strategy."""
+    if not tf.distribute.has_strategy():
+        return 1
+    strategy = tf.distribute.get_strategy()
+    if not isinstance(strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)):
+        raise RuntimeError(f"This strategy type is not supported yet. ({type(strategy).__name__}; HPS Init supports "
+                           "MirroredStrategy and MultiWorkerMirroredStrategy)")
+    return int(strategy.num_replicas_in_sync)
+
+
+def _init(ps_config_file: Any, global_batch_size: Any, explicit: bool = False,
+          replicas: int = 1) -> hps_engine.HierarchicalParameterServer:
     global _init_source
     with _init_lock:
         try:
@@ -131,7 +146,7 @@ def _init(ps_config_file: Any, global_batch_size: Any,
                 raise ValueError(f"global_batch_size must be an int >= 1, found {global_batch_size!r}")
             server = hps_engine.init(ps_config_file)
             try:
-                _check_global_batch_size(server, global_batch_size)
+                _check_global_batch_size(server, global_batch_size, replicas)
             except ValueError:
                 hps_engine.shutdown()  # a rejected Init leaves nothing behind
                 raise
@@ -145,19 +160,25 @@ def _init(ps_config_file: Any, global_batch_size: Any,
         return server
 
 
-def Init(*, global_batch_size: int, ps_config_file: Any, **unused: Any) -> tf.Tensor:
+def Init(*, global_batch_size: int, ps_config_file: Any, **unused: Any) -> Any:
     """Start the hierarchical parameter server of this process (HPS `hps.Init`); later calls are no-ops.
 
+    Under a `tf.distribute.MirroredStrategy` (or MultiWorkerMirroredStrategy) scope, as HPS: one server for the
+    process serves every replica, `global_batch_size / num_replicas_in_sync` is checked against each model's
+    `max_batch_size`, and the status is one "OK" per replica (a tuple, HPS's `.values`). Inside a replica function
+    (`strategy.run`) it returns that replica's "OK". Another strategy type raises HPS's RuntimeError.
+
     Args:
-        global_batch_size: the largest batch (samples) one lookup call will carry; must not exceed any model's
-            `max_batch_size` (HPS: the per-replica batch; there is one replica here).
+        global_batch_size: the largest batch (samples) one lookup call will carry across the replicas; divided by
+            the replicas, it must not exceed any model's `max_batch_size` (HPS: the per-replica batch).
         ps_config_file: an HPS JSON file (`.json`), one of our YAML configs (`.yaml`), or a config dict /
             DeploymentConfig.
     Returns:
-        the string tensor "OK" (as HPS), also when the server was already running.
+        the string tensor "OK" (as HPS), also when the server was already running; a tuple of them, one per
+        replica, under a strategy's scope.
     Raises:
         ValueError / ConfigError: bad global_batch_size or config; FileNotFoundError: missing config or tables.
-        TypeError: an argument HPS does not know.
+        TypeError: an argument HPS does not know. RuntimeError: an unsupported tf.distribute strategy.
 
     Example:
         >>> hps.Init(global_batch_size=1024, ps_config_file="hps.json")
@@ -166,9 +187,16 @@ def Init(*, global_batch_size: int, ps_config_file: Any, **unused: Any) -> tf.Te
     if unused:
         raise TypeError(f"Init() got unexpected keyword arguments {sorted(unused)}; it takes global_batch_size "
                         "and ps_config_file")
-    server = _init(ps_config_file, global_batch_size, explicit=True)
-    _check_global_batch_size(server, global_batch_size)
-    return tf.constant("OK")
+    replicas = _replicas()
+    if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be an int >= 1, found {global_batch_size!r}")
+    server = _init(ps_config_file, global_batch_size, explicit=True, replicas=replicas)
+    _check_global_batch_size(server, global_batch_size, replicas)
+    if replicas == 1 or not tf.distribute.in_cross_replica_context():
+        return tf.constant("OK")
+    strategy = tf.distribute.get_strategy()
+    status = strategy.run(lambda: tf.constant("OK"))
+    return tuple(strategy.experimental_local_results(status))
 
 
 def shutdown() -> None:
