@@ -259,9 +259,11 @@ def main() -> int:
     args = ap.parse_args()
     parts = args.parts.split(",")
     res = {"env": env_info()}
-    for part, fn in (("big", big), ("small", small), ("p2", p2), ("p1trace", p1trace)):
+    runs = {"big": lambda: big(args.quick), "small": lambda: small(args.quick), "p2": lambda: p2(args.quick),
+            "p1trace": lambda: p1trace(args.quick, args.trace)}
+    for part, run in runs.items():
         if part in parts:
-            res[part] = fn(args.quick, args.trace) if part == "p1trace" else fn(args.quick)
+            res[part] = run()
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     for part in parts:

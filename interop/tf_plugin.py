@@ -188,8 +188,6 @@ def Init(*, global_batch_size: int, ps_config_file: Any, **unused: Any) -> Any:
         raise TypeError(f"Init() got unexpected keyword arguments {sorted(unused)}; it takes global_batch_size "
                         "and ps_config_file")
     replicas = _replicas()
-    if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
-        raise ValueError(f"global_batch_size must be an int >= 1, found {global_batch_size!r}")
     server = _init(ps_config_file, global_batch_size, explicit=True, replicas=replicas)
     _check_global_batch_size(server, global_batch_size, replicas)
     if replicas == 1 or not tf.distribute.in_cross_replica_context():

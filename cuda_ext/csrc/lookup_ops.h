@@ -19,20 +19,27 @@ inline void check_find_keys(const at::Tensor& keys, const at::Tensor& table) {
   TORCH_CHECK_VALUE(keys.size(0) < (int64_t{1} << 31), "keys: at most 2^31 - 1 per call, found ", keys.size(0));
 }
 
-// Checked cache state -> FindArgs (and the mode of its policy).
-inline FindArgs cache_find_args(const at::Tensor& slot_keys, const at::Tensor& digests, at::Tensor& scores,
-                                const at::Tensor& values, at::Tensor& clock, const at::Tensor& keys, int64_t policy,
-                                double default_value) {
-  const int64_t num_buckets = check_cache_state(slot_keys, digests, scores, values, clock);
-  check_policy(policy);
-  check_find_keys(keys, slot_keys);
-  FindArgs a;
+// The dynamic cache's state into a FindArgs, ApplyArgs or InsertSortedArgs (the same fields in each).
+template <typename Args>
+void set_cache_state(Args& a, const at::Tensor& slot_keys, const at::Tensor& digests, const at::Tensor& scores,
+                     const at::Tensor& values, const at::Tensor& clock) {
   a.slot_keys = slot_keys.data_ptr<int64_t>();
   a.digests = digests.data_ptr<uint8_t>();
   a.scores = scores.data_ptr<int32_t>();
   a.values = values.data_ptr<float>();
   a.clock = clock.data_ptr<int64_t>();
-  a.num_buckets = num_buckets;
+  a.num_buckets = slot_keys.size(0) / kBucketSize;
+}
+
+// Checked cache state -> FindArgs (and the mode of its policy).
+inline FindArgs cache_find_args(const at::Tensor& slot_keys, const at::Tensor& digests, at::Tensor& scores,
+                                const at::Tensor& values, at::Tensor& clock, const at::Tensor& keys, int64_t policy,
+                                double default_value) {
+  check_cache_state(slot_keys, digests, scores, values, clock);
+  check_policy(policy);
+  check_find_keys(keys, slot_keys);
+  FindArgs a;
+  set_cache_state(a, slot_keys, digests, scores, values, clock);
   a.dim = values.size(1);
   a.default_value = static_cast<float>(default_value);
   return a;

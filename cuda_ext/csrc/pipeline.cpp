@@ -24,6 +24,7 @@
 #include "cache_state.h"
 #include "checks.h"
 #include "cpu/lookup_cpu.h"
+#include "lookup_ops.h"
 
 #ifdef HPS_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -128,18 +129,6 @@ struct Deduper {
     }
   }
 };
-
-// The dynamic cache's state into a FindArgs or an ApplyArgs (the same fields in both).
-template <typename Args>
-void set_cache_state(Args& a, const at::Tensor& slot_keys, const at::Tensor& digests, const at::Tensor& scores,
-                     const at::Tensor& values, const at::Tensor& clock) {
-  a.slot_keys = slot_keys.data_ptr<int64_t>();
-  a.digests = digests.data_ptr<uint8_t>();
-  a.scores = scores.data_ptr<int32_t>();
-  a.values = values.data_ptr<float>();
-  a.clock = clock.data_ptr<int64_t>();
-  a.num_buckets = slot_keys.size(0) / kBucketSize;
-}
 
 template <typename Fn>
 c10::TypedOperatorHandle<Fn> op(const char* name) {
@@ -301,7 +290,8 @@ void LookupPipeline::set_second_level(const c10::intrusive_ptr<LookupPipeline>& 
 void LookupPipeline::second_level_direct(const at::Tensor& flat, at::Tensor& out, int64_t n, bool capturing) {
 #ifdef HPS_WITH_CUDA
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(device_.index()).stream();
-  const int64_t cache_buckets = slot_keys_.size(0) / kBucketSize;
+  InsertSortedArgs ins;
+  set_cache_state(ins, slot_keys_, digests_, scores_, values_, clock_);
   at::Tensor stage = ws_->stage_d.narrow(1, 0, n);
   at::Tensor bucket = stage.select(0, 0), key = stage.select(0, 1), pos = stage.select(0, 2);
   SecondLevelArgs s;
@@ -310,7 +300,7 @@ void LookupPipeline::second_level_direct(const at::Tensor& flat, at::Tensor& out
   s.ctrl = ctrl_.data_ptr<int64_t>();
   s.n = n;
   s.out = out.data_ptr<float>();
-  s.cache_buckets = cache_buckets;
+  s.cache_buckets = ins.num_buckets;
   s.stage_bucket = bucket.data_ptr<int64_t>();
   s.stage_key = key.data_ptr<int64_t>();
   s.stage_pos = pos.data_ptr<int64_t>();
@@ -331,12 +321,6 @@ void LookupPipeline::second_level_direct(const at::Tensor& flat, at::Tensor& out
   at::Tensor sorted_bucket, by_bucket;
   std::tie(sorted_bucket, by_bucket) = at::sort(bucket.index_select(0, by_key), /*stable=*/true, 0, false);
   at::Tensor perm = pos.index_select(0, by_key).index_select(0, by_bucket);
-  InsertSortedArgs ins;
-  ins.slot_keys = slot_keys_.data_ptr<int64_t>();
-  ins.digests = digests_.data_ptr<uint8_t>();
-  ins.scores = scores_.data_ptr<int32_t>();
-  ins.values = values_.data_ptr<float>();
-  ins.clock = clock_.data_ptr<int64_t>();
   ins.keys = flat.data_ptr();
   ins.key_is_int64 = flat.scalar_type() == at::kLong;
   ins.rows = out.data_ptr<float>();
@@ -345,7 +329,6 @@ void LookupPipeline::second_level_direct(const at::Tensor& flat, at::Tensor& out
   ins.n = n;
   ins.dim = dim_;
   ins.lru = policy_ == kPolicyLRU;
-  ins.num_buckets = cache_buckets;
   ins.counts = ctrl_.data_ptr<int64_t>() + kCtrlInserted;
   cuda::launch_insert_sorted(ins, stream);
 #else

@@ -64,6 +64,22 @@ __device__ __forceinline__ int resident_probe(const FindArgs& a, int64_t base, i
   return -1;
 }
 
+// The resident index's lookup of one key per group: its primary bucket, then - only where the primary lacks the key
+// and is marked spilled - its secondary bucket. Every lane of the warp must call it (the probes' shuffles). Returns
+// the slot in its bucket (>= 0) or -1; sets row on a hit.
+template <int G>
+__device__ __forceinline__ int resident_lookup(const FindArgs& a, uint64_t h, int64_t primary, int64_t key,
+                                               uint8_t digest, int glane, bool valid, int64_t& row) {
+  int slot = resident_probe<G>(a, primary * kBucketSize, key, digest, glane, valid, row);
+  const bool second = valid && slot < 0 && a.spill[primary] != 0;
+  if (__any_sync(kFullMask, second)) {
+    const int64_t b2 = second ? secondary_bucket_of(h, a.num_buckets, primary) : 0;
+    const int s2 = resident_probe<G>(a, b2 * kBucketSize, key, digest, glane, second, row);
+    if (second) slot = s2;
+  }
+  return slot;
+}
+
 template <typename key_t, int G, bool kVec4, int kMode>
 __global__ void __launch_bounds__(kThreads) find_kernel(const FindArgs a) {
   constexpr int kKeysPerWarp = kWarp / G;
@@ -91,14 +107,7 @@ __global__ void __launch_bounds__(kThreads) find_kernel(const FindArgs a) {
     int64_t slot = -1;
     int64_t row = -1;
     if (kMode == kFindResident) {
-      int j = resident_probe<G>(a, b1 * kBucketSize, key, digest, glane, valid, row);
-      const bool second = valid && j < 0 && a.spill[b1] != 0;
-      if (__any_sync(kFullMask, second)) {
-        const int64_t b2 = second ? secondary_bucket_of(h, a.num_buckets, b1) : 0;
-        const int j2 = resident_probe<G>(a, b2 * kBucketSize, key, digest, glane, second, row);
-        if (second) j = j2;
-      }
-      slot = j;  // only its sign is used below
+      slot = resident_lookup<G>(a, h, b1, key, digest, glane, valid, row);  // only its sign is used below
     } else {
       const int j = group_probe<G>(a.slot_keys, a.digests, b1 * kBucketSize, key, digest, glane, valid);
       slot = j >= 0 ? b1 * kBucketSize + j : -1;
@@ -217,14 +226,7 @@ __global__ void __launch_bounds__(kThreads) second_level_kernel(const SecondLeve
       digest = digest_of(h);
     }
     int64_t row = -1;
-    int slot = resident_probe<G>(a.index, b1 * kBucketSize, key, digest, glane, valid, row);
-    const bool second = valid && slot < 0 && a.index.spill[b1] != 0;
-    if (__any_sync(kFullMask, second)) {
-      const int64_t b2 = second ? secondary_bucket_of(h, a.index.num_buckets, b1) : 0;
-      const int s2 = resident_probe<G>(a.index, b2 * kBucketSize, key, digest, glane, second, row);
-      if (second) slot = s2;
-    }
-    const bool hit = valid && slot >= 0;
+    const bool hit = valid && resident_lookup<G>(a.index, h, b1, key, digest, glane, valid, row) >= 0;
     const unsigned leaders = __ballot_sync(kFullMask, hit && glane == 0);
     if (lane == 0 && leaders != 0) {
       atomicAdd(reinterpret_cast<unsigned long long*>(a.ctrl + kCtrlSecondLevelHits),
