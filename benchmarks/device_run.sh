@@ -41,7 +41,7 @@ fi
 if [ "$what" = pytest ] || [ "$what" = all ]; then
   left=$(( ${CALL_BUDGET_S:-570} - ($(date +%s) - start) ))
   timeout "$left" python3 -m pytest -m cuda -q -p no:cacheprovider --maxfail=${PYTEST_MAXFAIL:-25} \
-    ${PYTEST_PATHS:-tests/ops tests/engine tests/benchmarks} --timeout 300 2>&1 | tee "$OUT/pytest_cuda.log" | tail -40
+    ${PYTEST_PATHS:-tests/ops tests/engine tests/benchmarks} --timeout ${PYTEST_TIMEOUT:-300} 2>&1 | tee "$OUT/pytest_cuda.log" | tail -40
   echo "[device] pytest rc=${PIPESTATUS[0]} done after $(( $(date +%s) - start )) s"
 fi
 if [ "$what" = py ]; then  # any module after the build, e.g. py benchmarks.profile_host_path --out "$OUT/x.json"

@@ -193,8 +193,13 @@ def test_gpu_direct_lookup_waits_on_nothing_and_matches_the_cpu_twin(tmp_path, r
         for i, b in enumerate(batches):
             q = torch.from_numpy(b).to(key_dtype)
             torch.cuda.synchronize()
+            qd = q.cuda()
             torch.cuda._sleep(100_000_000)  # GPU work ahead of the lookup on the same stream
-            out_gpu = hps.lookup("m", "t", q.cuda())
+            torch.cuda.set_sync_debug_mode("error")  # any synchronizing torch call inside the lookup raises
+            try:
+                out_gpu = hps.lookup("m", "t", qd)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
             assert not torch.cuda.current_stream().query(), f"batch {i}: the lookup waited for the GPU"
             out_cpu = hps.lookup("m", "t", q)
             np.testing.assert_array_equal(out_gpu.cpu().numpy(), ref.lookup(b), err_msg=f"batch {i}")

@@ -45,20 +45,17 @@ __device__ __forceinline__ void group_fill_row(float* __restrict__ dst, float va
 
 // The resident index's probe: as group_probe, but a digest match reads the slot's key and its row id together, so
 // the row copy waits on one dependent load after the digests instead of two (measured on an H100 at 3.4 M keys x
-// dim 128: the serial row-id read kept the find at 0.92x the cache's). Sets row on a match; -1 when absent.
+// dim 128: the serial row-id read kept the find at 0.92x the cache's). Returns the row id, or -1 when absent.
 template <int G>
-__device__ __forceinline__ int resident_probe(const FindArgs& a, int64_t base, int64_t key, uint8_t digest,
-                                              int glane, bool valid, int64_t& row) {
+__device__ __forceinline__ int32_t resident_probe(const FindArgs& a, int64_t base, int64_t key, uint8_t digest,
+                                                  int glane, bool valid) {
   uint32_t bits = group_digest_matches<G>(a.digests, base, digest, glane, valid);
   if (!valid) return -1;
   while (bits) {
     const int j = __ffs(bits) - 1;
     const int64_t k = a.slot_keys[base + j];
     const int32_t r = a.slot_rows[base + j];
-    if (k == key) {
-      row = r;
-      return j;
-    }
+    if (k == key) return r;
     bits &= bits - 1;
   }
   return -1;
@@ -66,18 +63,19 @@ __device__ __forceinline__ int resident_probe(const FindArgs& a, int64_t base, i
 
 // The resident index's lookup of one key per group: its primary bucket, then - only where the primary lacks the key
 // and is marked spilled - its secondary bucket. Every lane of the warp must call it (the probes' shuffles). Returns
-// the slot in its bucket (>= 0) or -1; sets row on a hit.
+// the key's row id, or -1. (The row is returned, not written through a reference: ptxas kept a referenced row on
+// the stack - 24 bytes of local memory per thread in the find - and the resident find lost 4% on an H100.)
 template <int G>
-__device__ __forceinline__ int resident_lookup(const FindArgs& a, uint64_t h, int64_t primary, int64_t key,
-                                               uint8_t digest, int glane, bool valid, int64_t& row) {
-  int slot = resident_probe<G>(a, primary * kBucketSize, key, digest, glane, valid, row);
-  const bool second = valid && slot < 0 && a.spill[primary] != 0;
+__device__ __forceinline__ int32_t resident_lookup(const FindArgs& a, uint64_t h, int64_t primary, int64_t key,
+                                                   uint8_t digest, int glane, bool valid) {
+  int32_t row = resident_probe<G>(a, primary * kBucketSize, key, digest, glane, valid);
+  const bool second = valid && row < 0 && a.spill[primary] != 0;
   if (__any_sync(kFullMask, second)) {
     const int64_t b2 = second ? secondary_bucket_of(h, a.num_buckets, primary) : 0;
-    const int s2 = resident_probe<G>(a, b2 * kBucketSize, key, digest, glane, second, row);
-    if (second) slot = s2;
+    const int32_t r2 = resident_probe<G>(a, b2 * kBucketSize, key, digest, glane, second);
+    if (second) row = r2;
   }
-  return slot;
+  return row;
 }
 
 template <typename key_t, int G, bool kVec4, int kMode>
@@ -107,7 +105,8 @@ __global__ void __launch_bounds__(kThreads) find_kernel(const FindArgs a) {
     int64_t slot = -1;
     int64_t row = -1;
     if (kMode == kFindResident) {
-      slot = resident_lookup<G>(a, h, b1, key, digest, glane, valid, row);  // only its sign is used below
+      row = resident_lookup<G>(a, h, b1, key, digest, glane, valid);
+      slot = row;  // only its sign is used below
     } else {
       const int j = group_probe<G>(a.slot_keys, a.digests, b1 * kBucketSize, key, digest, glane, valid);
       slot = j >= 0 ? b1 * kBucketSize + j : -1;
@@ -225,8 +224,9 @@ __global__ void __launch_bounds__(kThreads) second_level_kernel(const SecondLeve
       b1 = bucket_of(h, a.index.num_buckets);
       digest = digest_of(h);
     }
-    int64_t row = -1;
-    const bool hit = valid && resident_lookup<G>(a.index, h, b1, key, digest, glane, valid, row) >= 0;
+    // Every lane calls the lookup (its shuffles take the full warp); `valid` masks the result.
+    const int64_t row = resident_lookup<G>(a.index, h, b1, key, digest, glane, valid);
+    const bool hit = valid && row >= 0;
     const unsigned leaders = __ballot_sync(kFullMask, hit && glane == 0);
     if (lane == 0 && leaders != 0) {
       atomicAdd(reinterpret_cast<unsigned long long*>(a.ctrl + kCtrlSecondLevelHits),
