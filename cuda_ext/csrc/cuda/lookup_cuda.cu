@@ -79,7 +79,7 @@ __device__ __forceinline__ int32_t resident_lookup(const FindArgs& a, uint64_t h
 }
 
 template <typename key_t, int G, bool kVec4, int kMode>
-__global__ void __launch_bounds__(kThreads) find_kernel(const FindArgs a) {
+__global__ void __launch_bounds__(kThreads, 4) find_kernel(const FindArgs a) {
   constexpr int kKeysPerWarp = kWarp / G;
   const int lane = lane_id();
   const int glane = lane % G;
