@@ -123,10 +123,13 @@ struct ApplyArgs {
 };
 
 // GPU-direct second level (a dynamic cache over a host-mapped table that holds every key): the misses of the find
-// just launched (its list and ctrl[kCtrlPending] on the device) are probed in the second level's device index, their
-// rows copied from pinned host memory into the output, and each miss's (cache bucket, key, position) staged for the
-// insert (a key the second level lacks with its default row, as the host path does); entries past the miss count
-// get bucket = cache_buckets (nothing to insert).
+// just launched (its list and ctrl[kCtrlPending] on the device) are probed in the second level's device index and
+// each miss's (row id, cache bucket, key, position) staged - row kNoRow for a key the second level lacks (it keeps
+// its default row, and is cached as the host path does); entries past the miss count get row kNoRow and bucket =
+// cache_buckets (nothing to insert). The gather then copies the rows from pinned host memory into the output in
+// ascending row id (sorted_row, order).
+constexpr int64_t kNoRow = INT64_MAX;  // sorts after every row id
+
 struct SecondLevelArgs {
   const int32_t* miss_pos = nullptr;  // (n,)
   const int64_t* miss_keys = nullptr;  // (n,)
@@ -136,9 +139,12 @@ struct SecondLevelArgs {
                                        // values = its host-mapped rows, dim
   float* out = nullptr;                // (n, dim)
   int64_t cache_buckets = 0;
-  int64_t* stage_bucket = nullptr;     // (n,)
-  int64_t* stage_key = nullptr;        // (n,)
-  int64_t* stage_pos = nullptr;        // (n,)
+  int64_t* stage_row = nullptr;        // (n,) probe out
+  int64_t* stage_bucket = nullptr;     // (n,) probe out
+  int64_t* stage_key = nullptr;        // (n,) probe out
+  int64_t* stage_pos = nullptr;        // (n,) probe out, gather in
+  const int64_t* sorted_row = nullptr;  // (n,) gather in: stage_row sorted
+  const int64_t* order = nullptr;       // (n,) gather in: sorted_row[q] = stage_row[order[q]]
 };
 
 // The insert of staged rows in (bucket, key) order: keys[perm[q]] -> rows + perm[q] * dim for q < n, runs of one

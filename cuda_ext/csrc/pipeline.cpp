@@ -179,10 +179,10 @@ struct LookupPipeline::Workspace {
     miss_pos_d = at::empty({n}, at::TensorOptions().dtype(at::kInt).device(device));
     miss_keys_d = at::empty({n}, at::TensorOptions().dtype(at::kLong).device(device));
   }
-  at::Tensor stage_d;  // (3, n) int64: the GPU-direct second level's staged (bucket, key, position)
+  at::Tensor stage_d;  // (4, n) int64: the GPU-direct second level's staged (row, bucket, key, position)
   void ensure_stage(int64_t n, const c10::Device& device) {
     if (stage_d.defined() && stage_d.size(1) >= n) return;
-    stage_d = at::empty({3, n}, at::TensorOptions().dtype(at::kLong).device(device));
+    stage_d = at::empty({4, n}, at::TensorOptions().dtype(at::kLong).device(device));
   }
   uint8_t* plan(int64_t bytes) {
     if (!plan_h.defined() || plan_h.size(0) < bytes) plan_h = host_bytes(bytes + bytes / 2);
@@ -293,7 +293,7 @@ void LookupPipeline::second_level_direct(const at::Tensor& flat, at::Tensor& out
   InsertSortedArgs ins;
   set_cache_state(ins, slot_keys_, digests_, scores_, values_, clock_);
   at::Tensor stage = ws_->stage_d.narrow(1, 0, n);
-  at::Tensor bucket = stage.select(0, 0), key = stage.select(0, 1), pos = stage.select(0, 2);
+  at::Tensor row = stage.select(0, 0), bucket = stage.select(0, 1), key = stage.select(0, 2), pos = stage.select(0, 3);
   SecondLevelArgs s;
   s.miss_pos = ws_->miss_pos_d.data_ptr<int32_t>();
   s.miss_keys = ws_->miss_keys_d.data_ptr<int64_t>();
@@ -301,6 +301,7 @@ void LookupPipeline::second_level_direct(const at::Tensor& flat, at::Tensor& out
   s.n = n;
   s.out = out.data_ptr<float>();
   s.cache_buckets = ins.num_buckets;
+  s.stage_row = row.data_ptr<int64_t>();
   s.stage_bucket = bucket.data_ptr<int64_t>();
   s.stage_key = key.data_ptr<int64_t>();
   s.stage_pos = pos.data_ptr<int64_t>();
@@ -313,7 +314,13 @@ void LookupPipeline::second_level_direct(const at::Tensor& flat, at::Tensor& out
     l2.sync_index();
     if (!capturing) l2.order_stream();
     s.index = l2.table_args();
-    cuda::launch_second_level(s, stream);
+    cuda::launch_second_level_probe(s, stream);
+    // The rows in ascending row id: neighbouring warps read neighbouring host memory (see the gather kernel).
+    at::Tensor sorted_row, order;
+    std::tie(sorted_row, order) = at::sort(row);
+    s.sorted_row = sorted_row.data_ptr<int64_t>();
+    s.order = order.data_ptr<int64_t>();
+    cuda::launch_second_level_gather(s, stream);
   }
   // The staged entries in (bucket, key) order - the order the host plan inserts in, so the cache ends the same
   // on every device - then the insert walk over them (sentinel entries sort last and are skipped).

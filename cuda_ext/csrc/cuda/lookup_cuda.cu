@@ -11,9 +11,10 @@
 //     has finished), and publishes the miss count and the call's sequence number to pinned host memory.
 //   So a lookup is one launch - no memset, no clock kernel - and a CUDA graph can replay it.
 // second level (a dynamic cache over a host-mapped table that holds every key): after the find, one launch probes
-//   the table's index for each miss (the resident find's probe), copies the row from pinned host memory into the
-//   output and stages (cache bucket, key, position); the host code sorts the staged entries by (bucket, key) on the
-//   device and the insert walk (cache_insert_run.cuh) stores them - nothing comes back to the host.
+//   the table's index for each miss (the resident find's probe) and stages (row id, cache bucket, key, position);
+//   the staged rows are sorted by row id on the device and gathered from pinned host memory into the output in
+//   that order; the staged entries sorted by (bucket, key) feed the insert walk (cache_insert_run.cuh) - nothing
+//   comes back to the host.
 // apply: one launch with three block roles: scatter (a group of 8 lanes per miss position copies its row into the
 //   output), cache insert (cache_insert_run.cuh: a warp per bucket run, keys grouped by bucket on the host), and
 //   the resident writes (rows to their new row ids, whole index buckets copied from the host's index). The roles
@@ -199,17 +200,17 @@ void launch_find_group(int group, const FindArgs& a, FindMode mode, cudaStream_t
 }
 
 // ------------------------------------------------------------------------------------------ second level
-// One group of G lanes per entry of the miss list (capacity n; entries past ctrl[kCtrlPending] only stage a
-// sentinel): probe the second level's index as the resident find does, copy the row from host-mapped memory into
-// the output, stage (cache bucket, key, position) of every miss for the insert.
-template <int G, bool kVec4>
-__global__ void __launch_bounds__(kThreads) second_level_kernel(const SecondLevelArgs a) {
+// Probe: one group of G lanes per entry of the miss list (capacity n; entries past ctrl[kCtrlPending] only stage a
+// sentinel): probe the second level's index as the resident find does and stage (row id, cache bucket, key,
+// position) of every miss - row kNoRow for a key the second level lacks (it keeps the default row the find wrote;
+// the host path caches those too, as HPS does). The rows are read by the gather below, in row-id order.
+template <int G>
+__global__ void __launch_bounds__(kThreads) second_level_probe_kernel(const SecondLevelArgs a) {
   constexpr int kKeysPerWarp = kWarp / G;
   const int lane = lane_id();
   const int glane = lane % G;
   const int64_t pending = a.ctrl[kCtrlPending];
   const int64_t m = pending < a.n ? pending : a.n;
-  const int64_t dim = a.index.dim;
   const int64_t stride = total_warps() * kKeysPerWarp;
   for (int64_t i0 = global_warp_id() * kKeysPerWarp; i0 < a.n; i0 += stride) {
     const int64_t j = i0 + lane / G;
@@ -232,16 +233,30 @@ __global__ void __launch_bounds__(kThreads) second_level_kernel(const SecondLeve
       atomicAdd(reinterpret_cast<unsigned long long*>(a.ctrl + kCtrlSecondLevelHits),
                 static_cast<unsigned long long>(__popc(leaders)));
     }
-    if (j >= a.n) continue;
-    // Every miss is staged, a key the second level lacks with the default row the find wrote (the host path
-    // caches those too, as HPS does).
-    const int64_t pos = valid ? static_cast<int64_t>(a.miss_pos[j]) : 0;
-    if (glane == 0) {
-      a.stage_bucket[j] = valid ? bucket_of(h, a.cache_buckets) : a.cache_buckets;
-      a.stage_key[j] = valid ? key : 0;
-      a.stage_pos[j] = pos;
-    }
-    if (hit) group_copy_row<G, kVec4>(a.out + pos * dim, a.index.values + row * dim, dim, glane);
+    if (j >= a.n || glane != 0) continue;
+    a.stage_row[j] = hit ? row : kNoRow;
+    a.stage_bucket[j] = valid ? bucket_of(h, a.cache_buckets) : a.cache_buckets;
+    a.stage_key[j] = valid ? key : 0;
+    a.stage_pos[j] = valid ? static_cast<int64_t>(a.miss_pos[j]) : 0;
+  }
+}
+
+// Gather: the staged rows in ascending row id (sorted_row, order into the staged entries), a group of
+// kGatherGroup lanes per row - so neighbouring warps read neighbouring host memory, which the bus serves at
+// close to copy speed (gather_rows_cuda.cu measured 51 GB/s for consecutive ids, 20 GB/s for random ones).
+constexpr int kGatherGroup = 8;
+
+template <bool kVec4>
+__global__ void __launch_bounds__(kThreads) second_level_gather_kernel(const SecondLevelArgs a) {
+  constexpr int kRowsPerWarp = kWarp / kGatherGroup;
+  const int glane = lane_id() % kGatherGroup;
+  const int64_t dim = a.index.dim;
+  const int64_t stride = total_warps() * kRowsPerWarp;
+  for (int64_t q = global_warp_id() * kRowsPerWarp + lane_id() / kGatherGroup; q < a.n; q += stride) {
+    const int64_t row = a.sorted_row[q];
+    if (row == kNoRow) continue;  // sorted last: a key the second level lacks, or an entry past the misses
+    const int64_t pos = a.stage_pos[a.order[q]];
+    group_copy_row<kGatherGroup, kVec4>(a.out + pos * dim, a.index.values + row * dim, dim, glane);
   }
 }
 
@@ -313,23 +328,33 @@ int64_t blocks_for_groups(int64_t items) {
 
 }  // namespace
 
-void launch_second_level(const SecondLevelArgs& a, cudaStream_t stream) {
+void launch_second_level_probe(const SecondLevelArgs& a, cudaStream_t stream) {
   if (a.n == 0) return;
-  const bool vec4 = rows_vec4(a.index.dim, {a.index.values, a.out});
   const int group = find_group(a.n, a.index.dim, a.index.digests);
   const unsigned grid = warp_grid((a.n + kWarp / group - 1) / (kWarp / group));
-  const auto go = [&](auto kernel) {
-    kernel<<<grid, kThreads, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
   switch (group) {
     case 4:
-      return vec4 ? go(second_level_kernel<4, true>) : go(second_level_kernel<4, false>);
+      second_level_probe_kernel<4><<<grid, kThreads, 0, stream>>>(a);
+      break;
     case 8:
-      return vec4 ? go(second_level_kernel<8, true>) : go(second_level_kernel<8, false>);
+      second_level_probe_kernel<8><<<grid, kThreads, 0, stream>>>(a);
+      break;
     default:
-      return vec4 ? go(second_level_kernel<32, true>) : go(second_level_kernel<32, false>);
+      second_level_probe_kernel<32><<<grid, kThreads, 0, stream>>>(a);
+      break;
   }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_second_level_gather(const SecondLevelArgs& a, cudaStream_t stream) {
+  if (a.n == 0) return;
+  const unsigned grid = warp_grid((a.n + kWarp / kGatherGroup - 1) / (kWarp / kGatherGroup));
+  if (rows_vec4(a.index.dim, {a.index.values, a.out})) {
+    second_level_gather_kernel<true><<<grid, kThreads, 0, stream>>>(a);
+  } else {
+    second_level_gather_kernel<false><<<grid, kThreads, 0, stream>>>(a);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void launch_insert_sorted(const InsertSortedArgs& a, cudaStream_t stream) {

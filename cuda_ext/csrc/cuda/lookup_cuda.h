@@ -17,7 +17,8 @@ void launch_apply(const ApplyArgs& a, cudaStream_t stream);
 
 // GPU-direct second level: the misses of the find just launched probed in the second level, rows copied into the
 // output, the insert staged (SecondLevelArgs); then the staged entries' insert in (bucket, key) order.
-void launch_second_level(const SecondLevelArgs& a, cudaStream_t stream);
+void launch_second_level_probe(const SecondLevelArgs& a, cudaStream_t stream);
+void launch_second_level_gather(const SecondLevelArgs& a, cudaStream_t stream);
 void launch_insert_sorted(const InsertSortedArgs& a, cudaStream_t stream);
 
 }  // namespace cuda
