@@ -8,7 +8,7 @@
 2. Dissect it: export each trained embedding table to an HPS table directory (`key` int64, `emb_vector` float32)
    and save the dense part on its own (`dense.keras`); write the HPS JSON deployment config.
 3. Build the inference model: `hps.SparseLookupLayer` + `hps.LookupLayer` feeding the saved dense part, and save
-   it whole, as a SavedModel (`tf.saved_model.save`) and as `inference.keras`.
+   it whole, as a SavedModel (Keras 3 `ExportArchive`, a `serving_default` signature) and as `inference.keras`.
 4. Deploy: a fresh Python process (`... deploy --workdir DIR`) imports the plugin, calls `hps.Init`, loads both
    saved forms and predicts the held-out samples.
 5. Compare with the trained model: embeddings and predictions must agree (MSE <= 1e-6); exit status 1 otherwise.
@@ -151,40 +151,45 @@ def dissect(model: keras.Model, dense: keras.Model, workdir: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- 3. inference model
 
 
-class Serving(tf.Module):
-    """The inference model behind a SavedModel signature of plain tensors (the sparse field as its components).
+SERVING_SIGNATURE = [  # the sparse field as its components: a serving signature takes plain tensors
+    tf.TensorSpec([None, 2], tf.int64, name="field_indices"),
+    tf.TensorSpec([None], tf.int64, name="field_values"),
+    tf.TensorSpec([2], tf.int64, name="field_shape"),
+    tf.TensorSpec([None, SLOTS], tf.int64, name="slot_ids"),
+]
 
-    NOTE: it tracks the model's layers (they own the variables), not the functional model: for a model with a
-    sparse Input, Keras 3 traces a default signature with a dense spec for that input while saving, which fails in
-    any sparse embedding layer (native ones too). Dense-input models can be saved directly
-    (`tf.saved_model.save(model, path)` or `model.export(path)`).
+
+def export_savedmodel(model: keras.Model, path: Path) -> None:
+    """The inference model as a SavedModel with a `serving_default` signature, through Keras 3's ExportArchive.
+
+    NOTE: ExportArchive, not `tf.saved_model.save` of a tf.Module holding the layers: the latter writes Keras 3
+    variables that TensorFlow's C++ loader (TF Serving, Triton, the C API) does not restore ("Could not find variable
+    dense/kernel"); and `model.export` traces a dense spec for the sparse Input, which no sparse embedding layer
+    accepts.
     """
-
-    def __init__(self, model: keras.Model):
-        super().__init__()
-        self.layers = list(model.layers)
-        self._forward = model.__call__  # a bound method: not tracked
-
-    @tf.function(input_signature=[
-        tf.TensorSpec([None, 2], tf.int64, name="field_indices"),
-        tf.TensorSpec([None], tf.int64, name="field_values"),
-        tf.TensorSpec([2], tf.int64, name="field_shape"),
-        tf.TensorSpec([None, SLOTS], tf.int64, name="slot_ids"),
-    ])
-    def serve(self, field_indices, field_values, field_shape, slot_ids):
-        logit, field, slots = self._forward([tf.SparseTensor(field_indices, field_values, field_shape), slot_ids])
+    def serve(field_indices, field_values, field_shape, slot_ids):
+        logit, field, slots = model([tf.SparseTensor(field_indices, field_values, field_shape), slot_ids])
         return {"logit": logit, "field_emb": field, "slot_emb": slots}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(name="serving_default", fn=serve, input_signature=SERVING_SIGNATURE)
+    archive.write_out(str(path), verbose=False)
 
 
 def build_inference(workdir: Path) -> None:
     sp_in = keras.Input(shape=(MAX_NNZ,), sparse=True, dtype="int64", name="field_ids")
     ids_in = keras.Input(shape=(SLOTS,), dtype="int64", name="slot_ids")
-    field = hps.SparseLookupLayer(MODEL, 0, DIMS[0], tf.float32, name="hps_field")(sp_in, None, combiner="mean")
-    slots = hps.LookupLayer(MODEL, 1, DIMS[1], tf.float32, name="hps_slots")(ids_in)
+    # The layers carry the config path, as in HPS's Triton notebooks: a process that never calls hps.Init (or runs
+    # no Python: Triton's TensorFlow backend, TF Serving) starts the server from it on the first lookup.
+    lazy = {"ps_config_file": str(workdir / "hps.json"), "global_batch_size": BATCH}
+    field = hps.SparseLookupLayer(MODEL, 0, DIMS[0], tf.float32, name="hps_field", **lazy)(sp_in, None,
+                                                                                           combiner="mean")
+    slots = hps.LookupLayer(MODEL, 1, DIMS[1], tf.float32, name="hps_slots", **lazy)(ids_in)
     dense = keras.models.load_model(workdir / "dense.keras")
     logit = dense([field, keras.layers.Flatten()(slots)])
     inference = keras.Model([sp_in, ids_in], [logit, field, slots])
-    tf.saved_model.save(Serving(inference), str(workdir / "inference_savedmodel"))
+    export_savedmodel(inference, workdir / "inference_savedmodel")
     inference.save(workdir / "inference.keras")
     print(f"[build] inference model saved to {workdir / 'inference_savedmodel'} and {workdir / 'inference.keras'}")
 

@@ -28,7 +28,6 @@ import ctypes
 import logging
 from typing import Any
 
-import tensorflow as tf
 import torch
 import torch.utils.dlpack
 
@@ -48,8 +47,13 @@ __all__ = [
 # Eigen must start on a 64-byte boundary.
 ALIGNMENT = 64
 
-# dtypes TF cannot export through DLPack, or that would crash torch: refused up front with a clear message.
-_REFUSED_TF_DTYPES = (tf.string, tf.resource, tf.variant)
+
+def _tf() -> Any:
+    # TensorFlow's Python package is imported on first use only: the capsule helpers below also serve the op's
+    # lookups in a process that runs no TF Python (interop.tf_op.serve, embedded by the op library).
+    import tensorflow as tf
+
+    return tf
 
 _CAPSULE_NAME = b"dltensor"
 _USED_CAPSULE_NAME = b"used_dltensor"
@@ -102,11 +106,12 @@ def tf_to_torch(t: Any) -> torch.Tensor:
         TypeError: `t` is not a TF tensor, is symbolic (inside `tf.function` there is no buffer to share), or has
             a string/resource/variant dtype.
     """
+    tf = _tf()
     if isinstance(t, tf.Variable):
         t = t.read_value()
     if not isinstance(t, tf.Tensor):
         raise TypeError(f"tf_to_torch expects a tf.Tensor, found {type(t).__name__}")
-    if t.dtype in _REFUSED_TF_DTYPES:
+    if t.dtype in (tf.string, tf.resource, tf.variant):  # no DLPack form, or one that would crash torch
         raise TypeError(
             f"tf_to_torch: a tf.Tensor of dtype {t.dtype.name} has no DLPack form (only numeric and bool tensors "
             "can be shared with torch)"
@@ -137,7 +142,7 @@ def torch_to_tf(x: torch.Tensor) -> tf.Tensor:
         raise TypeError(f"torch_to_tf expects a torch.Tensor, found {type(x).__name__}")
     x = aligned(x.detach())
     # NOTE: tf.experimental.dlpack.from_dlpack takes a capsule; passing the torch tensor itself is a TypeError.
-    return tf.experimental.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(x))
+    return _tf().experimental.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(x))
 
 
 # ---------------------------------------------------------------------------------------------- raw capsules

@@ -9,11 +9,14 @@ Drop-in for HugeCTR's `hierarchical_parameter_server` package:
 
 How a lookup runs. Every call, eager or in a graph, goes through one TF custom op, `HpsLookup`
 (interop/tf_op/hps_lookup_op.cc, built on first import against the installed TF). Its kernel hands the ids to the
-callback this module registers at import, as a DLPack tensor over TF's own buffer; the callback views it with
-`torch.from_dlpack` (no copy), asks the engine (`hps_core.engine.default_server()`), and hands the float32 result
-back as a DLPack tensor that becomes the op's output without a copy. A SavedModel therefore holds only that op and
-its attributes (model_name, table_id, emb_vec_size, ps_config_file, global_batch_size) and runs in any process that
-imports this module.
+callback `interop.tf_op.serve` registers (this module attaches it at import), as a DLPack tensor over TF's own
+buffer; the callback views it with `torch.from_dlpack` (no copy), asks the engine
+(`hps_core.engine.default_server()`), and hands the float32 result back as a DLPack tensor that becomes the op's
+output without a copy. A SavedModel therefore holds only that op and its attributes (model_name, table_id,
+emb_vec_size, ps_config_file, global_batch_size) and runs in any process that loads the op library: one that never
+imported this module, or runs no Python at all (Triton's TensorFlow backend, TF Serving, a C++ loader), gets the
+callback from an interpreter the library starts itself (see hps_lookup_op.cc), and the server from the config path
+stored in the graph (HPS's lazy initialisation).
 
 Bit-identical to TF. The engine returns exact float32 copies of the stored rows; `max_norm` clipping and the sparse
 combiners are then applied with the very TF ops `tf.nn.embedding_lookup(_sparse)` applies to its gathered rows
@@ -29,20 +32,16 @@ CPU (their op has a CPU kernel; under a GPU build TF places it on the host).
 
 from __future__ import annotations
 
-import atexit
-import ctypes
 import logging
 import os
-import threading
 from typing import Any
 
 import keras
 import tensorflow as tf
-import torch
 
 from hps_core import engine as hps_engine
-from interop import dlpack
 from interop.tf_op import build as _op_build
+from interop.tf_op import serve as _serve
 
 log = logging.getLogger(__name__)
 
@@ -50,42 +49,13 @@ __version__ = "1.0.0"  # the HPS plugin version whose API this module reproduces
 
 __all__ = ["Init", "LookupLayer", "SparseLookupLayer", "lookup", "shutdown", "op_library_path", "__version__"]
 
-_ABI_VERSION = 1  # must equal kAbiVersion in hps_lookup_op.cc
-
-# absl::StatusCode numbers the kernel turns into TF errors.
-_OK, _INVALID_ARGUMENT, _NOT_FOUND, _FAILED_PRECONDITION, _INTERNAL = 0, 3, 5, 9, 13
-
 _COMBINERS = ("mean", "sqrtn", "sum")
 
 # ---------------------------------------------------------------------------------------------- the op library
 
 _LIBRARY_PATH = _op_build.library_path()
 _ops = tf.load_op_library(str(_LIBRARY_PATH))
-# Same path -> same dlopen handle as TF's: the callback registered here is the one the kernel sees.
-_clib = ctypes.CDLL(str(_LIBRARY_PATH))
-_clib.hps_tf_op_abi_version.restype = ctypes.c_int
-if _clib.hps_tf_op_abi_version() != _ABI_VERSION:  # pragma: no cover - a stale library with another ABI
-    raise ImportError(
-        f"{_LIBRARY_PATH} has callback ABI {_clib.hps_tf_op_abi_version()}, this module needs {_ABI_VERSION}: "
-        "rebuild it with `python -m interop.tf_op.build --force`"
-    )
-_clib.hps_tf_delete_dlpack.argtypes = [ctypes.c_void_p]
-_clib.hps_tf_delete_dlpack.restype = None
-
-_CALLBACK_TYPE = ctypes.CFUNCTYPE(
-    ctypes.c_int,  # status code
-    ctypes.c_char_p,  # model_name
-    ctypes.c_int64,  # table_id
-    ctypes.c_int64,  # emb_vec_size
-    ctypes.c_char_p,  # ps_config_file
-    ctypes.c_int64,  # global_batch_size
-    ctypes.c_void_p,  # DLManagedTensor* keys (ours to free)
-    ctypes.POINTER(ctypes.c_void_p),  # DLManagedTensor** result (the kernel's to free)
-    ctypes.c_void_p,  # char* err
-    ctypes.c_int64,  # err capacity
-)
-_clib.hps_tf_register_lookup_callback.argtypes = [_CALLBACK_TYPE]
-_clib.hps_tf_register_lookup_callback.restype = None
+_serve.attach(_LIBRARY_PATH)  # the lookup callback, registered with the library TF just loaded
 
 tf.no_gradient("HpsLookup")  # integer ids in, no trainable state: gradients stop here (and nothing else breaks)
 
@@ -97,26 +67,6 @@ def op_library_path() -> str:
 
 # ---------------------------------------------------------------------------------------------- initialisation
 
-_init_lock = threading.Lock()
-_init_source: Any = None  # what the server was started from, for the "already initialised" message
-
-
-def _check_global_batch_size(server: hps_engine.HierarchicalParameterServer, global_batch_size: Any,
-                             num_replicas: int = 1) -> int:
-    if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
-        raise ValueError(f"global_batch_size must be an int >= 1, found {global_batch_size!r}")
-    # HPS: global_batch_size / num_replicas <= max_batch_size (per replica) of every model.
-    per_replica = -(-global_batch_size // num_replicas)
-    for name, model in server.config.models.items():
-        if per_replica > model.max_batch_size:
-            across = f" / {num_replicas} replicas = {per_replica}" if num_replicas > 1 else ""
-            raise ValueError(
-                f"global_batch_size = {global_batch_size}{across} exceeds models.{name}.max_batch_size = "
-                f"{model.max_batch_size} (HPS: max_batch_size, per replica)"
-            )
-    return global_batch_size
-
-
 def _replicas() -> int:
     """Replicas of the tf.distribute strategy Init runs under (HPS: MirroredStrategy / MultiWorkerMirroredStrategy,
     anything else is refused with HPS's message); 1 without a strategy."""
@@ -127,37 +77,6 @@ def _replicas() -> int:
         raise RuntimeError(f"This strategy type is not supported yet. ({type(strategy).__name__}; HPS Init supports "
                            "MirroredStrategy and MultiWorkerMirroredStrategy)")
     return int(strategy.num_replicas_in_sync)
-
-
-def _init(ps_config_file: Any, global_batch_size: Any, explicit: bool = False,
-          replicas: int = 1) -> hps_engine.HierarchicalParameterServer:
-    global _init_source
-    with _init_lock:
-        try:
-            server = hps_engine.default_server()
-        except RuntimeError:
-            server = None
-        if server is None:
-            empty_path = isinstance(ps_config_file, (str, os.PathLike)) and not os.fspath(ps_config_file)
-            if ps_config_file is None or empty_path:
-                raise ValueError("ps_config_file must name an HPS JSON or YAML config (or be a config object), found "
-                                 f"{ps_config_file!r}")
-            if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
-                raise ValueError(f"global_batch_size must be an int >= 1, found {global_batch_size!r}")
-            server = hps_engine.init(ps_config_file)
-            try:
-                _check_global_batch_size(server, global_batch_size, replicas)
-            except ValueError:
-                hps_engine.shutdown()  # a rejected Init leaves nothing behind
-                raise
-            _init_source = ps_config_file
-            log.info("hierarchical parameter server initialised from %s", ps_config_file)
-        elif ps_config_file is not None and ps_config_file != _init_source and _init_source is not None:
-            # HPS semantics: once per process, later calls are no-ops (an implicit init from a SavedModel's
-            # recorded config path must not fail where the deployment initialised explicitly).
-            log.log(logging.WARNING if explicit else logging.DEBUG,
-                    "HPS is already initialised from %s (once per process); ignoring %s", _init_source, ps_config_file)
-        return server
 
 
 def Init(*, global_batch_size: int, ps_config_file: Any, **unused: Any) -> Any:
@@ -188,8 +107,8 @@ def Init(*, global_batch_size: int, ps_config_file: Any, **unused: Any) -> Any:
         raise TypeError(f"Init() got unexpected keyword arguments {sorted(unused)}; it takes global_batch_size "
                         "and ps_config_file")
     replicas = _replicas()
-    server = _init(ps_config_file, global_batch_size, explicit=True, replicas=replicas)
-    _check_global_batch_size(server, global_batch_size, replicas)
+    server = _serve.init(ps_config_file, global_batch_size, explicit=True, replicas=replicas)
+    _serve.check_global_batch_size(server, global_batch_size, replicas)
     if replicas == 1 or not tf.distribute.in_cross_replica_context():
         return tf.constant("OK")
     strategy = tf.distribute.get_strategy()
@@ -202,113 +121,10 @@ def shutdown() -> None:
 
     Not part of HPS's API (its server lives as long as the process).
     """
-    global _init_source
-    with _init_lock:
-        hps_engine.shutdown()
-        _init_source = None
+    _serve.shutdown()
 
-
-def _server(ps_config_file: str, global_batch_size: int) -> hps_engine.HierarchicalParameterServer:
-    """The running server; started from the layer's config when there is none yet (HPS implicit init)."""
-    try:
-        return hps_engine.default_server()
-    except RuntimeError:
-        if not ps_config_file:
-            raise RuntimeError(
-                "the hierarchical parameter server is not initialised: call "
-                "hps.Init(global_batch_size=..., ps_config_file=...) first, or construct the layer with "
-                "ps_config_file and global_batch_size (implicit init)"
-            ) from None
-        return _init(ps_config_file, global_batch_size)
-
-
-# ---------------------------------------------------------------------------------------------- validation
 
 _TF_KEY_DTYPES = {tf.int32: "int32", tf.int64: "int64"}
-_TORCH_KEY_DTYPES = {torch.int32: "int32", torch.int64: "int64"}
-
-
-def _validate(server: hps_engine.HierarchicalParameterServer, model_name: str, table_id: int, emb_vec_size: int,
-              key_dtype: str, num_keys: int | None) -> None:
-    """HPS's forward_check, raising: model, table id, dim, key dtype, batch size (when known)."""
-    rt = server.table(model_name, table_id)  # KeyError naming the models / table ids that exist
-    if emb_vec_size != rt.dim:
-        raise ValueError(
-            f"emb_vec_size = {emb_vec_size} but table {table_id} ({rt.name!r}) of model {model_name!r} has "
-            f"dimension {rt.dim}"
-        )
-    expected = server.config.key_dtype
-    if key_dtype != expected:
-        raise TypeError(
-            f"ids are {key_dtype} but the deployment's keys are {expected} (supportlonglong = "
-            f"{'true' if expected == 'int64' else 'false'}): cast the ids to {expected}"
-        )
-    if num_keys is not None and num_keys > rt.max_keys_per_call:
-        raise ValueError(
-            f"{num_keys} ids in one lookup of {model_name}/{rt.name} exceed max_batch_size × "
-            f"maxnum_catfeature_query_per_table_per_sample = {rt.max_keys_per_call}"
-        )
-
-
-# ---------------------------------------------------------------------------------------------- the callback
-
-_errors = threading.local()  # the Python exception behind the last failed kernel call of this thread
-
-
-def _error_code(exc: BaseException) -> int:
-    if isinstance(exc, KeyError):
-        return _NOT_FOUND
-    if isinstance(exc, (TypeError, ValueError)):
-        return _INVALID_ARGUMENT
-    if isinstance(exc, RuntimeError):
-        return _FAILED_PRECONDITION
-    return _INTERNAL
-
-
-def _exception_message(exc: BaseException) -> str:
-    # KeyError's str() quotes its argument; show the text itself.
-    text = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else str(exc)
-    return f"{type(exc).__name__}: {text}"
-
-
-def _lookup_callback(model_name: bytes, table_id: int, emb_vec_size: int, ps_config_file: bytes,
-                     global_batch_size: int, keys_ptr: int, result: Any, err: int, err_capacity: int) -> int:
-    """Called by the HpsLookup kernel (any TF thread; ctypes holds the GIL). Never raises: returns a status."""
-    try:
-        keys = torch.from_dlpack(dlpack.capsule_from_pointer(keys_ptr))  # TF's buffer, not copied
-    except BaseException as exc:  # noqa: BLE001 - must not unwind into C++
-        _clib.hps_tf_delete_dlpack(keys_ptr)
-        return _fail(exc, err, err_capacity)
-    try:
-        model = model_name.decode()
-        server = _server(ps_config_file.decode(), global_batch_size)
-        _validate(server, model, table_id, emb_vec_size, _TORCH_KEY_DTYPES[keys.dtype], keys.numel())
-        out = server.lookup(model, table_id, keys)
-        # The kernel adopts this buffer as its output: it must be contiguous and 64-byte aligned for TF.
-        result[0] = dlpack.release_to_pointer(dlpack.aligned(out))
-        return _OK
-    except BaseException as exc:  # noqa: BLE001 - must not unwind into C++
-        return _fail(exc, err, err_capacity)
-
-
-def _fail(exc: BaseException, err: int, err_capacity: int) -> int:
-    _errors.last = exc
-    message = _exception_message(exc).encode("utf-8", "replace")[: max(err_capacity - 1, 0)]
-    ctypes.memmove(err, message + b"\0", len(message) + 1)
-    if _error_code(exc) == _INTERNAL:
-        log.error("HPS lookup failed", exc_info=exc)
-    return _error_code(exc)
-
-
-_callback = _CALLBACK_TYPE(_lookup_callback)  # module global: must outlive every kernel call
-_clib.hps_tf_register_lookup_callback(_callback)
-
-
-@atexit.register
-def _unregister() -> None:
-    # A kernel running during interpreter shutdown gets a clean FailedPrecondition instead of calling into a
-    # finalising interpreter.
-    _clib.hps_tf_register_lookup_callback(_CALLBACK_TYPE())
 
 
 # ---------------------------------------------------------------------------------------------- raw lookup
@@ -335,24 +151,25 @@ def lookup(ids: Any, model_name: str, table_id: int, emb_vec_size: int, ps_confi
     eager = tf.executing_eagerly()
     server = None
     if eager:
-        server = _server(ps_config_file, global_batch_size)
+        server = _serve.server(ps_config_file, global_batch_size)
     else:
         try:
             server = hps_engine.default_server()
         except RuntimeError:
             server = None  # building a graph before Init (e.g. to save it): the kernel checks at run time
     if server is not None:
-        _validate(server, model_name, int(table_id), int(emb_vec_size), _TF_KEY_DTYPES[ids.dtype],
+        _serve.validate(server, model_name, int(table_id), int(emb_vec_size), _TF_KEY_DTYPES[ids.dtype],
                   ids.shape.num_elements())
     if not eager:
         return _ops.hps_lookup(ids, model_name=model_name, table_id=table_id, emb_vec_size=emb_vec_size,
                                ps_config_file=ps_config_file, global_batch_size=global_batch_size)
-    _errors.last = None
+    _serve.clear_last_error()
     try:
         return _ops.hps_lookup(ids, model_name=model_name, table_id=table_id, emb_vec_size=emb_vec_size,
                                ps_config_file=ps_config_file, global_batch_size=global_batch_size)
     except tf.errors.OpError:
-        exc, _errors.last = getattr(_errors, "last", None), None
+        exc = _serve.last_error()
+        _serve.clear_last_error()
         if exc is not None:  # eager: raise the engine's own exception, not its TF translation
             raise exc from None
         raise

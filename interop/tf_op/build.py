@@ -25,6 +25,7 @@ import tempfile
 log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("hps_lookup_op.cc")
+SOURCES = (SOURCE, SOURCE.with_name("embedded_python.h"))  # what the library is built from (its cache key)
 LIBRARY_NAME = "libhps_tf_op.so"
 
 __all__ = ["SOURCE", "LIBRARY_NAME", "cache_root", "compiler_command", "library_path", "build"]
@@ -49,19 +50,38 @@ def _tf_flags() -> tuple[str, list[str], list[str]]:
     return tf.__version__, compile_flags, list(tf.sysconfig.get_link_flags())
 
 
+def _c_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def python_flags() -> list[str]:
+    """Where the library finds this Python when it must start one (embedded_python.h): its headers, its shared
+    library, its executable (so a venv's site-packages are found) and the directory holding `interop`."""
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        library = os.path.join(sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME"))
+    else:  # a static Python: there is nothing to load into a process without one (the op says so when asked)
+        library = ""
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    return ["-I" + sysconfig.get_paths()["include"], "-I" + str(SOURCE.parent),
+            "-DHPS_PYTHON_LIBRARY=" + _c_string(library), "-DHPS_PYTHON_EXECUTABLE=" + _c_string(sys.executable),
+            "-DHPS_PYTHON_PATH=" + _c_string(root)]
+
+
 def compiler_command(output: pathlib.Path) -> list[str]:
     """The g++ command line that builds the op library into `output`."""
     _, compile_flags, link_flags = _tf_flags()
     cxx = os.environ.get("CXX", "g++")
     return [cxx, "-shared", "-fPIC", "-O2", "-Wall", "-Wno-sign-compare", str(SOURCE), "-o", str(output),
-            *compile_flags, *link_flags]
+            *python_flags(), *compile_flags, *link_flags, "-ldl"]
 
 
 def _build_dir() -> pathlib.Path:
     version, compile_flags, link_flags = _tf_flags()
     digest = hashlib.sha256()
-    digest.update(SOURCE.read_bytes())
-    digest.update("\0".join(compile_flags + link_flags + [sys.version, sysconfig.get_platform()]).encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    digest.update("\0".join(compile_flags + link_flags + python_flags() + [sys.version, sysconfig.get_platform()])
+                  .encode())
     return cache_root() / f"tf{version}-{digest.hexdigest()[:12]}"
 
 

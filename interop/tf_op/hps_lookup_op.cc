@@ -2,12 +2,19 @@
 // TF graph, so a SavedModel holding it needs nothing but this op and its attributes.
 //
 // The kernel knows nothing about tables: it wraps the ids in a DLPack tensor (zero-copy, TF's own buffer) and calls
-// one C callback that `interop.tf_plugin` registers when it is imported (`hps_tf_register_lookup_callback`). The
-// callback returns the embeddings as a DLPack tensor that the kernel adopts as its output without copying (a
-// TensorBuffer whose destructor calls the DLPack deleter). Errors come back as a TF error code + message and are
-// raised as TF errors; nothing here aborts the process.
+// one C callback that `interop.tf_op.serve` registers (`hps_tf_register_lookup_callback`; `interop.tf_plugin`
+// attaches it at import). The callback returns the embeddings as a DLPack tensor that the kernel adopts as its
+// output without copying (a TensorBuffer whose destructor calls the DLPack deleter). Errors come back as a TF error
+// code + message and are raised as TF errors; nothing here aborts the process.
+//
+// Serving without Python (Triton's TensorFlow backend, TF Serving, a C++ loader): when the first lookup finds no
+// callback, the library starts the interpreter it was built with (embedded_python.h) and imports
+// `interop.tf_op.serve`, which registers the callback; the server then starts from the graph's ps_config_file.
+// One lookup path in both cases: the engine, its tiers and its checks are the Python ones.
 //
 // Built by interop/tf_op/build.py with g++ and tf.sysconfig's flags against the installed TensorFlow.
+
+#include "embedded_python.h"  // first: Python.h must precede the standard headers
 
 #include <atomic>
 #include <cstdint>
@@ -21,6 +28,8 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/framework/tensor.h"
+
+extern "C" int hps_tf_op_abi_version();
 
 namespace {
 
@@ -159,10 +168,15 @@ class HpsLookupOp : public OpKernel {
     out_shape.AddDim(emb_vec_size_);
 
     HpsLookupCallback callback = g_callback.load(std::memory_order_acquire);
-    OP_REQUIRES(ctx, callback != nullptr,
-                tensorflow::errors::FailedPrecondition(
-                    "HpsLookup: no lookup callback is registered in this process; `import interop.tf_plugin` "
-                    "before running a graph that holds HPS lookups"));
+    if (callback == nullptr) {
+      // No Python module attached one: start (or enter) the interpreter and let interop.tf_op.serve attach.
+      const std::string problem = hps::EnsureServeModule(reinterpret_cast<const void*>(&hps_tf_op_abi_version));
+      callback = g_callback.load(std::memory_order_acquire);
+      OP_REQUIRES(ctx, callback != nullptr,
+                  tensorflow::errors::FailedPrecondition(
+                      "HpsLookup: no lookup callback in this process and the op library could not start one: ",
+                      problem.empty() ? std::string("interop.tf_op.serve attached none") : problem));
+    }
 
     DLManagedTensor* keys = KeysToDLPack(ids);
     DLManagedTensor* result = nullptr;
