@@ -509,11 +509,15 @@ void LookupPipeline::sync_index() {
 at::Tensor LookupPipeline::lookup(const at::Tensor& keys) {
   check_keys(keys);
   const at::Tensor flat = keys.reshape({-1}).contiguous();
-  const int64_t n = flat.numel();
   std::vector<int64_t> shape(keys.sizes().begin(), keys.sizes().end());
   shape.push_back(dim_);
-  at::Tensor out = at::empty({n, dim_}, flat.options().dtype(at::kFloat));
-  if (n == 0) return out.view(shape);
+  at::Tensor out = at::empty({flat.numel(), dim_}, flat.options().dtype(at::kFloat));
+  if (flat.numel() > 0) lookup_into(flat, out);
+  return out.view(shape);
+}
+
+void LookupPipeline::lookup_into(const at::Tensor& flat, at::Tensor& out) {
+  const int64_t n = flat.numel();
   const Clock::time_point t0 = Clock::now();
   GilRelease nogil;
   std::unique_lock<std::mutex> lock(mu_);
@@ -569,7 +573,7 @@ at::Tensor LookupPipeline::lookup(const at::Tensor& keys) {
       cuda::launch_find(a, find_mode(), stream);
       second_level_direct(flat, out, n, capturing);
       record_latency(kStageTotal, seconds_since(t0));
-      return out.view(shape);
+      return;
     }
     // While a graph is captured the lookup is the find alone: nothing it captures may point at buffers that
     // later calls reallocate, and a replay cannot come back to the host.
@@ -592,7 +596,7 @@ at::Tensor LookupPipeline::lookup(const at::Tensor& keys) {
     cuda::launch_find(a, find_mode(), stream);
     if (!want_misses) {
       record_latency(kStageTotal, seconds_since(t0));
-      return out.view(shape);
+      return;
     }
     // Spin on the word the find's last block writes; every so often ask the stream whether it failed or
     // finished without writing it (a kernel error would otherwise leave us spinning).
@@ -616,12 +620,11 @@ at::Tensor LookupPipeline::lookup(const at::Tensor& keys) {
   }
   if (!want_misses) {
     record_latency(kStageTotal, seconds_since(t0));
-    return out.view(shape);
+    return;
   }
   record_latency(kStageFind, seconds_since(t0));
   if (misses > 0) resolve_misses(misses, n, out.data_ptr<float>(), big);
   record_latency(kStageTotal, seconds_since(t0));
-  return out.view(shape);
 }
 
 // The misses of the call whose find just finished: the list -> a plan (distinct keys, each position's key) ->
@@ -1360,7 +1363,50 @@ void register_pipeline(torch::Library& m) {
 
 namespace {
 at::Tensor lookup_by_handle(int64_t handle, const at::Tensor& keys) { return find_pipeline(handle)->lookup(keys); }
+
+void write_error(const char* text, char* err, int64_t capacity) {
+  if (err == nullptr || capacity <= 0) return;
+  std::strncpy(err, text, static_cast<size_t>(capacity - 1));
+  err[capacity - 1] = '\0';
+}
 }  // namespace
+
+// The lookup of a framework op that reaches the engine without Python (the TF op's native route): n keys (int64
+// when key_is_int64, else int32) in host memory -> out (n x dim float32, the caller's buffer) through the CPU
+// pipeline `handle`. Returns 0, kNativeStale (-1) when no open pipeline has the handle (the caller routes again),
+// or an absl status code (3 invalid argument, 9 failed precondition, 13 internal) with a message in err.
+extern "C" __attribute__((visibility("default"))) int hps_native_lookup(int64_t handle, const void* keys, int64_t n,
+                                                                        int key_is_int64, float* out, char* err,
+                                                                        int64_t err_capacity) {
+  constexpr int kNativeStale = -1;
+  try {
+    c10::intrusive_ptr<LookupPipeline> p;
+    {
+      std::lock_guard<std::mutex> lock(g_registry_mu);
+      const auto it = g_registry.find(handle);
+      if (it != g_registry.end()) p = it->second.lock();
+    }
+    if (!p || p->closed()) return kNativeStale;
+    const at::Tensor k = at::from_blob(const_cast<void*>(keys), {n}, key_is_int64 ? at::kLong : at::kInt);
+    p->check_keys(k);
+    if (!p->on_cpu()) return kNativeStale;
+    at::Tensor o = at::from_blob(out, {n, p->dim()}, at::kFloat);
+    if (n > 0) p->lookup_into(k, o);
+    return 0;
+  } catch (const c10::ValueError& e) {
+    write_error(e.what_without_backtrace(), err, err_capacity);
+    return 3;
+  } catch (const c10::TypeError& e) {
+    write_error(e.what_without_backtrace(), err, err_capacity);
+    return 3;
+  } catch (const c10::Error& e) {
+    write_error(e.what_without_backtrace(), err, err_capacity);
+    return 9;
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_capacity);
+    return 13;
+  }
+}
 
 TORCH_LIBRARY_IMPL(hps, CPU, m) { m.impl("lookup", &lookup_by_handle); }
 #ifdef HPS_WITH_CUDA

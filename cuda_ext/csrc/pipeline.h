@@ -93,6 +93,11 @@ class LookupPipeline : public torch::CustomClassHolder {
 
   // The hot path: keys int32/int64 of any shape on this pipeline's device -> float32 keys.shape + (dim,).
   at::Tensor lookup(const at::Tensor& keys);
+  // The lookup of checked, contiguous flat keys (n > 0) into out (n x dim float32 on this device).
+  void lookup_into(const at::Tensor& flat, at::Tensor& out);
+  void check_keys(const at::Tensor& keys) const;
+  bool closed() const { return closed_; }
+  bool on_cpu() const { return device_.is_cpu(); }
 
   // Resident tables: append rows (keys int64 (k,) CPU, rows float32 (k, dim) CPU); a later duplicate's row wins.
   void load(const at::Tensor& keys, const at::Tensor& rows);
@@ -146,7 +151,6 @@ class LookupPipeline : public torch::CustomClassHolder {
   };
 
   void check_open() const;
-  void check_keys(const at::Tensor& keys) const;
   FindArgs table_args() const;
   FindMode find_mode() const;
   // Plan the misses of the call just found (host or device planner), fetch their rows, then apply or queue.
@@ -207,7 +211,7 @@ class LookupPipeline : public torch::CustomClassHolder {
   mutable std::mutex mu_;
   int64_t version_ = 0;
   int64_t seq_ = 0;
-  bool closed_ = false;
+  std::atomic<bool> closed_{false};  // written under mu_; read without it by closed()
   void* last_stream_ = nullptr;  // cudaStream_t of the last call
   void* order_event_ = nullptr;  // cudaEvent_t
   std::unique_ptr<Workspace> ws_;

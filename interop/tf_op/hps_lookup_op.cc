@@ -41,7 +41,7 @@ using tensorflow::Tensor;
 using tensorflow::TensorShape;
 
 // Bumped whenever the callback signature changes; the Python side checks it before registering.
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 // TF's Eigen kernels need this alignment (EIGEN_MAX_ALIGN_BYTES) on every buffer they read.
 constexpr uintptr_t kAlignment = 64;
 constexpr int64_t kErrorCapacity = 4096;
@@ -54,6 +54,19 @@ typedef int (*HpsLookupCallback)(const char* model_name, int64_t table_id, int64
                                  DLManagedTensor** result, char* err, int64_t err_capacity);
 
 std::atomic<HpsLookupCallback> g_callback{nullptr};
+
+// The native route (no Python per call): `route` names the engine's CPU lookup pipeline of an op's table (a handle
+// >= 0, or -1: no route - the table has no cache, or the op's arguments fail a check the callback will report), and
+// `lookup` runs it on the op's ids into the op's output buffer (hps_native_lookup in the engine's extension:
+// 0, kNativeStale when the handle is gone - route again - or an absl status code with a message).
+typedef int64_t (*HpsRouteCallback)(const char* model_name, int64_t table_id, int64_t emb_vec_size,
+                                    const char* ps_config_file, int64_t global_batch_size, int key_is_int64);
+typedef int (*HpsNativeLookup)(int64_t handle, const void* keys, int64_t n, int key_is_int64, float* out, char* err,
+                               int64_t err_capacity);
+std::atomic<HpsRouteCallback> g_route{nullptr};
+std::atomic<HpsNativeLookup> g_native_lookup{nullptr};
+constexpr int kNativeStale = -1;
+constexpr int64_t kRouteUnknown = -2;
 
 // ---------------------------------------------------------------------------------------------- keys -> DLPack
 
@@ -166,6 +179,7 @@ class HpsLookupOp : public OpKernel {
     const Tensor& ids = ctx->input(0);
     TensorShape out_shape = ids.shape();
     out_shape.AddDim(emb_vec_size_);
+    if (NativeLookup(ctx, ids, out_shape)) return;
 
     HpsLookupCallback callback = g_callback.load(std::memory_order_acquire);
     if (callback == nullptr) {
@@ -196,6 +210,47 @@ class HpsLookupOp : public OpKernel {
   }
 
  private:
+  // The lookup through the engine's native call, when the table has a route: true when it ran (the output or the
+  // error is set), false to take the callback (no route yet or any more, or no native entry registered).
+  bool NativeLookup(OpKernelContext* ctx, const Tensor& ids, const TensorShape& out_shape) {
+    HpsNativeLookup native = g_native_lookup.load(std::memory_order_acquire);
+    if (native == nullptr) return false;
+    const int key_is_int64 = ids.dtype() == tensorflow::DT_INT64 ? 1 : 0;
+    int64_t handle = route_.load(std::memory_order_acquire);
+    if (handle == kRouteUnknown) {
+      HpsRouteCallback route = g_route.load(std::memory_order_acquire);
+      if (route == nullptr) return false;
+      handle = route(model_name_.c_str(), table_id_, emb_vec_size_, ps_config_file_.c_str(), global_batch_size_,
+                     key_is_int64);
+      // No route (-1) is not cached: the callback reports why, and a later Init may give one.
+      if (handle < 0) return false;
+      route_.store(handle, std::memory_order_release);
+    }
+    // A temporary that becomes the output (no copy) only when the lookup ran: a stale route leaves the output
+    // unset for the callback.
+    Tensor out;
+    const tensorflow::Status allocated = ctx->allocate_temp(tensorflow::DT_FLOAT, out_shape, &out);
+    if (!allocated.ok()) {
+      ctx->SetStatus(allocated);
+      return true;
+    }
+    std::string err(kErrorCapacity, '\0');
+    const int code = native(handle, ids.tensor_data().data(), ids.NumElements(), key_is_int64,
+                            out.flat<float>().data(), err.data(), kErrorCapacity);
+    if (code == kNativeStale) {  // the server was closed or replaced: route again through Python
+      route_.store(kRouteUnknown, std::memory_order_release);
+      return false;
+    }
+    if (code != 0) {
+      err.resize(std::strlen(err.c_str()));
+      ctx->SetStatus(absl::Status(static_cast<absl::StatusCode>(code), "HpsLookup(" + model_name_ + ", table " +
+                                                                          std::to_string(table_id_) + "): " + err));
+      return true;
+    }
+    ctx->set_output(0, out);
+    return true;
+  }
+
   // Takes ownership of `result`: becomes the output without a copy when it is a compact, aligned float32 CPU tensor
   // of the right shape; a strided or misaligned one is copied; anything else is an Internal error.
   void AdoptResult(OpKernelContext* ctx, DLManagedTensor* result, const TensorShape& out_shape) {
@@ -259,6 +314,7 @@ class HpsLookupOp : public OpKernel {
     if (result->deleter != nullptr) result->deleter(result);
   }
 
+  std::atomic<int64_t> route_{kRouteUnknown};  // the engine pipeline handle of this op's table
   std::string model_name_;
   int64_t table_id_;
   int64_t emb_vec_size_;
@@ -281,6 +337,12 @@ int hps_tf_op_abi_version() { return kAbiVersion; }
 // Registers (or with nullptr, clears) the process-wide lookup callback. Safe to call from any thread.
 void hps_tf_register_lookup_callback(HpsLookupCallback callback) {
   g_callback.store(callback, std::memory_order_release);
+}
+
+// Registers (or with nullptrs, clears) the native route: the engine's lookup entry and the Python router.
+void hps_tf_register_native(HpsNativeLookup lookup, HpsRouteCallback route) {
+  g_route.store(route, std::memory_order_release);
+  g_native_lookup.store(lookup, std::memory_order_release);
 }
 
 // Frees a DLManagedTensor whose consumer could not take it (e.g. the callback failed before torch.from_dlpack).

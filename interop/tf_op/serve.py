@@ -18,6 +18,7 @@ import atexit
 import ctypes
 import logging
 import os
+import sys
 import threading
 from typing import Any
 
@@ -28,10 +29,10 @@ from interop import dlpack
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ABI_VERSION", "attach", "init", "server", "shutdown", "check_global_batch_size", "validate",
+__all__ = ["ABI_VERSION", "attach", "set_native", "init", "server", "shutdown", "check_global_batch_size", "validate",
            "last_error", "clear_last_error"]
 
-ABI_VERSION = 1  # must equal kAbiVersion in hps_lookup_op.cc
+ABI_VERSION = 2  # must equal kAbiVersion in hps_lookup_op.cc
 
 # absl::StatusCode numbers the kernel turns into TF errors.
 _OK, _INVALID_ARGUMENT, _NOT_FOUND, _FAILED_PRECONDITION, _INTERNAL = 0, 3, 5, 9, 13
@@ -183,6 +184,16 @@ _CALLBACK_TYPE = ctypes.CFUNCTYPE(
     ctypes.c_int64,  # err capacity
 )
 
+_ROUTE_TYPE = ctypes.CFUNCTYPE(
+    ctypes.c_int64,  # the engine's CPU pipeline handle, or -1 (no route: the callback serves and reports)
+    ctypes.c_char_p,  # model_name
+    ctypes.c_int64,  # table_id
+    ctypes.c_int64,  # emb_vec_size
+    ctypes.c_char_p,  # ps_config_file
+    ctypes.c_int64,  # global_batch_size
+    ctypes.c_int,  # key_is_int64
+)
+
 _libraries: dict[str, ctypes.CDLL] = {}  # op libraries attached, by path
 _delete_dlpack: Any = None  # hps_tf_delete_dlpack of the attached library
 
@@ -219,6 +230,32 @@ def _fail(exc: BaseException, err: int, err_capacity: int) -> int:
 _callback = _CALLBACK_TYPE(_lookup_callback)  # module global: must outlive every kernel call
 
 
+def _route_callback(model_name: bytes, table_id: int, emb_vec_size: int, ps_config_file: bytes,
+                    global_batch_size: int, key_is_int64: int) -> int:
+    """The native route of an op (called once per op kernel, and again after its server closed): the handle of the
+    table's CPU lookup pipeline, which the kernel then calls without Python. -1 when there is none (a table
+    without a cache: its lookups take the callback) or a check fails (the callback raises it)."""
+    try:
+        running = server(ps_config_file.decode(), global_batch_size)
+        model = model_name.decode()
+        validate(running, model, table_id, emb_vec_size, "int64" if key_is_int64 else "int32", None)
+        return int(running.pipeline(model, table_id, "cpu").handle)
+    except BaseException:  # noqa: BLE001 - must not unwind into C++; the callback path reports it
+        return -1
+
+
+_route = _ROUTE_TYPE(_route_callback)
+
+
+def _native_lookup_address() -> int:
+    """Address of hps_native_lookup in the engine's extension (the same loaded library: same path, same handle)."""
+    from hps_core import _loader
+
+    _loader.load_extension()
+    extension = ctypes.CDLL(sys.modules["hps_core._C"].__file__)
+    return int(ctypes.cast(extension.hps_native_lookup, ctypes.c_void_p).value)
+
+
 def attach(library_path: str | os.PathLike) -> None:
     """Register the lookup callback with the op library at `library_path` (already loaded in this process: the
     same path gives the same handle, so the kernel sees it). Idempotent.
@@ -241,15 +278,39 @@ def attach(library_path: str | os.PathLike) -> None:
         lib.hps_tf_delete_dlpack.restype = None
         lib.hps_tf_register_lookup_callback.argtypes = [_CALLBACK_TYPE]
         lib.hps_tf_register_lookup_callback.restype = None
+        lib.hps_tf_register_native.argtypes = [ctypes.c_void_p, _ROUTE_TYPE]
+        lib.hps_tf_register_native.restype = None
         _libraries[path] = lib
     _delete_dlpack = lib.hps_tf_delete_dlpack
     lib.hps_tf_register_lookup_callback(_callback)
+    _register_native(lib, _native_enabled)
+
+
+# HPS_TF_NATIVE=0 keeps every lookup on the callback (debugging; the benchmark compares the two paths).
+_native_enabled = os.environ.get("HPS_TF_NATIVE", "1") != "0"
+
+
+def _register_native(lib: ctypes.CDLL, enabled: bool) -> None:
+    if enabled:
+        lib.hps_tf_register_native(_native_lookup_address(), _route)
+    else:
+        lib.hps_tf_register_native(None, _ROUTE_TYPE())
+
+
+def set_native(enabled: bool) -> None:
+    """Let the op reach the engine's CPU pipelines natively (the default), or send every lookup through the Python
+    callback (what HPS_TF_NATIVE=0 does at start)."""
+    global _native_enabled
+    _native_enabled = bool(enabled)
+    for lib in _libraries.values():
+        _register_native(lib, _native_enabled)
 
 
 def _detach_all() -> None:
     # A kernel running during interpreter shutdown gets a clean FailedPrecondition instead of calling into a
     # finalising interpreter.
     for lib in _libraries.values():
+        lib.hps_tf_register_native(None, _ROUTE_TYPE())
         lib.hps_tf_register_lookup_callback(_CALLBACK_TYPE())
 
 

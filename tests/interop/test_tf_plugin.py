@@ -18,6 +18,7 @@ import torch
 
 import interop.tf_plugin as hps
 from hps_core import engine as hps_engine
+from interop.tf_op import serve
 
 from hps_tf_testing import MAX_BATCH_SIZE, MAX_NNZ, assert_bit_identical, random_sparse, write_deployment
 
@@ -139,7 +140,43 @@ class TestInt32Keys:
         assert empty.shape == (0, 4, t.dim)
 
     def test_the_op_shares_buffers_with_the_engine(self, dep32, monkeypatch):
-        """DLPack both ways inside HpsLookup: the engine reads TF's id buffer, TF's output is the engine's buffer."""
+        """The callback path (tables without a native route): DLPack both ways inside HpsLookup - the engine reads
+        TF's id buffer, TF's output is the engine's buffer."""
+        serve.set_native(False)
+        try:
+            self._shares_buffers(dep32, monkeypatch)
+        finally:
+            serve.set_native(True)
+
+    def test_the_native_route_skips_python(self, dep32, monkeypatch):
+        """Tables with a CPU pipeline: after the first call routes the op, lookups reach the engine's native call
+        without the Python callback (and survive a server restart: the stale route is routed again)."""
+        t = dep32.tables[1]
+        ids = tf.constant(np.random.default_rng(9).integers(0, t.rows, (64, MAX_NNZ)), tf.int32)
+        layer = hps.LookupLayer(t.model, t.table_id, t.dim, tf.float32)
+        fn = tf.function(lambda x: layer(x))
+        assert_bit_identical(fn(ids), tf.nn.embedding_lookup(t.vectors, ids))  # routes the op
+        calls = []
+        real = serve._lookup_callback
+        monkeypatch.setattr(serve, "_lookup_callback", lambda *a: calls.append(a) or real(*a))
+        server = hps_engine.default_server()
+        monkeypatch.setattr(server, "lookup", lambda *a: calls.append(a) or pytest.fail("the Python lookup ran"))
+        name = server.table(t.model, t.table_id).name
+        keys_before = server.stats()["models"][t.model][name]["cpu"]["keys"]
+        for _ in range(3):
+            assert_bit_identical(fn(ids), tf.nn.embedding_lookup(t.vectors, ids))
+        assert calls == []
+        assert server.stats()["models"][t.model][name]["cpu"]["keys"] == keys_before + 3 * ids.shape.num_elements()
+        monkeypatch.undo()
+        # A new server: the op's cached route names a closed pipeline; the kernel routes again.
+        hps.shutdown()
+        hps.Init(global_batch_size=MAX_BATCH_SIZE, ps_config_file=str(dep32.config_path))
+        fresh = hps_engine.default_server()
+        assert fresh is not server
+        assert_bit_identical(fn(ids), tf.nn.embedding_lookup(t.vectors, ids))
+        assert fresh.stats()["models"][t.model][name]["cpu"]["keys"] == ids.shape.num_elements()
+
+    def _shares_buffers(self, dep32, monkeypatch):
         server = hps_engine.default_server()
         real_lookup = server.lookup
         seen = {}
