@@ -247,13 +247,19 @@ def _route_callback(model_name: bytes, table_id: int, emb_vec_size: int, ps_conf
 _route = _ROUTE_TYPE(_route_callback)
 
 
+_native_address = 0
+
+
 def _native_lookup_address() -> int:
     """Address of hps_native_lookup in the engine's extension (the same loaded library: same path, same handle)."""
-    from hps_core import _loader
+    global _native_address
+    if not _native_address:
+        from hps_core import _loader
 
-    _loader.load_extension()
-    extension = ctypes.CDLL(sys.modules["hps_core._C"].__file__)
-    return int(ctypes.cast(extension.hps_native_lookup, ctypes.c_void_p).value)
+        _loader.load_extension()
+        extension = ctypes.CDLL(sys.modules["hps_core._C"].__file__)
+        _native_address = int(ctypes.cast(extension.hps_native_lookup, ctypes.c_void_p).value)
+    return _native_address
 
 
 def attach(library_path: str | os.PathLike) -> None:
