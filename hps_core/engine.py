@@ -569,7 +569,16 @@ class HierarchicalParameterServer:
             if missing.numel() == 0:
                 break
             tier = self.tiers[lvl]
-            values, hit = tier.fetch(rt.tag, keys.index_select(0, missing))
+            whole = missing.numel() == keys.numel()
+            values, hit = tier.fetch(rt.tag, keys if whole else keys.index_select(0, missing))
+            if whole and bool(hit.all()):  # the common case: the first tier asked holds every key - no gathers
+                out.copy_(values)
+                found.fill_(True)
+                for upper in self._promote_into:
+                    if upper < lvl and not getattr(self.tiers[upper], "read_only", False):
+                        self.tiers[upper].insert(rt.tag, keys, out)
+                add_hits(tier.name, keys.numel())
+                return
             hit_pos = hit.nonzero().squeeze(1)
             hit_idx = missing.index_select(0, hit_pos)
             if hit_idx.numel():
