@@ -545,9 +545,20 @@ class HierarchicalParameterServer:
     def _fetch_from_tiers(self, rt: TableRuntime, keys: torch.Tensor, stats: TableStats) -> torch.Tensor:
         """Rows of int64 CPU `keys` from the tiers in order; the default vector for the rest (key positions)."""
         n = keys.numel()
-        out = torch.empty((n, rt.dim), dtype=torch.float32)
-        found = torch.zeros(n, dtype=torch.bool)
-        self._fill_from_tiers(rt, keys, out, found, 0, stats.add_tier_hits)
+        if self.tiers and n:
+            # The first tier's answer is the output: when it holds every key (the common case) nothing is gathered
+            # or copied; otherwise the lower tiers fill in the positions it lacked.
+            first = self.tiers[0]
+            out, hit = first.fetch(rt.tag, keys)
+            hits = int(hit.sum())
+            stats.add_tier_hits(first.name, hits)
+            if hits == n:
+                return out
+            found = hit.clone()
+            self._fill_from_tiers(rt, keys, out, found, 1, stats.add_tier_hits)
+        else:
+            out = torch.empty((n, rt.dim), dtype=torch.float32)
+            found = torch.zeros(n, dtype=torch.bool)
         missing = (~found).nonzero().squeeze(1)
         if missing.numel():
             out.index_fill_(0, missing, rt.default_value)
