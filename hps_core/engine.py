@@ -100,6 +100,9 @@ class TableRuntime:
     # update() writes the tiers then the caches under this lock: concurrent updates reach all of them in one order.
     update_lock: threading.Lock = field(default_factory=threading.Lock)
     uncached_stats: TableStats = field(default_factory=TableStats)
+    # cache.enabled false: the native pipeline CPU keys take (host map -> lower tiers -> default, nothing stored);
+    # keys on a GPU take the Python path counted in uncached_stats.
+    pass_through: "TablePipeline | None" = None
     load_source: Any = None  # _NewestRows: what the tiers were filled from at start (None without files)
 
     @property
@@ -509,12 +512,32 @@ class HierarchicalParameterServer:
         if not isinstance(keys, torch.Tensor):
             raise TypeError(f"keys must be a torch.Tensor, found {type(keys).__name__}")
         pipe = rt.caches.get(keys.device) or self._cache_for(rt, keys.device)
+        if pipe is None and keys.device.type == "cpu":
+            pipe = rt.pass_through or self._pass_through_for(rt)
         if pipe is None:
             self._check_keys(rt, keys)
             with self._gate:
                 return self._lookup_uncached(rt, keys.reshape(-1)).reshape(*keys.shape, rt.dim)
         # Checks dtype, device and size natively; after close() it raises (the pipeline is closed).
         return pipe.lookup(keys)
+
+    def cpu_pipeline(self, model: str, table: int | str) -> TablePipeline:
+        """The native pipeline that lookups of CPU keys run through: the table's CPU cache, or for a table without
+        a cache its pass-through pipeline (what a framework op calls without Python: interop.tf_op.serve)."""
+        rt = self.table(model, table)
+        cpu = torch.device("cpu")
+        pipe = rt.caches.get(cpu) or self._cache_for(rt, cpu)
+        return pipe if pipe is not None else (rt.pass_through or self._pass_through_for(rt))
+
+    def _pass_through_for(self, rt: TableRuntime) -> TablePipeline:
+        with rt.cache_lock:
+            if rt.pass_through is None:
+                self._check_open()
+                pipe = TablePipeline.pass_through(dim=rt.dim, default_value=rt.default_value,
+                                                  max_keys=rt.max_keys_per_call, tag=rt.tag)
+                self._connect(rt, pipe)
+                rt.pass_through = pipe
+            return rt.pass_through
 
     def pipeline(self, model: str, table: int | str, device: str | torch.device) -> TablePipeline:
         """The lookup pipeline of (model, table) on `device` (what the torch layers call); ValueError if the table
@@ -696,7 +719,9 @@ class HierarchicalParameterServer:
             for rt in runtimes:
                 tdict = {str(device): pipe.stats(host_tier) for device, pipe in rt.caches.items()}
                 if not rt.cache_config.enabled:
-                    tdict["uncached"] = rt.uncached_stats.as_dict()
+                    if rt.pass_through is not None:  # lookups of CPU keys
+                        tdict["cpu"] = rt.pass_through.stats(host_tier)
+                    tdict["uncached"] = rt.uncached_stats.as_dict()  # lookups of GPU keys
                 mdict[rt.name] = tdict
         for tier in self.tiers:
             out["tiers"][tier.name] = {tag: vars(s).copy() for tag, s in tier.stats().items()}
@@ -717,7 +742,8 @@ class HierarchicalParameterServer:
         # Python-side calls in flight (updates, refreshes, uncached lookups) finish; only then do the tiers close.
         for runtimes in getattr(self, "tables", {}).values():
             for rt in runtimes:
-                for pipe in list(rt.caches.values()) + list(rt.second_levels.values()):
+                passes = [rt.pass_through] if rt.pass_through is not None else []
+                for pipe in list(rt.caches.values()) + list(rt.second_levels.values()) + passes:
                     pipe.close()
         gate = getattr(self, "_gate", None)
         if gate is not None:
@@ -729,6 +755,7 @@ class HierarchicalParameterServer:
             for rt in runtimes:
                 rt.caches.clear()
                 rt.second_levels.clear()
+                rt.pass_through = None
                 rt.files = None
                 rt.load_source = None
         for tier in getattr(self, "tiers", []):

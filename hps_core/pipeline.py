@@ -34,7 +34,8 @@ _CTRL = {"lookups": 2, "keys": 3, "misses": 4, "inserted": 5, "assigned": 6, "ev
 # miss path's steps (host plan; host map + lower tiers + defaults; scatter + insert launch).
 STAGES = ("total", "find", "plan", "fetch", "apply")
 
-_KIND_DYNAMIC, _KIND_RESIDENT = 0, 1
+_KIND_DYNAMIC, _KIND_RESIDENT, _KIND_PASS_THROUGH = 0, 1, 2
+_KIND_NAMES = {_KIND_DYNAMIC: "dynamic_cache", _KIND_RESIDENT: "resident", _KIND_PASS_THROUGH: "pass_through"}
 _LOOKUP = None
 
 
@@ -59,7 +60,7 @@ def summarize_latencies(seconds: torch.Tensor, count: int | None = None) -> dict
 class TablePipeline:
     """One table on one device: the native lookup pipeline, and the lower-tier hit counts kept beside it.
 
-    Build with `dynamic_cache(...)` or `resident(...)`. Every method is safe to call from several threads (the
+    Build with `dynamic_cache(...)`, `resident(...)` or `pass_through(...)`. Every method is safe to call from several threads (the
     native object serialises them); lookups run on the caller's current CUDA stream.
     """
 
@@ -70,7 +71,7 @@ class TablePipeline:
         self.dim = int(native.dim())
         self.tag = str(native.tag())
         self.device = torch.device(native.device())
-        self.kind = "dynamic_cache" if int(native.kind()) == _KIND_DYNAMIC else "resident"
+        self.kind = _KIND_NAMES[int(native.kind())]
         ops.register_pipeline_dim(self.handle, self.dim)
         self._tier_hits: dict[str, int] = {}
         self._tier_lock = threading.Lock()
@@ -102,6 +103,14 @@ class TablePipeline:
         native = torch.classes.hps.LookupPipeline(_KIND_RESIDENT, str(device), dim, capacity, ops.POLICY_LRU,
                                                   float(default_value), max_keys, misses_to_tiers, rows_on_host, tag)
         return cls(native, mode)
+
+    @classmethod
+    def pass_through(cls, *, dim: int, default_value: float, max_keys: int, tag: str) -> "TablePipeline":
+        """A CPU table without a cache (HPS gpucache false): every key position from the host map, the lower tiers
+        or the default vector, natively - nothing stored, no de-duplication."""
+        native = torch.classes.hps.LookupPipeline(_KIND_PASS_THROUGH, "cpu", dim, 0, ops.POLICY_LRU,
+                                                  float(default_value), max_keys, True, False, tag)
+        return cls(native, "uncached")
 
     def connect(self, *, source: int = -1, lower_tiers: int = 0, token: int = 0, hit_rate_threshold: float = 2.0,
                 max_pending: int = 1) -> None:

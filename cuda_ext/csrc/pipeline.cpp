@@ -206,8 +206,11 @@ LookupPipeline::LookupPipeline(int64_t kind, const std::string& device, int64_t 
       rows_on_host_(rows_on_host),
       tag_(tag),
       capacity_(capacity) {
-  TORCH_CHECK_VALUE(kind == kDynamicCache || kind == kResident, "LookupPipeline: kind must be 0 (dynamic cache) or 1 ",
-                    "(resident), found ", kind);
+  TORCH_CHECK_VALUE(kind == kDynamicCache || kind == kResident || kind == kPassThrough,
+                    "LookupPipeline: kind must be 0 (dynamic cache), 1 (resident) or 2 (pass-through), found ", kind);
+  TORCH_CHECK_VALUE(kind != kPassThrough || (normalise_device(device).is_cpu() && capacity == 0),
+                    "LookupPipeline: a pass-through pipeline is a CPU one of capacity 0, found ", device, " and ",
+                    capacity);
   TORCH_CHECK_VALUE(device_.is_cpu() || device_.is_cuda(), "LookupPipeline: device must be cpu or cuda, found ",
                     device);
 #ifndef HPS_WITH_CUDA
@@ -226,6 +229,7 @@ LookupPipeline::LookupPipeline(int64_t kind, const std::string& device, int64_t 
   ws_ = std::make_unique<Workspace>();
   ws_->pinned = device_.is_cuda();
   ws_->flag = at::zeros({kFlagSize}, at::TensorOptions().dtype(at::kLong).pinned_memory(ws_->pinned));
+  if (kind_ == kPassThrough) return;  // no table: the host map and the lower tiers answer every key
   if (kind_ == kDynamicCache) {
     const int64_t buckets = std::max<int64_t>(1, (capacity + kBucketSize - 1) / kBucketSize);
     TORCH_CHECK_VALUE(buckets < (int64_t{1} << 32), "LookupPipeline: capacity ", capacity, " is too large");
@@ -519,6 +523,14 @@ at::Tensor LookupPipeline::lookup(const at::Tensor& keys) {
 void LookupPipeline::lookup_into(const at::Tensor& flat, at::Tensor& out) {
   const int64_t n = flat.numel();
   const Clock::time_point t0 = Clock::now();
+  if (kind_ == kPassThrough) {
+    GilRelease nogil;
+    std::lock_guard<std::mutex> lock(mu_);
+    check_open();
+    pass_through(flat, out.data_ptr<float>());
+    record_latency(kStageTotal, seconds_since(t0));
+    return;
+  }
   GilRelease nogil;
   std::unique_lock<std::mutex> lock(mu_);
   check_open();
@@ -625,6 +637,34 @@ void LookupPipeline::lookup_into(const at::Tensor& flat, at::Tensor& out) {
   record_latency(kStageFind, seconds_since(t0));
   if (misses > 0) resolve_misses(misses, n, out.data_ptr<float>(), big);
   record_latency(kStageTotal, seconds_since(t0));
+}
+
+void LookupPipeline::pass_through(const at::Tensor& flat, float* out) {
+  const int64_t n = flat.numel();
+  std::vector<int64_t> widened;
+  const int64_t* keys = nullptr;
+  if (flat.scalar_type() == at::kLong) {
+    keys = flat.data_ptr<int64_t>();
+  } else {
+    const int32_t* k32 = flat.data_ptr<int32_t>();
+    widened.assign(k32, k32 + n);
+    keys = widened.data();
+  }
+  std::unique_ptr<bool[]> found(new bool[n]);
+  fetch_rows(keys, n, out, found.get());
+  int64_t defaults = 0;
+  for (int64_t i = 0; i < n; ++i) defaults += !found[i];
+  // Every position is a miss that was fetched (HPS gpucache false); the counters a cache keeps in its control block.
+  stats_[kStatMissesPlanned] += n;
+  stats_[kStatDefaultsPlanned] += defaults;
+  int64_t* ctrl = ctrl_.data_ptr<int64_t>();
+  ctrl[kCtrlLookups] += 1;
+  ctrl[kCtrlKeys] += n;
+  ctrl[kCtrlMisses] += n;
+}
+
+void LookupPipeline::check_has_table(const char* what) const {
+  TORCH_CHECK_VALUE(kind_ != kPassThrough, tag_, ": a pass-through pipeline (a table without a cache) has no ", what);
 }
 
 // The misses of the call whose find just finished: the list -> a plan (distinct keys, each position's key) ->
@@ -1063,6 +1103,7 @@ void LookupPipeline::wait_inserts() {
 // Loading, updates and maintenance (each under the lock)
 
 void LookupPipeline::load(const at::Tensor& keys, const at::Tensor& rows) {
+  check_has_table("rows to load");
   if (kind_ == kDynamicCache) return insert(keys, rows);
   HPS_CHECK_DTYPE(keys, at::kLong);
   HPS_CHECK_CPU(keys);
@@ -1104,6 +1145,7 @@ void LookupPipeline::load_like(const c10::intrusive_ptr<LookupPipeline>& other) 
 }
 
 void LookupPipeline::insert(const at::Tensor& keys, const at::Tensor& rows) {
+  check_has_table("rows to insert");
   if (kind_ == kResident) return load(keys, rows);
   GilRelease nogil;
   std::lock_guard<std::mutex> lock(mu_);
@@ -1118,6 +1160,7 @@ void LookupPipeline::insert(const at::Tensor& keys, const at::Tensor& rows) {
 }
 
 int64_t LookupPipeline::update(const at::Tensor& keys, const at::Tensor& rows) {
+  check_has_table("rows to update");
   HPS_CHECK_DTYPE(keys, at::kLong);
   HPS_CHECK_CPU(keys);
   HPS_CHECK_DTYPE(rows, at::kFloat);
@@ -1166,6 +1209,7 @@ int64_t LookupPipeline::update(const at::Tensor& keys, const at::Tensor& rows) {
 }
 
 std::tuple<at::Tensor, int64_t> LookupPipeline::export_keys(int64_t start, int64_t end) {
+  check_has_table("keys to export");
   GilRelease nogil;
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
@@ -1188,6 +1232,7 @@ std::tuple<at::Tensor, int64_t> LookupPipeline::export_keys(int64_t start, int64
 }
 
 int64_t LookupPipeline::assign_if_version(const at::Tensor& keys, const at::Tensor& rows, int64_t version) {
+  check_has_table("rows to assign");
   HPS_CHECK_DTYPE(keys, at::kLong);
   HPS_CHECK_CPU(keys);
   HPS_CHECK_DTYPE(rows, at::kFloat);
@@ -1221,6 +1266,7 @@ int64_t LookupPipeline::assign_if_version(const at::Tensor& keys, const at::Tens
 }
 
 std::tuple<at::Tensor, at::Tensor> LookupPipeline::export_all() {
+  check_has_table("rows to export");
   GilRelease nogil;
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
@@ -1245,6 +1291,7 @@ std::tuple<at::Tensor, at::Tensor> LookupPipeline::export_all() {
 }
 
 at::Tensor LookupPipeline::contains(const at::Tensor& keys) {
+  check_has_table("keys to look for");
   HPS_CHECK_KEY_DTYPE(keys);
   GilRelease nogil;
   std::lock_guard<std::mutex> lock(mu_);
@@ -1262,6 +1309,7 @@ at::Tensor LookupPipeline::contains(const at::Tensor& keys) {
 }
 
 int64_t LookupPipeline::size() {
+  if (kind_ == kPassThrough) return 0;
   GilRelease nogil;
   std::lock_guard<std::mutex> lock(mu_);
   if (kind_ == kResident) return index_->size();
@@ -1272,10 +1320,12 @@ int64_t LookupPipeline::size() {
 
 int64_t LookupPipeline::num_slots() {
   std::lock_guard<std::mutex> lock(mu_);
+  if (kind_ == kPassThrough) return 0;
   return kind_ == kDynamicCache ? slot_keys_.size(0) : index_->num_slots();
 }
 
 void LookupPipeline::clear() {
+  check_has_table("rows to clear");
   GilRelease nogil;
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
@@ -1295,6 +1345,7 @@ void LookupPipeline::clear() {
 
 int64_t LookupPipeline::memory_bytes() {
   std::lock_guard<std::mutex> lock(mu_);
+  if (kind_ == kPassThrough) return 0;
   if (kind_ == kDynamicCache) {
     int64_t bytes = 0;
     for (const at::Tensor* t : {&slot_keys_, &digests_, &scores_, &values_, &clock_}) bytes += t->nbytes();

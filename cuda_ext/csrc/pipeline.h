@@ -70,10 +70,12 @@ constexpr int64_t kLatencyWindow = 8192;
 
 class LookupPipeline : public torch::CustomClassHolder {
  public:
-  enum Kind : int64_t { kDynamicCache = 0, kResident = 1 };
+  enum Kind : int64_t { kDynamicCache = 0, kResident = 1, kPassThrough = 2 };
 
-  // kind: kDynamicCache (capacity = rows wanted, rounded up to whole buckets; policy LRU/LFU) or kResident
-  //   (capacity = rows it may hold; loaded with load()). misses_to_tiers (resident only): false = a key the table
+  // kind: kDynamicCache (capacity = rows wanted, rounded up to whole buckets; policy LRU/LFU), kResident
+  //   (capacity = rows it may hold; loaded with load()) or kPassThrough (CPU only, capacity 0: a table without a
+  //   cache - HPS gpucache false - every key position straight from the host map, the lower tiers and the default
+  //   vector, no de-duplication, nothing stored). misses_to_tiers (resident only): false = a key the table
   //   lacks gets the default vector (HPS static tables), true = it is looked up in the tiers (and stored while
   //   the capacity lasts). rows_on_host (resident, CUDA only): rows in pinned host memory (HPS uvm) instead of HBM.
   LookupPipeline(int64_t kind, const std::string& device, int64_t dim, int64_t capacity, int64_t policy,
@@ -157,6 +159,10 @@ class LookupPipeline : public torch::CustomClassHolder {
   void resolve_misses(int64_t misses, int64_t n, float* out, bool big);
   // Rows of `u` distinct keys into `rows` (host memory): second level, host map, lower tiers, default.
   void fetch_rows(const int64_t* keys, int64_t u, float* rows, bool* found);
+  // kPassThrough's lookup: every position through fetch_rows (under the lock).
+  void pass_through(const at::Tensor& flat, float* out);
+  // Raises for the state-changing calls a pass-through pipeline has no state for.
+  void check_has_table(const char* what) const;
   // Resident tables with host-readable rows: copy the rows of the keys present into `rows`, set found; returns
   // how many were present. Takes this pipeline's lock (a second level is read under its own lock).
   int64_t read_rows(const int64_t* keys, int64_t u, float* rows, bool* found);

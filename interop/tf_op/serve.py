@@ -233,13 +233,13 @@ _callback = _CALLBACK_TYPE(_lookup_callback)  # module global: must outlive ever
 def _route_callback(model_name: bytes, table_id: int, emb_vec_size: int, ps_config_file: bytes,
                     global_batch_size: int, key_is_int64: int) -> int:
     """The native route of an op (called once per op kernel, and again after its server closed): the handle of the
-    table's CPU lookup pipeline, which the kernel then calls without Python. -1 when there is none (a table
-    without a cache: its lookups take the callback) or a check fails (the callback raises it)."""
+    table's CPU lookup pipeline (its cache, or the pass-through of a table without one), which the kernel then
+    calls without Python. -1 when a check fails (the callback raises it)."""
     try:
         running = server(ps_config_file.decode(), global_batch_size)
         model = model_name.decode()
         validate(running, model, table_id, emb_vec_size, "int64" if key_is_int64 else "int32", None)
-        return int(running.pipeline(model, table_id, "cpu").handle)
+        return int(running.cpu_pipeline(model, table_id).handle)
     except BaseException:  # noqa: BLE001 - must not unwind into C++; the callback path reports it
         return -1
 

@@ -95,6 +95,34 @@ def test_no_cache_deployment(tmp_path, rng):
         np.testing.assert_array_equal(hps.lookup("feed", 0, keys).numpy(), ref.lookup(keys.numpy()))
 
 
+@pytest.mark.parametrize("tiers", [("host_memory", "rocksdb"), ("rocksdb",)])
+@pytest.mark.parametrize("key_dtype", ["int64", "int32"])
+def test_no_cache_cpu_lookups_run_natively(tmp_path, rng, tiers, key_dtype):
+    """A table without a cache: CPU keys go through its pass-through pipeline (host map, then the lower tiers
+    through the callback, then the default vector) - every position, nothing stored - with the same rows."""
+    cfg, refs = deployment(tmp_path, rng, tiers=tiers, key_dtype=key_dtype)
+    cfg["models"]["feed"]["cache"]["enabled"] = False
+    dtype = torch.int32 if key_dtype == "int32" else torch.int64
+    with HierarchicalParameterServer(cfg, progress=False) as hps:
+        ref = refs[("feed", 0)]
+        total = defaults = 0
+        for shape in [(8, 8), (64,), (3, 1, 5)]:
+            keys = query(ref, rng, shape, dtype)
+            np.testing.assert_array_equal(hps.lookup("feed", 0, keys).numpy(), ref.lookup(keys.numpy()))
+            total += keys.numel()
+            defaults += int(sum(int(k) not in ref.rows for k in keys.reshape(-1).tolist()))
+        pipe = hps.cpu_pipeline("feed", 0)
+        assert pipe.kind == "pass_through" and pipe.size() == 0
+        s = hps.stats()["models"]["feed"]["t0"]["cpu"]
+        assert s["lookups"] == 3 and s["keys"] == total and s["cache_hits"] == 0
+        assert s["defaults_served"] == defaults
+        assert sum(s["tier_hits"].values()) == total - defaults
+        with pytest.raises(ValueError, match="exceed"):
+            hps.lookup("feed", 0, torch.zeros(256 * 64 + 1, dtype=dtype))
+        with pytest.raises(ValueError, match="pass-through"):
+            pipe.update(torch.tensor([1]), torch.zeros(1, ref.dim))
+
+
 def test_restart_over_existing_rocksdb(tmp_path, rng):
     cfg, refs = deployment(tmp_path, rng, tiers=("rocksdb",))
     ref = refs[("ads", 0)]
