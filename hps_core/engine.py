@@ -226,6 +226,10 @@ class HierarchicalParameterServer:
                 for device in self._devices_for(model_name, model.deployed_device_list):
                     for rt in self.tables[model_name]:
                         self._cache_for(rt, device, create=True)
+                for rt in self.tables[model_name]:
+                    if not rt.cache_config.enabled:
+                        # Made now, not on first use: close() must find every pipeline a lookup can be inside.
+                        self._pass_through_for(rt)
         except BaseException:
             for tier, tag in reversed(created):  # a refused start leaves the persistent tiers as it found them
                 try:
