@@ -54,8 +54,9 @@ LAYOUT = [("foo", 30000, 16, 0.5), ("bar", 50000, 64, -1.0), ("bar", 2000, 32, 2
 
 
 def write_deployment(root: Path, *, key_dtype: str = "int32", fmt: str = "json", seed: int = 0,
-                     max_batch_size: int = MAX_BATCH_SIZE, max_nnz: int = MAX_NNZ) -> Deployment:
-    """Write the HPS test layout's tables and a config (HPS JSON or our YAML) under `root`."""
+                     max_batch_size: int = MAX_BATCH_SIZE, max_nnz: int = MAX_NNZ, gpucache: bool = True) -> Deployment:
+    """Write the HPS test layout's tables and a config (HPS JSON or our YAML) under `root`; gpucache False: the
+    tables have no cache (every key from the host-memory tier)."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     dep = Deployment(config_path=root / f"hps.{fmt if fmt == 'json' else 'yaml'}", key_dtype=key_dtype)
@@ -82,7 +83,7 @@ def write_deployment(root: Path, *, key_dtype: str = "int32", fmt: str = "json",
                     "max_batch_size": max_batch_size,
                     "hit_rate_threshold": 1.0,
                     "gpucacheper": 1.0,
-                    "gpucache": True,
+                    "gpucache": gpucache,
                 }
                 for model, tabs in per_model.items()
             ],
@@ -92,7 +93,8 @@ def write_deployment(root: Path, *, key_dtype: str = "int32", fmt: str = "json",
         lines = [f"key_dtype: {key_dtype}", "models:"]
         for model, tabs in per_model.items():
             lines += [f"  {model}:", f"    max_batch_size: {max_batch_size}", "    deployed_device_list: [0]",
-                      "    cache: {enabled: true, ratio: 1.0, hit_rate_threshold: 1.0}", "    tables:"]
+                      f"    cache: {{enabled: {str(gpucache).lower()}, ratio: 1.0, hit_rate_threshold: 1.0}}",
+                      "    tables:"]
             for i, (p, d, v) in enumerate(tabs):
                 lines += [f"      - {{name: {model}_t{i}, path: '{p}', dim: {d}, max_keys_per_sample: {max_nnz}, "
                           f"default_value: {v}}}"]

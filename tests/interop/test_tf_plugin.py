@@ -157,9 +157,8 @@ class TestInt32Keys:
         fn = tf.function(lambda x: layer(x))
         assert_bit_identical(fn(ids), tf.nn.embedding_lookup(t.vectors, ids))  # routes the op
         calls = []
-        real = serve._lookup_callback
-        monkeypatch.setattr(serve, "_lookup_callback", lambda *a: calls.append(a) or real(*a))
         server = hps_engine.default_server()
+        # The callback serves through server.lookup: a call of it here means a lookup took Python.
         monkeypatch.setattr(server, "lookup", lambda *a: calls.append(a) or pytest.fail("the Python lookup ran"))
         name = server.table(t.model, t.table_id).name
         keys_before = server.stats()["models"][t.model][name]["cpu"]["keys"]
@@ -415,3 +414,30 @@ class TestImplicitInit:
             assert hps_engine.default_server() is not None
         finally:
             hps.shutdown()
+
+
+def test_tables_without_a_cache_are_routed_natively_too(tmp_path, monkeypatch):
+    """gpucache false: the op reaches the table's pass-through pipeline (host map, then defaults) without
+    Python, with the same rows and the table's default for unknown ids."""
+    hps.shutdown()
+    dep = write_deployment(tmp_path / "nocache", key_dtype="int32", fmt="json", gpucache=False)
+    hps.Init(global_batch_size=MAX_BATCH_SIZE, ps_config_file=str(dep.config_path))
+    try:
+        t = dep.tables[0]
+        ids = np.random.default_rng(4).integers(0, t.rows, (32, MAX_NNZ)).astype(np.int32)
+        ids[0, :3] = [t.rows, t.rows + 5, -7]  # unknown: the table's default
+        want = np.where((ids >= 0)[..., None] & (ids < t.rows)[..., None],
+                        t.vectors[np.clip(ids, 0, t.rows - 1)], np.float32(t.default_value))
+        layer = hps.LookupLayer(t.model, t.table_id, t.dim, tf.float32)
+        fn = tf.function(lambda x: layer(x))
+        np.testing.assert_array_equal(fn(tf.constant(ids)).numpy(), want)  # routes the op
+        server = hps_engine.default_server()
+        monkeypatch.setattr(server, "lookup", lambda *a: pytest.fail("the Python lookup ran"))
+        for _ in range(2):
+            np.testing.assert_array_equal(fn(tf.constant(ids)).numpy(), want)
+        monkeypatch.undo()
+        name = server.table(t.model, t.table_id).name
+        s = server.stats()["models"][t.model][name]["cpu"]
+        assert s["kind"] == "pass_through" and s["keys"] == 3 * ids.size and s["defaults_served"] == 9
+    finally:
+        hps.shutdown()
