@@ -315,6 +315,23 @@ def bench_small(quick: bool) -> dict:
     return res
 
 
+def _timed_lookups(hps, warm: list, timed: list, want: np.ndarray) -> tuple[float, bool, dict, dict]:
+    """`lookup` of model m, table t on each warm-up batch, then the timed batches back to back with one sync at the
+    end: (seconds per timed call, whether the last result equals `want`, the table's cuda:0 stats before and after
+    the timed calls)."""
+    for q in warm:
+        hps.lookup("m", "t", q)
+    torch.cuda.synchronize()
+    before = hps.stats()["models"]["m"]["t"]["cuda:0"]
+    t0 = time.perf_counter()
+    for q in timed:
+        out = hps.lookup("m", "t", q)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / len(timed)
+    exact = bool(torch.equal(out.cpu(), torch.from_numpy(want)))
+    return dt, exact, before, hps.stats()["models"]["m"]["t"]["cuda:0"]
+
+
 def bench_p3(quick: bool) -> dict:
     """Miss path: rows fetched from host memory into the GPU."""
     res = {}
@@ -363,17 +380,7 @@ def bench_p3(quick: bool) -> dict:
             qs = [torch.from_numpy(keys[i]).cuda() for i in idx]
             for name, second_level in (("tier_path", "none"), ("host_mapped_second_level", "host_mapped")):
                 hps, _, _ = _engine(tmp, trows, dim, ratio, tn, threshold=2.0, second_level=second_level, table=table)
-                for q in qs[:2]:
-                    hps.lookup("m", "t", q)
-                torch.cuda.synchronize()
-                before = hps.stats()["models"]["m"]["t"]["cuda:0"]
-                t0 = time.perf_counter()
-                for q in qs[2:]:
-                    out = hps.lookup("m", "t", q)
-                torch.cuda.synchronize()
-                dt = (time.perf_counter() - t0) / 4
-                exact = bool(torch.equal(out.cpu(), torch.from_numpy(vectors[idx[-1]])))
-                s = hps.stats()["models"]["m"]["t"]["cuda:0"]
+                dt, exact, before, s = _timed_lookups(hps, qs[:2], qs[2:], vectors[idx[-1]])
                 hps.close()
                 hits = s["cache_hits"] - before["cache_hits"]
                 res[f"{name}_{case}"] = {"keys_per_call": tn, "dim": dim, "cache_ratio": ratio, "ms_per_call": dt * 1e3,
@@ -403,19 +410,8 @@ def bench_p4(quick: bool) -> dict:
             t0 = time.perf_counter()
             hps, _, _ = _engine(tmp, rows, dim, 0.1, n, threshold=1.0, second_level=second_level, table=table)
             setup_s = time.perf_counter() - t0
-            for q in qs[:3]:
-                hps.lookup("m", "t", q)  # warm the cache
-            torch.cuda.synchronize()
-            before = hps.stats()["models"]["m"]["t"]["cuda:0"]
-            t0 = time.perf_counter()
-            for q in qs[3:]:
-                out_rows = hps.lookup("m", "t", q)
-            torch.cuda.synchronize()
-            dt = (time.perf_counter() - t0) / (batches - 3)
-            exact = bool(torch.equal(out_rows.cpu(), torch.from_numpy(vectors[ranks[-1]])))
-            after = hps.stats()["models"]["m"]["t"]["cuda:0"]
+            dt, exact, before, after = _timed_lookups(hps, qs[:3], qs[3:], vectors[ranks[-1]])  # 3 warm the cache
             hps.close()
-            del out_rows
             torch.cuda.empty_cache()
             hits = after["cache_hits"] - before["cache_hits"]
             total = after["keys"] - before["keys"]

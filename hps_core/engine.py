@@ -229,7 +229,9 @@ class HierarchicalParameterServer:
                 for rt in self.tables[model_name]:
                     if not rt.cache_config.enabled:
                         # Made now, not on first use: close() must find every pipeline a lookup can be inside.
-                        self._pass_through_for(rt)
+                        rt.pass_through = TablePipeline.pass_through(dim=rt.dim, default_value=rt.default_value,
+                                                                     max_keys=rt.max_keys_per_call, tag=rt.tag)
+                        self._connect(rt, rt.pass_through)
         except BaseException:
             for tier, tag in reversed(created):  # a refused start leaves the persistent tiers as it found them
                 try:
@@ -517,7 +519,7 @@ class HierarchicalParameterServer:
             raise TypeError(f"keys must be a torch.Tensor, found {type(keys).__name__}")
         pipe = rt.caches.get(keys.device) or self._cache_for(rt, keys.device)
         if pipe is None and keys.device.type == "cpu":
-            pipe = rt.pass_through or self._pass_through_for(rt)
+            pipe = rt.pass_through
         if pipe is None:
             self._check_keys(rt, keys)
             with self._gate:
@@ -531,17 +533,7 @@ class HierarchicalParameterServer:
         rt = self.table(model, table)
         cpu = torch.device("cpu")
         pipe = rt.caches.get(cpu) or self._cache_for(rt, cpu)
-        return pipe if pipe is not None else (rt.pass_through or self._pass_through_for(rt))
-
-    def _pass_through_for(self, rt: TableRuntime) -> TablePipeline:
-        with rt.cache_lock:
-            if rt.pass_through is None:
-                self._check_open()
-                pipe = TablePipeline.pass_through(dim=rt.dim, default_value=rt.default_value,
-                                                  max_keys=rt.max_keys_per_call, tag=rt.tag)
-                self._connect(rt, pipe)
-                rt.pass_through = pipe
-            return rt.pass_through
+        return pipe if pipe is not None else rt.pass_through
 
     def pipeline(self, model: str, table: int | str, device: str | torch.device) -> TablePipeline:
         """The lookup pipeline of (model, table) on `device` (what the torch layers call); ValueError if the table
@@ -612,9 +604,7 @@ class HierarchicalParameterServer:
             if whole and bool(hit.all()):  # the common case: the first tier asked holds every key - no gathers
                 out.copy_(values)
                 found.fill_(True)
-                for upper in self._promote_into:
-                    if upper < lvl and not getattr(self.tiers[upper], "read_only", False):
-                        self.tiers[upper].insert(rt.tag, keys, out)
+                self._promote(rt, lvl, keys, out)
                 add_hits(tier.name, keys.numel())
                 return
             hit_pos = hit.nonzero().squeeze(1)
@@ -622,11 +612,15 @@ class HierarchicalParameterServer:
             if hit_idx.numel():
                 out.index_copy_(0, hit_idx, values.index_select(0, hit_pos))
                 found.index_fill_(0, hit_idx, True)
-                for upper in self._promote_into:
-                    if upper < lvl and not getattr(self.tiers[upper], "read_only", False):
-                        self.tiers[upper].insert(rt.tag, keys.index_select(0, hit_idx), out.index_select(0, hit_idx))
+                self._promote(rt, lvl, keys.index_select(0, hit_idx), out.index_select(0, hit_idx))
             add_hits(tier.name, hit_idx.numel())
             missing = missing[~hit]
+
+    def _promote(self, rt: TableRuntime, level: int, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        """Rows found in tier `level`: into the writable tiers above it configured with cache_missed_embeddings."""
+        for upper in self._promote_into:
+            if upper < level and not getattr(self.tiers[upper], "read_only", False):
+                self.tiers[upper].insert(rt.tag, keys, rows)
 
     def wait_for_inserts(self) -> None:
         """Block until every queued asynchronous cache insert has been applied."""

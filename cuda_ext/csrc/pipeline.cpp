@@ -393,10 +393,15 @@ int64_t LookupPipeline::handle(const c10::intrusive_ptr<LookupPipeline>& self) {
   return handle_;
 }
 
-c10::intrusive_ptr<LookupPipeline> find_pipeline(int64_t handle) {
+// The pipeline of `handle`, or null when none is open under it.
+c10::intrusive_ptr<LookupPipeline> pipeline_or_null(int64_t handle) {
   std::lock_guard<std::mutex> lock(g_registry_mu);
   const auto it = g_registry.find(handle);
-  c10::intrusive_ptr<LookupPipeline> p = it == g_registry.end() ? nullptr : it->second.lock();
+  return it == g_registry.end() ? nullptr : it->second.lock();
+}
+
+c10::intrusive_ptr<LookupPipeline> find_pipeline(int64_t handle) {
+  c10::intrusive_ptr<LookupPipeline> p = pipeline_or_null(handle);
   TORCH_CHECK_VALUE(p, "no open lookup pipeline has handle ", handle,
                     " (its server was closed, or the handle never came from LookupPipeline.handle())");
   return p;
@@ -1431,12 +1436,7 @@ extern "C" __attribute__((visibility("default"))) int hps_native_lookup(int64_t 
                                                                         int64_t err_capacity) {
   constexpr int kNativeStale = -1;
   try {
-    c10::intrusive_ptr<LookupPipeline> p;
-    {
-      std::lock_guard<std::mutex> lock(g_registry_mu);
-      const auto it = g_registry.find(handle);
-      if (it != g_registry.end()) p = it->second.lock();
-    }
+    const c10::intrusive_ptr<LookupPipeline> p = pipeline_or_null(handle);
     if (!p || p->closed()) return kNativeStale;
     const at::Tensor k = at::from_blob(const_cast<void*>(keys), {n}, key_is_int64 ? at::kLong : at::kInt);
     p->check_keys(k);
@@ -1444,15 +1444,10 @@ extern "C" __attribute__((visibility("default"))) int hps_native_lookup(int64_t 
     at::Tensor o = at::from_blob(out, {n, p->dim()}, at::kFloat);
     if (n > 0) p->lookup_into(k, o);
     return 0;
-  } catch (const c10::ValueError& e) {
-    write_error(e.what_without_backtrace(), err, err_capacity);
-    return 3;
-  } catch (const c10::TypeError& e) {
-    write_error(e.what_without_backtrace(), err, err_capacity);
-    return 3;
   } catch (const c10::Error& e) {
     write_error(e.what_without_backtrace(), err, err_capacity);
-    return 9;
+    const bool bad_input = dynamic_cast<const c10::ValueError*>(&e) || dynamic_cast<const c10::TypeError*>(&e);
+    return bad_input ? 3 : 9;
   } catch (const std::exception& e) {
     write_error(e.what(), err, err_capacity);
     return 13;

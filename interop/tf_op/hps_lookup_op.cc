@@ -199,9 +199,7 @@ class HpsLookupOp : public OpKernel {
                               global_batch_size_, keys, &result, err.data(), kErrorCapacity);
     if (code != 0) {
       if (result != nullptr && result->deleter != nullptr) result->deleter(result);
-      err.resize(std::strlen(err.c_str()));
-      ctx->SetStatus(absl::Status(static_cast<absl::StatusCode>(code), "HpsLookup(" + model_name_ + ", table " +
-                                                                          std::to_string(table_id_) + "): " + err));
+      Fail(ctx, code, err);
       return;
     }
     OP_REQUIRES(ctx, result != nullptr,
@@ -210,6 +208,13 @@ class HpsLookupOp : public OpKernel {
   }
 
  private:
+  // A failed lookup's status: its code and the message the engine wrote into `err` (NUL-terminated).
+  void Fail(OpKernelContext* ctx, int code, const std::string& err) const {
+    ctx->SetStatus(absl::Status(static_cast<absl::StatusCode>(code), "HpsLookup(" + model_name_ + ", table " +
+                                                                        std::to_string(table_id_) +
+                                                                        "): " + err.c_str()));
+  }
+
   // The lookup through the engine's native call, when the table has a route: true when it ran (the output or the
   // error is set), false to take the callback (no route yet or any more, or no native entry registered).
   bool NativeLookup(OpKernelContext* ctx, const Tensor& ids, const TensorShape& out_shape) {
@@ -242,9 +247,7 @@ class HpsLookupOp : public OpKernel {
       return false;
     }
     if (code != 0) {
-      err.resize(std::strlen(err.c_str()));
-      ctx->SetStatus(absl::Status(static_cast<absl::StatusCode>(code), "HpsLookup(" + model_name_ + ", table " +
-                                                                          std::to_string(table_id_) + "): " + err));
+      Fail(ctx, code, err);
       return true;
     }
     ctx->set_output(0, out);

@@ -43,11 +43,15 @@ _init_lock = threading.Lock()
 _init_source: Any = None  # what the server was started from, for the "already initialised" message
 
 
+def _check_batch_size_arg(global_batch_size: Any) -> None:
+    if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be an int >= 1, found {global_batch_size!r}")
+
+
 def check_global_batch_size(server: hps_engine.HierarchicalParameterServer, global_batch_size: Any,
                             num_replicas: int = 1) -> int:
     """HPS: global_batch_size / num_replicas <= max_batch_size (per replica) of every model."""
-    if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
-        raise ValueError(f"global_batch_size must be an int >= 1, found {global_batch_size!r}")
+    _check_batch_size_arg(global_batch_size)
     per_replica = -(-global_batch_size // num_replicas)
     for name, model in server.config.models.items():
         if per_replica > model.max_batch_size:
@@ -73,8 +77,7 @@ def init(ps_config_file: Any, global_batch_size: Any, explicit: bool = False,
             if ps_config_file is None or empty_path:
                 raise ValueError("ps_config_file must name an HPS JSON or YAML config (or be a config object), found "
                                  f"{ps_config_file!r}")
-            if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
-                raise ValueError(f"global_batch_size must be an int >= 1, found {global_batch_size!r}")
+            _check_batch_size_arg(global_batch_size)  # before the server is built
             running = hps_engine.init(ps_config_file)
             try:
                 check_global_batch_size(running, global_batch_size, replicas)
