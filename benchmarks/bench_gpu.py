@@ -183,6 +183,11 @@ def bench_p1(quick: bool) -> dict:
             g, g_out = graph_of(pipe.lookup, query_sets[0])
             t_graph = cuda_time_ms(g.replay)
             calls = mid["lookups"] - before["lookups"]
+            # bf16 output (a bf16 model's lookup): the same rows rounded as they are written
+            out16 = hps.lookup("m", "t", query_sets[0], dtype=torch.bfloat16)
+            exact16 = bool(torch.equal(out16, torch.nn.functional.embedding(idx_sets[0], weight).bfloat16()))
+            t16 = cuda_time_ms(lambda: hps.lookup("m", "t", query_sets[next(it) % 4], dtype=torch.bfloat16))
+            del out16
             res[deployment] = {
                 "setup_s": setup_s, "exact": exact, "lookup": t, "lookup_gkeys_s": n / t["median_ms"] / 1e6,
                 "lookup_vs_raw_find": t_find["median_ms"] / t["median_ms"],
@@ -195,6 +200,8 @@ def bench_p1(quick: bool) -> dict:
                 "gpu_memory_bytes": pipe.memory_bytes(), "rows_x_row_bytes": rows * dim * 4,
                 "index_bytes_per_key": (pipe.memory_bytes() - pipe.capacity * dim * 4) / rows,
                 "stage_latency": after["latency"],
+                "lookup_bf16_output": t16, "lookup_bf16_output_exact": exact16,
+                "lookup_bf16_output_vs_float32": t["median_ms"] / t16["median_ms"],
             }
             del g, g_out
             hps.close()

@@ -43,6 +43,8 @@ from hps_core.tiers.base import Tier
 log = logging.getLogger(__name__)
 
 _KEY_DTYPES = {"int64": torch.int64, "int32": torch.int32}
+# What a lookup can return (the `dtype` argument); the tables keep float32 rows.
+LOOKUP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FILL_CHUNK = 1 << 20  # rows per chunk when filling a resident table from the table files
 
 
@@ -500,15 +502,19 @@ class HierarchicalParameterServer:
 
     # ------------------------------------------------------------------ lookup
 
-    def lookup(self, model: str, table: int | str, keys: torch.Tensor) -> torch.Tensor:
+    def lookup(self, model: str, table: int | str, keys: torch.Tensor,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
         """Embeddings of `keys`.
 
         Args:
             model: model name. table: table id (int) or name.
             keys: int32 or int64 tensor of any shape, on the CPU or a deployed CUDA device.
+            dtype: the output's dtype: float32 (None, HPS's contract), or bfloat16 / float16 for a model that
+                consumes them - each row is rounded to nearest even as the lookup writes it (no extra pass; the
+                table keeps float32 rows).
 
         Returns:
-            float32 tensor of shape `keys.shape + (dim,)` on the keys' device.
+            tensor of shape `keys.shape + (dim,)` in `dtype` on the keys' device.
 
         Example:
             >>> hps.lookup("demo", "user", torch.tensor([3, 7, 3]))  # (3, dim)
@@ -517,15 +523,18 @@ class HierarchicalParameterServer:
         rt = self.table(model, table)
         if not isinstance(keys, torch.Tensor):
             raise TypeError(f"keys must be a torch.Tensor, found {type(keys).__name__}")
+        if dtype is not None and dtype not in LOOKUP_DTYPES:
+            raise TypeError(f"dtype must be one of {[str(d) for d in LOOKUP_DTYPES]} or None, found {dtype}")
         pipe = rt.caches.get(keys.device) or self._cache_for(rt, keys.device)
         if pipe is None and keys.device.type == "cpu":
             pipe = rt.pass_through
         if pipe is None:
             self._check_keys(rt, keys)
             with self._gate:
-                return self._lookup_uncached(rt, keys.reshape(-1)).reshape(*keys.shape, rt.dim)
+                rows = self._lookup_uncached(rt, keys.reshape(-1), dtype)
+            return rows.reshape(*keys.shape, rt.dim)
         # Checks dtype, device and size natively; after close() it raises (the pipeline is closed).
-        return pipe.lookup(keys)
+        return pipe.lookup(keys, dtype)
 
     def cpu_pipeline(self, model: str, table: int | str) -> TablePipeline:
         """The native pipeline that lookups of CPU keys run through: the table's CPU cache, or for a table without
@@ -547,7 +556,7 @@ class HierarchicalParameterServer:
             raise ValueError(f"{rt.tag} has no cache (cache.enabled false): it has no lookup pipeline")
         return pipe
 
-    def _lookup_uncached(self, rt: TableRuntime, flat: torch.Tensor) -> torch.Tensor:
+    def _lookup_uncached(self, rt: TableRuntime, flat: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """HPS gpucache: false - every key position straight from the tiers, no de-duplication (a sort of the batch
         costs more than fetching a repeated row twice)."""
         stats = rt.uncached_stats
@@ -556,7 +565,8 @@ class HierarchicalParameterServer:
         t0 = time.perf_counter()
         rows = self._fetch_from_tiers(rt, keys64, stats)
         stats.latency["tiers"].record(time.perf_counter() - t0)
-        out = rows.to(flat.device, non_blocking=True)
+        # rounded on the host, before the copy: half the bytes cross the bus
+        out = rows.to(dtype or torch.float32).to(flat.device, non_blocking=True)
         stats.add(lookups=1, keys=flat.numel(), cache_misses=flat.numel())
         stats.latency["total"].record(time.perf_counter() - start)
         return out

@@ -14,14 +14,15 @@ import torch
 from torch import nn
 
 from hps_core import pipeline_ops
-from hps_core.engine import HierarchicalParameterServer, default_server
+from hps_core.engine import LOOKUP_DTYPES, HierarchicalParameterServer, default_server
 
 _lookup = torch.ops.hps.lookup.default
 
 
 @torch.compiler.disable
-def _lookup_uncached(server: HierarchicalParameterServer, model: str, table: str, keys: torch.Tensor) -> torch.Tensor:
-    return server.lookup(model, table, keys)
+def _lookup_uncached(server: HierarchicalParameterServer, model: str, table: str, keys: torch.Tensor,
+                     dtype: Optional[torch.dtype]) -> torch.Tensor:
+    return server.lookup(model, table, keys, dtype)
 
 
 _MODES = {"sum": 0, "mean": 1, "sqrtn": 2}
@@ -34,9 +35,11 @@ class LookupLayer(nn.Module):
         model: model name in the deployment config.
         table: table id (int) or name (str).
         server: the server to use; default: the one made by `hps_core.init(config)`.
+        dtype: what forward returns: torch.float32 (default), or torch.bfloat16 / torch.float16 for a model that
+            runs in them - the lookup writes its rows rounded (to nearest even), no conversion pass after it.
 
     forward(keys): int32/int64 tensor of any shape (CPU or a deployed CUDA device) ->
-        float32 `keys.shape + (dim,)` on the same device. Not trainable.
+        `keys.shape + (dim,)` in `dtype` on the same device. Not trainable.
 
     Example:
         >>> hps_core.init("my_hps_config.json")
@@ -45,8 +48,12 @@ class LookupLayer(nn.Module):
         torch.Size([1, 3, 16])
     """
 
-    def __init__(self, model: str, table: int | str, server: Optional[HierarchicalParameterServer] = None) -> None:
+    def __init__(self, model: str, table: int | str, server: Optional[HierarchicalParameterServer] = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        if dtype not in LOOKUP_DTYPES:
+            raise TypeError(f"dtype must be one of {[str(d) for d in LOOKUP_DTYPES]}, found {dtype}")
+        self.dtype = dtype
         self.server = server if server is not None else default_server()
         rt = self.server.table(model, table)
         self.model, self.table, self.dim = rt.model, rt.name, rt.dim
@@ -57,12 +64,13 @@ class LookupLayer(nn.Module):
         handle = self._handles.get(keys.device)
         if handle is None:
             if not self._cached or not isinstance(keys, torch.Tensor):
-                return _lookup_uncached(self.server, self.model, self.table, keys)
+                return _lookup_uncached(self.server, self.model, self.table, keys, self.dtype)
             handle = self._handles[keys.device] = self.server.pipeline(self.model, self.table, keys.device).handle
-        return _lookup(handle, keys)
+        return _lookup(handle, keys, self.dtype)
 
     def extra_repr(self) -> str:
-        return f"model={self.model!r}, table={self.table!r}, dim={self.dim}"
+        extra = "" if self.dtype == torch.float32 else f", dtype={self.dtype}"
+        return f"model={self.model!r}, table={self.table!r}, dim={self.dim}{extra}"
 
 
 class BagLookupLayer(nn.Module):

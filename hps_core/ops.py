@@ -376,10 +376,10 @@ def _gather_rows_fake(table: Tensor, rows: Tensor, strategy: int = 0) -> Tensor:
 
 
 @torch.library.register_fake("hps::lookup")
-def _lookup_fake(handle, keys):
+def _lookup_fake(handle, keys, dtype=None):
     dim = _PIPELINE_DIMS.get(handle)
     torch._check(dim is not None, lambda: f"no lookup pipeline has handle {handle} in this process")
-    return keys.new_empty((*keys.shape, dim), dtype=torch.float32)
+    return keys.new_empty((*keys.shape, dim), dtype=dtype if dtype is not None else torch.float32)
 
 
 # The lookup-pipeline ops keep their wrappers and fake kernels in pipeline_ops, but the fakes must be registered

@@ -130,9 +130,10 @@ class TablePipeline:
 
     # ------------------------------------------------------------------ the hot path
 
-    def lookup(self, keys: torch.Tensor) -> torch.Tensor:
-        """keys int32/int64 of any shape on this device -> float32 keys.shape + (dim,)."""
-        return _lookup_op()(self.handle, keys)
+    def lookup(self, keys: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """keys int32/int64 of any shape on this device -> keys.shape + (dim,) in `dtype`: float32 (None), or
+        bfloat16 / float16 (each row rounded to nearest even as it is written; the table keeps float32)."""
+        return _lookup_op()(self.handle, keys, dtype)
 
     # ------------------------------------------------------------------ state
 

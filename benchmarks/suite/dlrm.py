@@ -62,12 +62,18 @@ def _precision(cfg: DlrmBench, device: torch.device):
     return contextlib.nullcontext
 
 
+def _emb_dtype(cfg: DlrmBench) -> torch.dtype | None:
+    """What the engine lookup returns: bfloat16 when the model runs in bfloat16 (the lookup writes it rounded, so
+    the interaction and the top MLP read half the bytes), float32 (None) otherwise."""
+    return torch.bfloat16 if cfg.precision == "bf16" else None
+
+
 def _graphed(model: DLRM, batch: int, cfg: DlrmBench, device: torch.device, amp) -> Callable:
     """The MLP part (bottom, interaction, top) captured once as a CUDA graph for `batch`; returns
     run(dense, emb) -> out, which copies its inputs into the graph's static buffers and replays it. The engine
     lookup stays outside (it synchronises with the host on misses, which a graph cannot hold)."""
     dense_s = torch.zeros(batch, cfg.dense_features, device=device)
-    emb_s = torch.zeros(batch, cfg.slots, cfg.dim, device=device)
+    emb_s = torch.zeros(batch, cfg.slots, cfg.dim, device=device, dtype=_emb_dtype(cfg) or torch.float32)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side), torch.no_grad(), amp():
@@ -165,6 +171,7 @@ def _measure(setup: _Setup, variant: str, batch: int, rows: list[np.ndarray], de
     kdt = torch.int32 if cfg.key_dtype == "int32" else torch.int64
     extra: dict[str, Any] = {}
     if variant == "hps_engine":
+        emb_dtype = _emb_dtype(cfg)
         keys = [torch.from_numpy(r).to(device=dev, dtype=kdt) for r in rows]
         dd = [torch.from_numpy(d).to(dev) for d in dense]
         mlp = model
@@ -174,7 +181,7 @@ def _measure(setup: _Setup, variant: str, batch: int, rows: list[np.ndarray], de
 
         def fn(k, d):
             with torch.no_grad(), amp():
-                return mlp(d, setup.server.lookup(MODEL, 0, k))
+                return mlp(d, setup.server.lookup(MODEL, 0, k, dtype=emb_dtype))
         calls = [(keys[i % len(keys)], dd[i % len(dd)]) for i in range(cfg.repeats)]
     elif variant == "native":
         idx = [torch.from_numpy(r) for r in rows]
@@ -329,7 +336,8 @@ def _notes(cfg: DlrmBench, results: dict) -> list[str]:
     notes = [
         f"Table {cfg.rows:,} rows x {cfg.dim} fp32 ({s.get('table_bytes', 0) / 1e9:.2f} GB), {cfg.slots} slots "
         f"sharing it, Zipf alpha {cfg.zipf_alpha}, {cfg.key_dtype} keys; engine cache ratio {cfg.cache_ratio}; "
-        f"precision {cfg.precision}; "
+        f"precision {cfg.precision}"
+        + (" (the engine lookup returns bf16 rows); " if _emb_dtype(cfg) is not None else "; ")
         + ("one batch replayed per size after the warm-up (HPS's best case)." if cfg.replay_same_batch
            else "4 distinct batches per size."),
         f"Setup: table written in {s.get('table_write_s', 0):.1f} s, engine start + host-tier load "

@@ -56,11 +56,13 @@ class DLRM(nn.Module):
     def interaction(self, d: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """(B, dim), (B, S, dim) -> (B, dim + (S + 1) S / 2): dense vector, its dots with the slots, slot pairs.
 
-        On a GPU with float32 embeddings: one fused Triton kernel (dlrm_interaction.py; the bottom MLP's output is
-        taken in float32 for it, whatever autocast made of it); elsewhere the torch formulation."""
-        if emb.is_cuda and emb.dtype == torch.float32:
-            d = d.float()
-        return dlrm_interaction.interaction(d, emb, self.pair_index)
+        On a GPU: one fused Triton kernel (dlrm_interaction.py) in the embeddings' dtype (float32 embeddings take
+        the bottom MLP's output in float32, whatever autocast made of it; bfloat16 ones, from a lookup that returns
+        bfloat16, take it in bfloat16), its columns padded with zeros to a multiple of 8 (the top MLP's first layer
+        reads them through zero weight columns); elsewhere the torch formulation, unpadded."""
+        if emb.is_cuda:
+            d = d.to(emb.dtype)
+        return dlrm_interaction.interaction(d, emb, self.pair_index, pad_to=8)
 
     def forward(self, dense: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         d = self._mlp(self.bottom, dense)
@@ -79,7 +81,7 @@ class DLRM(nn.Module):
             while i < len(mods):
                 lin = mods[i]
                 relu = i + 1 < len(mods) and isinstance(mods[i + 1], nn.ReLU)
-                w, b = self._weights(lin, lowp)
+                w, b = self._weights(lin, lowp, x.shape[1])
                 x = x.to(w.dtype)
                 if relu:
                     x = torch._addmm_activation(b, x, w.t())
@@ -89,16 +91,21 @@ class DLRM(nn.Module):
                     i += 1
         return x
 
-    def _weights(self, lin: nn.Linear, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's weight and bias in `dtype` (None: as they are), cast once per weight version."""
-        if dtype is None or lin.weight.dtype == dtype:
+    def _weights(self, lin: nn.Linear, dtype: torch.dtype | None, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's weight and bias in `dtype` (None: as they are) for inputs `width` wide (zero weight columns
+        past in_features: a padded interaction), made once per weight version."""
+        dtype = dtype or lin.weight.dtype
+        if lin.weight.dtype == dtype and width == lin.in_features:
             return lin.weight, lin.bias
         cache = self.__dict__.setdefault("_cast_cache", {})
-        key = (id(lin), dtype)
+        key = (id(lin), dtype, width)
         version = (lin.weight._version, lin.bias._version, lin.weight.device)
         hit = cache.get(key)
         if hit is None or hit[0] != version:
-            hit = cache[key] = (version, lin.weight.detach().to(dtype), lin.bias.detach().to(dtype))
+            w = lin.weight.detach().to(dtype)
+            if width > lin.in_features:
+                w = torch.nn.functional.pad(w, (0, width - lin.in_features))
+            hit = cache[key] = (version, w.contiguous(), lin.bias.detach().to(dtype))
         return hit[1], hit[2]
 
     def numpy_weights(self) -> list[tuple[object, object]]:

@@ -53,6 +53,12 @@ HPS_HD int64_t secondary_bucket_of(uint64_t h, int64_t num_buckets, int64_t prim
 constexpr double kResidentLoad = 0.8;
 
 // ---------------------------------------------------------------------------------------------------------------
+// The element type a lookup writes its output in. The table keeps float32 rows; a lower-precision output is
+// rounded (to nearest even) as each row is written - the same on both devices - so a bf16 model gets its
+// embeddings without a separate conversion pass over the output.
+enum OutDtype : int32_t { kOutFloat32 = 0, kOutBFloat16 = 1, kOutFloat16 = 2 };
+
+// ---------------------------------------------------------------------------------------------------------------
 // What a find probes: the dynamic cache (scores by policy, clock bumped) or the resident index (read only).
 enum FindMode : int { kFindCacheLRU = 0, kFindCacheLFU = 1, kFindResident = 2 };
 
@@ -75,7 +81,8 @@ struct FindArgs {
   bool key_is_int64 = true;
   int64_t n = 0;
   float default_value = 0.f;
-  float* out = nullptr;  // (n, D): hits' rows, the default row for misses
+  void* out = nullptr;  // (n, D) of out_dtype: hits' rows, the default row for misses
+  int32_t out_dtype = kOutFloat32;
   // misses
   int32_t* miss_pos = nullptr;   // (n,) positions of the misses, in no particular order
   int64_t* miss_keys = nullptr;  // (n,) their keys, widened to int64
@@ -89,7 +96,8 @@ struct FindArgs {
 // written to the rows the host index gave them, with the index buckets that changed copied over. Every pointer is
 // device memory or pinned host memory the kernel reads through the bus; unused parts are null / zero.
 struct ApplyArgs {
-  float* out = nullptr;  // (n, D)
+  void* out = nullptr;  // (n, D) of out_dtype
+  int32_t out_dtype = kOutFloat32;
   int64_t dim = 0;
   const int32_t* pos = nullptr;  // (m,) positions in out
   const int32_t* inv = nullptr;  // (m,) row of each position in `rows`
@@ -137,7 +145,8 @@ struct SecondLevelArgs {
   int64_t n = 0;                       // the batch's keys: capacity of the list and the staging arrays
   FindArgs index;                      // the second level: slot_keys, digests, slot_rows, spill, num_buckets,
                                        // values = its host-mapped rows, dim
-  float* out = nullptr;                // (n, dim)
+  void* out = nullptr;                 // (n, dim) of out_dtype
+  int32_t out_dtype = kOutFloat32;
   int64_t cache_buckets = 0;
   int64_t* stage_row = nullptr;        // (n,) probe out
   int64_t* stage_bucket = nullptr;     // (n,) probe out
@@ -165,6 +174,9 @@ struct InsertSortedArgs {
   bool lru = true;
   int64_t num_buckets = 0;
   int64_t* counts = nullptr;
+  // optional: entry i's row is rows + row_of[i] * dim, or fill_value everywhere when row_of[i] is kNoRow
+  const int64_t* row_of = nullptr;
+  float fill_value = 0.f;
 };
 
 }  // namespace hps

@@ -73,6 +73,20 @@ constexpr int64_t kClockResyncEvery = int64_t{1} << 16;
 
 int64_t align64(int64_t bytes) { return (bytes + 63) & ~int64_t{63}; }
 
+// The OutDtype of a lookup's output tensor (lookup_layout.h); TypeError for a dtype a lookup cannot return.
+int32_t out_dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return kOutFloat32;
+    case at::kBFloat16:
+      return kOutBFloat16;
+    case at::kHalf:
+      return kOutFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "dtype: a lookup returns float32, bfloat16 or float16, found ", t);
+  }
+}
+
 // Byte offsets of one plan in a plan buffer: [pos m int32][inv m int32][ukeys u int64][rows u*D float]
 // [row_ids u int32][push_buckets p int64][push_keys 32p int64][push_rows 32p int32][push_digests 32p][spill p].
 struct PlanLayout {
@@ -303,12 +317,14 @@ void LookupPipeline::second_level_direct(const at::Tensor& flat, at::Tensor& out
   s.miss_keys = ws_->miss_keys_d.data_ptr<int64_t>();
   s.ctrl = ctrl_.data_ptr<int64_t>();
   s.n = n;
-  s.out = out.data_ptr<float>();
+  s.out = out.data_ptr();
+  s.out_dtype = out_dtype_of(out.scalar_type());
   s.cache_buckets = ins.num_buckets;
   s.stage_row = row.data_ptr<int64_t>();
   s.stage_bucket = bucket.data_ptr<int64_t>();
   s.stage_key = key.data_ptr<int64_t>();
   s.stage_pos = pos.data_ptr<int64_t>();
+  const float* l2_rows = nullptr;
   {
     // The second level's device index is read under its lock, after its own earlier work (an index upload by
     // update()); its next update waits for this stream's work (order_stream records this stream as its last).
@@ -318,6 +334,7 @@ void LookupPipeline::second_level_direct(const at::Tensor& flat, at::Tensor& out
     l2.sync_index();
     if (!capturing) l2.order_stream();
     s.index = l2.table_args();
+    l2_rows = s.index.values;
     cuda::launch_second_level_probe(s, stream);
     // The rows in ascending row id: neighbouring warps read neighbouring host memory (see the gather kernel).
     at::Tensor sorted_row, order;
@@ -331,10 +348,21 @@ void LookupPipeline::second_level_direct(const at::Tensor& flat, at::Tensor& out
   at::Tensor by_key = std::get<1>(at::sort(key, /*stable=*/true, 0, false));
   at::Tensor sorted_bucket, by_bucket;
   std::tie(sorted_bucket, by_bucket) = at::sort(bucket.index_select(0, by_key), /*stable=*/true, 0, false);
-  at::Tensor perm = pos.index_select(0, by_key).index_select(0, by_bucket);
-  ins.keys = flat.data_ptr();
-  ins.key_is_int64 = flat.scalar_type() == at::kLong;
-  ins.rows = out.data_ptr<float>();
+  const at::Tensor entries = by_key.index_select(0, by_bucket);
+  at::Tensor perm;
+  if (out.scalar_type() == at::kFloat) {  // each key's row as the gather (or the find's default) wrote it
+    perm = pos.index_select(0, entries);
+    ins.keys = flat.data_ptr();
+    ins.key_is_int64 = flat.scalar_type() == at::kLong;
+    ins.rows = out.data_ptr<float>();
+  } else {  // a rounded output: the cache stores the float32 rows, read again from the second level
+    perm = entries;
+    ins.keys = key.data_ptr<int64_t>();
+    ins.key_is_int64 = true;
+    ins.rows = l2_rows;
+    ins.row_of = row.data_ptr<int64_t>();
+    ins.fill_value = default_value_;
+  }
   ins.sorted_bucket = sorted_bucket.data_ptr<int64_t>();
   ins.perm = perm.data_ptr<int64_t>();
   ins.n = n;
@@ -515,12 +543,14 @@ void LookupPipeline::sync_index() {
 // ---------------------------------------------------------------------------------------------------------------
 // The lookup
 
-at::Tensor LookupPipeline::lookup(const at::Tensor& keys) {
+at::Tensor LookupPipeline::lookup(const at::Tensor& keys, std::optional<at::ScalarType> dtype) {
   check_keys(keys);
+  const at::ScalarType out_type = dtype.value_or(at::kFloat);
+  out_dtype_of(out_type);  // raises for any other dtype
   const at::Tensor flat = keys.reshape({-1}).contiguous();
   std::vector<int64_t> shape(keys.sizes().begin(), keys.sizes().end());
   shape.push_back(dim_);
-  at::Tensor out = at::empty({flat.numel(), dim_}, flat.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({flat.numel(), dim_}, flat.options().dtype(out_type));
   if (flat.numel() > 0) lookup_into(flat, out);
   return out.view(shape);
 }
@@ -532,7 +562,7 @@ void LookupPipeline::lookup_into(const at::Tensor& flat, at::Tensor& out) {
     GilRelease nogil;
     std::lock_guard<std::mutex> lock(mu_);
     check_open();
-    pass_through(flat, out.data_ptr<float>());
+    pass_through(flat, out);
     record_latency(kStageTotal, seconds_since(t0));
     return;
   }
@@ -545,7 +575,8 @@ void LookupPipeline::lookup_into(const at::Tensor& flat, at::Tensor& out) {
   a.keys = flat.data_ptr();
   a.key_is_int64 = flat.scalar_type() == at::kLong;
   a.n = n;
-  a.out = out.data_ptr<float>();
+  a.out = out.data_ptr();
+  a.out_dtype = out_dtype_of(out.scalar_type());
   bool want_misses = misses_to_tiers_;
   bool big = false;
   const bool lru = kind_ == kDynamicCache && policy_ == kPolicyLRU;
@@ -640,11 +671,11 @@ void LookupPipeline::lookup_into(const at::Tensor& flat, at::Tensor& out) {
     return;
   }
   record_latency(kStageFind, seconds_since(t0));
-  if (misses > 0) resolve_misses(misses, n, out.data_ptr<float>(), big);
+  if (misses > 0) resolve_misses(misses, n, OutRows{a.out, a.out_dtype}, big);
   record_latency(kStageTotal, seconds_since(t0));
 }
 
-void LookupPipeline::pass_through(const at::Tensor& flat, float* out) {
+void LookupPipeline::pass_through(const at::Tensor& flat, at::Tensor& out) {
   const int64_t n = flat.numel();
   std::vector<int64_t> widened;
   const int64_t* keys = nullptr;
@@ -656,7 +687,13 @@ void LookupPipeline::pass_through(const at::Tensor& flat, float* out) {
     keys = widened.data();
   }
   std::unique_ptr<bool[]> found(new bool[n]);
-  fetch_rows(keys, n, out, found.get());
+  if (out.scalar_type() == at::kFloat) {
+    fetch_rows(keys, n, out.data_ptr<float>(), found.get());
+  } else {  // float32 rows from the tiers, rounded to nearest even into the output (as the find rounds)
+    at::Tensor rows = at::empty({n, dim_}, at::kFloat);
+    fetch_rows(keys, n, rows.data_ptr<float>(), found.get());
+    out.copy_(rows);
+  }
   int64_t defaults = 0;
   for (int64_t i = 0; i < n; ++i) defaults += !found[i];
   // Every position is a miss that was fetched (HPS gpucache false); the counters a cache keeps in its control block.
@@ -674,7 +711,7 @@ void LookupPipeline::check_has_table(const char* what) const {
 
 // The misses of the call whose find just finished: the list -> a plan (distinct keys, each position's key) ->
 // rows -> apply (or queue an asynchronous insert).
-void LookupPipeline::resolve_misses(int64_t m, int64_t n, float* out, bool big) {
+void LookupPipeline::resolve_misses(int64_t m, int64_t n, const OutRows& out, bool big) {
   Workspace& w = *ws_;
   const Clock::time_point t_plan = Clock::now();
   const bool cache = kind_ == kDynamicCache;
@@ -932,11 +969,12 @@ void LookupPipeline::resident_upload_index() {
 }
 
 // Scatter m positions from u fetched rows and store the rows (insert: cache insert, or resident rows + index).
-void LookupPipeline::apply_plan(float* out, const int32_t* pos, const int32_t* inv, int64_t m, const int64_t* ukeys,
+void LookupPipeline::apply_plan(const OutRows& out, const int32_t* pos, const int32_t* inv, int64_t m, const int64_t* ukeys,
                                 const float* rows, int64_t u, bool grouped, bool insert) {
   Workspace& w = *ws_;
   ApplyArgs a;
-  a.out = out;
+  a.out = out.data;
+  a.out_dtype = out.dtype;
   a.dim = dim_;
   a.pos = pos;
   a.inv = inv;
@@ -1084,7 +1122,7 @@ void LookupPipeline::async_loop() {
           if (stream) sg.emplace(*stream);
 #endif
           quiesce();
-          apply_plan(nullptr, nullptr, nullptr, 0, ukeys, rows, u, job.grouped, /*insert=*/true);
+          apply_plan(OutRows{}, nullptr, nullptr, 0, ukeys, rows, u, job.grouped, /*insert=*/true);
         }
       }
     } catch (const std::exception& e) {
@@ -1209,7 +1247,7 @@ int64_t LookupPipeline::update(const at::Tensor& keys, const at::Tensor& rows) {
     return present;
   }
   // Through the apply path: rows to their (new or existing) rows, index buckets pushed.
-  apply_plan(nullptr, nullptr, nullptr, 0, kp, rc.data_ptr<float>(), u, false, /*insert=*/true);
+  apply_plan(OutRows{}, nullptr, nullptr, 0, kp, rc.data_ptr<float>(), u, false, /*insert=*/true);
   return present;
 }
 
@@ -1387,7 +1425,7 @@ void register_pipeline(torch::Library& m) {
       .def("set_lower_tiers", &P::set_lower_tiers)
       .def("set_async", &P::set_async)
       .def("set_second_level", &P::set_second_level)
-      .def("lookup", &P::lookup)
+      .def("lookup", [](const Ptr& self, const at::Tensor& keys) { return self->lookup(keys); })
       .def("load", &P::load)
       .def("load_like", &P::load_like)
       .def("insert", &P::insert)
@@ -1414,11 +1452,13 @@ void register_pipeline(torch::Library& m) {
       .def("close", &P::close);
   // The hot call: a pipeline by handle (an int passes the dispatcher for nothing; the object itself costs more).
   // Kernels per backend below; the fake kernel (shape only) is hps_core/ops.py's.
-  m.def("lookup(int handle, Tensor keys) -> Tensor");
+  m.def("lookup(int handle, Tensor keys, ScalarType? dtype=None) -> Tensor");
 }
 
 namespace {
-at::Tensor lookup_by_handle(int64_t handle, const at::Tensor& keys) { return find_pipeline(handle)->lookup(keys); }
+at::Tensor lookup_by_handle(int64_t handle, const at::Tensor& keys, std::optional<at::ScalarType> dtype) {
+  return find_pipeline(handle)->lookup(keys, dtype);
+}
 
 void write_error(const char* text, char* err, int64_t capacity) {
   if (err == nullptr || capacity <= 0) return;

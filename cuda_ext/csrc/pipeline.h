@@ -32,6 +32,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -93,9 +94,11 @@ class LookupPipeline : public torch::CustomClassHolder {
   // answers every key, a key it lacks gets the default vector without asking the tiers.
   void set_second_level(const c10::intrusive_ptr<LookupPipeline>& second);
 
-  // The hot path: keys int32/int64 of any shape on this pipeline's device -> float32 keys.shape + (dim,).
-  at::Tensor lookup(const at::Tensor& keys);
-  // The lookup of checked, contiguous flat keys (n > 0) into out (n x dim float32 on this device).
+  // The hot path: keys int32/int64 of any shape on this pipeline's device -> keys.shape + (dim,) in `dtype`
+  // (float32 by default; bfloat16 / float16: each row rounded to nearest even as it is written).
+  at::Tensor lookup(const at::Tensor& keys, std::optional<at::ScalarType> dtype = std::nullopt);
+  // The lookup of checked, contiguous flat keys (n > 0) into out (n x dim, float32 / bfloat16 / float16, contiguous,
+  // on this device).
   void lookup_into(const at::Tensor& flat, at::Tensor& out);
   void check_keys(const at::Tensor& keys) const;
   bool closed() const { return closed_; }
@@ -146,6 +149,10 @@ class LookupPipeline : public torch::CustomClassHolder {
 
  private:
   struct Workspace;   // pinned / device buffers a lookup reuses (pipeline.cpp)
+  struct OutRows {  // a lookup's output: (n, dim) rows of dtype
+    void* data = nullptr;
+    int32_t dtype = kOutFloat32;
+  };
   struct AsyncJob {
     std::vector<int64_t> keys;
     bool grouped;
@@ -156,11 +163,11 @@ class LookupPipeline : public torch::CustomClassHolder {
   FindArgs table_args() const;
   FindMode find_mode() const;
   // Plan the misses of the call just found (host or device planner), fetch their rows, then apply or queue.
-  void resolve_misses(int64_t misses, int64_t n, float* out, bool big);
+  void resolve_misses(int64_t misses, int64_t n, const OutRows& out, bool big);
   // Rows of `u` distinct keys into `rows` (host memory): second level, host map, lower tiers, default.
   void fetch_rows(const int64_t* keys, int64_t u, float* rows, bool* found);
   // kPassThrough's lookup: every position through fetch_rows (under the lock).
-  void pass_through(const at::Tensor& flat, float* out);
+  void pass_through(const at::Tensor& flat, at::Tensor& out);
   // Raises for the state-changing calls a pass-through pipeline has no state for.
   void check_has_table(const char* what) const;
   // Resident tables with host-readable rows: copy the rows of the keys present into `rows`, set found; returns
@@ -168,7 +175,7 @@ class LookupPipeline : public torch::CustomClassHolder {
   int64_t read_rows(const int64_t* keys, int64_t u, float* rows, bool* found);
   // Store u rows for keys (grouped by bucket for a cache when `grouped`) and scatter m positions; host pointers
   // `pos`, `inv`, `ukeys`, `rows` in the pinned plan buffer (or any host memory on the CPU).
-  void apply_plan(float* out, const int32_t* pos, const int32_t* inv, int64_t m, const int64_t* ukeys,
+  void apply_plan(const OutRows& out, const int32_t* pos, const int32_t* inv, int64_t m, const int64_t* ukeys,
                   const float* rows, int64_t u, bool grouped, bool insert);
   // Resident: give new keys rows (while capacity allows), collect the touched buckets; returns row ids (u,).
   void resident_put(const int64_t* keys, int64_t u, bool may_grow, std::vector<int32_t>* row_ids,

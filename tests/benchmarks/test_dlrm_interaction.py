@@ -31,14 +31,21 @@ def test_cpu_fallback_is_the_definition():
 @pytest.mark.skipif(not torch.cuda.is_available() or dlrm_interaction.triton is None,
                     reason="needs a GPU and Triton")
 @pytest.mark.parametrize("batch,slots,dim", [(1, 26, 128), (1000, 26, 128), (33, 5, 16), (7, 31, 64)])
-def test_fused_kernel_matches_the_definition(batch, slots, dim):
+@pytest.mark.parametrize("dtype,pad_to", [(torch.float32, 1), (torch.float32, 8), (torch.bfloat16, 8),
+                                          (torch.float16, 1)])
+def test_fused_kernel_matches_the_definition(batch, slots, dim, dtype, pad_to):
     torch.manual_seed(batch)
-    d = torch.randn(batch, dim, device="cuda")
-    emb = torch.randn(batch, slots, dim, device="cuda")
-    got = dlrm_interaction.interaction_fused(d, emb)
-    want = reference(d, emb)
-    # TF32 products in tl.dot: ~2^-11 relative error per product, summed over dim terms
-    torch.testing.assert_close(got.double().cpu(), want, rtol=2e-3, atol=2e-3 * dim)
+    d = torch.randn(batch, dim, device="cuda").to(dtype)
+    emb = torch.randn(batch, slots, dim, device="cuda").to(dtype)
+    got = dlrm_interaction.interaction_fused(d, emb, pad_to)
+    want = reference(d, emb)  # from the same (rounded) inputs
+    used = want.shape[1]
+    assert got.dtype == dtype and got.shape == (batch, -(-used // pad_to) * pad_to)
+    assert not got[:, used:].any()  # the padding columns are zero
+    if dtype == torch.float32:  # TF32 products in tl.dot: ~2^-11 relative error per product, summed over dim terms
+        torch.testing.assert_close(got[:, :used].double().cpu(), want, rtol=2e-3, atol=2e-3 * dim)
+    else:  # exact products, float32 sums, the result rounded to 8 (bf16) / 11 (fp16) bits
+        torch.testing.assert_close(got[:, :used].double().cpu(), want, rtol=8e-3, atol=0.1)
     assert torch.equal(got[:, :dim].cpu(), d.cpu())  # the dense vector is copied, not computed
 
 

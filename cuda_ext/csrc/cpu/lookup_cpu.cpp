@@ -12,8 +12,12 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cache_cpu_common.h"
@@ -38,18 +42,42 @@ struct Pending {
   uint8_t digest;
 };
 
-void fill_row(float* dst, float value, int64_t dim) { std::fill(dst, dst + dim, value); }
+// Output rows: float32 as stored, or rounded to nearest even into bfloat16 / float16 (c10's conversions - the
+// CUDA twin's __float2bfloat16_rn / __float2half_rn give the same bits).
+template <typename OutT>
+void fill_row(OutT* dst, float value, int64_t dim) { std::fill(dst, dst + dim, static_cast<OutT>(value)); }
 
-template <typename key_t, int kMode>
+template <typename OutT>
+void store_row(OutT* dst, const float* src, int64_t dim, bool streaming) {
+  if constexpr (std::is_same<OutT, float>::value) {
+    copy_row_out(dst, src, dim, streaming);
+  } else {
+    for (int64_t c = 0; c < dim; ++c) dst[c] = static_cast<OutT>(src[c]);
+  }
+}
+
+template <typename F>
+void with_out_type(int32_t out_dtype, F&& f) {
+  switch (out_dtype) {
+    case kOutBFloat16:
+      return f(c10::BFloat16{});
+    case kOutFloat16:
+      return f(c10::Half{});
+    default:
+      return f(float{});
+  }
+}
+
+template <typename key_t, int kMode, typename OutT>
 void find_impl(const FindArgs& a) {
   const key_t* kp = static_cast<const key_t*>(a.keys);
   const int64_t n = a.n, dim = a.dim, num_buckets = a.num_buckets;
   const int64_t* sk = a.slot_keys;
   const uint8_t* dg = a.digests;
   const float* val = a.values;
-  float* o = a.out;
+  OutT* o = static_cast<OutT*>(a.out);
   const size_t row_bytes = static_cast<size_t>(dim) * sizeof(float);
-  const bool streaming = use_streaming_stores(o, n, dim);
+  const bool streaming = std::is_same<OutT, float>::value && use_streaming_stores(static_cast<const float*>(a.out), n, dim);
   // The clock is bumped after the find (as the CUDA last block does); hits get the bumped value.
   const int32_t lru_score = kMode == kFindCacheLRU ? score_from_clock(a.clock[0] + 1) : 0;
   int64_t* miss_count = a.ctrl + kCtrlMissCount;
@@ -114,7 +142,7 @@ void find_impl(const FindArgs& a) {
           s = confirm(sk, base2, digest_mask(dg + base2, p.digest), p.key);
         }
       }
-      float* dst = o + m * dim;
+      OutT* dst = o + m * dim;
       if (s < 0) {
         fill_row(dst, a.default_value, dim);
         my_pos.push_back(static_cast<int32_t>(m));
@@ -122,9 +150,9 @@ void find_impl(const FindArgs& a) {
         continue;
       }
       if (kMode == kFindResident) {
-        copy_row_out(dst, val + static_cast<int64_t>(a.slot_rows[s]) * dim, dim, streaming);
+        store_row(dst, val + static_cast<int64_t>(a.slot_rows[s]) * dim, dim, streaming);
       } else {
-        copy_row_out(dst, val + s * dim, dim, streaming);
+        store_row(dst, val + s * dim, dim, streaming);
         if (kMode == kFindCacheLRU) {
           __atomic_store_n(a.scores + s, lru_score, __ATOMIC_RELAXED);
         } else {
@@ -154,36 +182,43 @@ void find_impl(const FindArgs& a) {
   }
 }
 
-template <typename key_t>
+template <typename key_t, typename OutT>
 void find_mode(const FindArgs& a, FindMode mode) {
   switch (mode) {
     case kFindCacheLRU:
-      return find_impl<key_t, kFindCacheLRU>(a);
+      return find_impl<key_t, kFindCacheLRU, OutT>(a);
     case kFindCacheLFU:
-      return find_impl<key_t, kFindCacheLFU>(a);
+      return find_impl<key_t, kFindCacheLFU, OutT>(a);
     default:
-      return find_impl<key_t, kFindResident>(a);
+      return find_impl<key_t, kFindResident, OutT>(a);
   }
 }
 
 }  // namespace
 
 void find(const FindArgs& a, FindMode mode) {
-  if (a.key_is_int64) {
-    find_mode<int64_t>(a, mode);
-  } else {
-    find_mode<int32_t>(a, mode);
-  }
+  with_out_type(a.out_dtype, [&](auto t) {
+    using OutT = decltype(t);
+    if (a.key_is_int64) {
+      find_mode<int64_t, OutT>(a, mode);
+    } else {
+      find_mode<int32_t, OutT>(a, mode);
+    }
+  });
 }
 
 void apply(const ApplyArgs& a) {
   const int64_t dim = a.dim;
   const size_t row_bytes = static_cast<size_t>(dim) * sizeof(float);
-  at::parallel_for(0, a.m, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      std::memcpy(a.out + static_cast<int64_t>(a.pos[j]) * dim, a.rows + static_cast<int64_t>(a.inv[j]) * dim,
-                  row_bytes);
-    }
+  with_out_type(a.out_dtype, [&](auto t) {
+    using OutT = decltype(t);
+    OutT* out = static_cast<OutT*>(a.out);
+    at::parallel_for(0, a.m, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        store_row(out + static_cast<int64_t>(a.pos[j]) * dim, a.rows + static_cast<int64_t>(a.inv[j]) * dim, dim,
+                  /*streaming=*/false);
+      }
+    });
   });
   if (a.ukeys != nullptr && a.u > 0) {
     using InsertFn = void(at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,

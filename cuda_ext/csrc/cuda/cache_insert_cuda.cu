@@ -82,7 +82,7 @@ at::Tensor cache_insert_or_assign_cuda(at::Tensor& slot_keys,         // (S,) in
                                           clock.data_ptr<int64_t>(), keys.data_ptr<index_t>(),
                                           new_values.data_ptr<float>(), sorted_bucket.data_ptr<int64_t>(),
                                           perm.data_ptr<int64_t>(), n, dim, lru, counts.data_ptr<int64_t>(),
-                                          num_buckets);
+                                          num_buckets, nullptr, 0.f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return counts;
@@ -114,7 +114,8 @@ void cache_insert_grouped_cuda(at::Tensor& slot_keys, at::Tensor& digests, at::T
                                                   scores.data_ptr<int32_t>(), values.data_ptr<float>(),
                                                   clock.data_ptr<int64_t>(), keys.data_ptr<index_t>(),
                                                   new_values.data_ptr<float>(), nullptr, nullptr, n, dim,
-                                                  policy == kPolicyLRU, counts.data_ptr<int64_t>(), num_buckets);
+                                                  policy == kPolicyLRU, counts.data_ptr<int64_t>(), num_buckets,
+                                                  nullptr, 0.f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

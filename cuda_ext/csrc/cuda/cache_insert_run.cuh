@@ -20,6 +20,9 @@ namespace cuda {
 
 enum InsertCount { kInserted = 0, kAssigned = 1, kEvicted = 2, kRefused = 3 };
 
+// row_of[i] == kFillRow: entry i's row is fill_value in every element (a key the source lacks).
+constexpr int64_t kFillRow = INT64_MAX;
+
 // Orders (score, lane) so that an unsigned minimum is "lowest score, then lowest slot index".
 __device__ __forceinline__ uint64_t victim_order(int32_t score, int lane) {
   const uint32_t biased = static_cast<uint32_t>(score) ^ 0x80000000u;
@@ -28,6 +31,9 @@ __device__ __forceinline__ uint64_t victim_order(int32_t score, int lane) {
 
 // The insert of n keys by `num_warps` warps of a launch, this one being number `warp` among them; the
 // block's counts are added to block_counts (shared, zeroed by the caller) and later to `counts` by the caller.
+// Entry i (= perm[q], or q) is keys[i] -> new_values + i * dim, or, with row_of, new_values + row_of[i] * dim
+// (kFillRow: fill_value) - the GPU-direct second level inserts from the host-mapped table's rows that way when
+// the lookup's output is not float32.
 template <typename key_t, bool kVec4>
 __device__ __forceinline__ void insert_runs(int64_t* __restrict__ slot_keys, uint8_t* __restrict__ digests,
                                             int32_t* __restrict__ scores, float* __restrict__ values,
@@ -36,7 +42,8 @@ __device__ __forceinline__ void insert_runs(int64_t* __restrict__ slot_keys, uin
                                             const int64_t* __restrict__ sorted_bucket,
                                             const int64_t* __restrict__ perm, int64_t n, int64_t dim, bool lru,
                                             int64_t num_buckets, int64_t warp, int64_t num_warps,
-                                            unsigned long long* block_counts) {
+                                            unsigned long long* block_counts, const int64_t* __restrict__ row_of,
+                                            float fill_value) {
   const int lane = lane_id();
   const int32_t new_score = lru ? score_from_clock(clock[0]) : 1;
   const int64_t stride = num_warps;
@@ -68,16 +75,25 @@ __device__ __forceinline__ void insert_runs(int64_t* __restrict__ slot_keys, uin
       const int count = __popc(__ballot_sync(kFullMask, in_run));  // a prefix of the lanes: runs are contiguous
       const int64_t lane_i = in_run ? (perm != nullptr ? perm[q] : q) : 0;
       const int64_t lane_key = in_run ? static_cast<int64_t>(keys[lane_i]) : 0;
+      const int64_t lane_row = in_run && row_of != nullptr ? row_of[lane_i] : lane_i;
       const uint8_t lane_digest = digest_of(mix64(key_bits(lane_key)));
       for (int t = 0; t < count; ++t) {
-        const int64_t i = __shfl_sync(kFullMask, lane_i, t);
+        const int64_t r = __shfl_sync(kFullMask, lane_row, t);
         const int64_t key = __shfl_sync(kFullMask, lane_key, t);
         const uint8_t digest = static_cast<uint8_t>(__shfl_sync(kFullMask, static_cast<int>(lane_digest), t));
-        const float* src = new_values + i * dim;
+        const float* src = r == kFillRow ? nullptr : new_values + r * dim;
+        const auto put_row = [&](int slot) {
+          float* dst = values + (base + slot) * dim;
+          if (src != nullptr) {
+            warp_copy_row<kVec4>(dst, src, dim, lane);
+          } else {
+            for (int64_t c = lane; c < dim; c += kWarp) dst[c] = fill_value;
+          }
+        };
         const unsigned present = __ballot_sync(kFullMask, my_digest == digest && my_key == key);
         if (present) {  // present before this call or inserted earlier in it: assign, score untouched
           const int slot = __ffs(present) - 1;
-          warp_copy_row<kVec4>(values + (base + slot) * dim, src, dim, lane);
+          put_row(slot);
           written |= 1u << slot;
           ++c[kAssigned];
           continue;
@@ -105,7 +121,7 @@ __device__ __forceinline__ void insert_runs(int64_t* __restrict__ slot_keys, uin
           my_score = new_score;
           dirty = true;
         }
-        warp_copy_row<kVec4>(values + (base + slot) * dim, src, dim, lane);
+        put_row(slot);
         written |= 1u << slot;
         ++c[kInserted];
       }
@@ -135,12 +151,13 @@ __global__ void __launch_bounds__(kThreads)
                        float* __restrict__ values, const int64_t* __restrict__ clock, const key_t* __restrict__ keys,
                        const float* __restrict__ new_values, const int64_t* __restrict__ sorted_bucket,
                        const int64_t* __restrict__ perm, int64_t n, int64_t dim, bool lru,
-                       int64_t* __restrict__ counts, int64_t num_buckets) {
+                       int64_t* __restrict__ counts, int64_t num_buckets, const int64_t* __restrict__ row_of,
+                       float fill_value) {
   __shared__ unsigned long long block_counts[4];
   if (threadIdx.x < 4) block_counts[threadIdx.x] = 0;
   __syncthreads();
   insert_runs<key_t, kVec4>(slot_keys, digests, scores, values, clock, keys, new_values, sorted_bucket, perm, n, dim,
-                            lru, num_buckets, global_warp_id(), total_warps(), block_counts);
+                            lru, num_buckets, global_warp_id(), total_warps(), block_counts, row_of, fill_value);
   __syncthreads();
   if (threadIdx.x < 4 && block_counts[threadIdx.x]) {
     atomic_add_i64(counts + threadIdx.x, static_cast<int64_t>(block_counts[threadIdx.x]));

@@ -22,7 +22,11 @@
 //   orders every call on the table).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "cuda/cache_insert_run.cuh"
 #include "cuda/lookup_cuda.h"
@@ -33,14 +37,98 @@ namespace hps {
 namespace cuda {
 namespace {
 
-template <int G, bool kVec4>
-__device__ __forceinline__ void group_fill_row(float* __restrict__ dst, float value, int64_t dim, int glane) {
-  if (kVec4) {
-    float4* d = reinterpret_cast<float4*>(dst);
-    const int64_t n4 = dim >> 2;
-    for (int64_t c = glane; c < n4; c += G) d[c] = make_float4(value, value, value, value);
+// ------------------------------------------------------------------------------------------------ output rows
+// A lookup writes float32 rows as OutT (float, __nv_bfloat16 or __half), rounded to nearest even - the CPU twin
+// (cpu/lookup_cpu.cpp) rounds the same way. With kVec4 a lane reads 16 bytes of the float row and writes
+// 4 x sizeof(OutT) bytes.
+template <typename OutT>
+__device__ __forceinline__ OutT to_out(float v) {
+  if constexpr (std::is_same<OutT, __nv_bfloat16>::value) {
+    return __float2bfloat16_rn(v);
+  } else if constexpr (std::is_same<OutT, __half>::value) {
+    return __float2half_rn(v);
   } else {
-    for (int64_t c = glane; c < dim; c += G) dst[c] = value;
+    return v;
+  }
+}
+
+// Four floats as four 16-bit values in one 8-byte word (OutT is a 16-bit type).
+template <typename OutT>
+__device__ __forceinline__ uint2 pack4(float4 v) {
+  const OutT q[4] = {to_out<OutT>(v.x), to_out<OutT>(v.y), to_out<OutT>(v.z), to_out<OutT>(v.w)};
+  uint2 r;
+  memcpy(&r, q, sizeof(r));
+  return r;
+}
+
+template <int G, bool kVec4, typename OutT>
+__device__ __forceinline__ void group_fill_row(OutT* __restrict__ dst, float value, int64_t dim, int glane) {
+  if constexpr (std::is_same<OutT, float>::value) {
+    if (kVec4) {
+      float4* d = reinterpret_cast<float4*>(dst);
+      const int64_t n4 = dim >> 2;
+      for (int64_t c = glane; c < n4; c += G) d[c] = make_float4(value, value, value, value);
+      return;
+    }
+  } else {
+    if (kVec4) {
+      uint2* d = reinterpret_cast<uint2*>(dst);
+      const uint2 w = pack4<OutT>(make_float4(value, value, value, value));
+      const int64_t n4 = dim >> 2;
+      for (int64_t c = glane; c < n4; c += G) d[c] = w;
+      return;
+    }
+  }
+  const OutT v = to_out<OutT>(value);
+  for (int64_t c = glane; c < dim; c += G) dst[c] = v;
+}
+
+// One float32 row into the output as OutT by a group of G lanes (float: the cache's 16-byte row copy).
+template <int G, bool kVec4, typename OutT>
+__device__ __forceinline__ void group_store_row(OutT* __restrict__ dst, const float* __restrict__ src, int64_t dim,
+                                                int glane) {
+  if constexpr (std::is_same<OutT, float>::value) {
+    group_copy_row<G, kVec4>(dst, src, dim, glane);
+  } else {
+    constexpr int kUnroll = 4;
+    if (kVec4) {
+      const float4* s = reinterpret_cast<const float4*>(src);
+      uint2* d = reinterpret_cast<uint2*>(dst);
+      const int64_t n4 = dim >> 2;
+      for (int64_t c = glane; c < n4; c += kUnroll * G) {
+        float4 r[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (c + u * G < n4) r[u] = s[c + u * G];
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (c + u * G < n4) d[c + u * G] = pack4<OutT>(r[u]);
+        }
+      }
+    } else {
+      for (int64_t c = glane; c < dim; c += G) dst[c] = to_out<OutT>(src[c]);
+    }
+  }
+}
+
+// Whether a lookup's rows move with 16-byte reads: the float32 sources as rows_vec4, the output row starts
+// (dim x sizeof(OutT) apart) aligned to the 4 x sizeof(OutT) bytes a lane writes.
+inline bool out_vec4(int64_t dim, const void* out, int32_t out_dtype, std::initializer_list<const void*> sources) {
+  const uintptr_t align = out_dtype == kOutFloat32 ? 16 : 8;
+  return rows_vec4(dim, sources) && reinterpret_cast<uintptr_t>(out) % align == 0;
+}
+
+// Calls f(OutT{}) for the output dtype.
+template <typename F>
+void with_out_type(int32_t out_dtype, F&& f) {
+  switch (out_dtype) {
+    case kOutBFloat16:
+      return f(__nv_bfloat16{});
+    case kOutFloat16:
+      return f(__half{});
+    default:
+      return f(float{});
   }
 }
 
@@ -79,7 +167,7 @@ __device__ __forceinline__ int32_t resident_lookup(const FindArgs& a, uint64_t h
   return row;
 }
 
-template <typename key_t, int G, bool kVec4, int kMode>
+template <typename key_t, int G, bool kVec4, int kMode, typename OutT>
 __global__ void __launch_bounds__(kThreads, 4) find_kernel(const FindArgs a) {
   constexpr int kKeysPerWarp = kWarp / G;
   const int lane = lane_id();
@@ -129,9 +217,9 @@ __global__ void __launch_bounds__(kThreads, 4) find_kernel(const FindArgs a) {
       }
     }
     if (!valid) continue;
-    float* dst = a.out + i * dim;
+    OutT* dst = static_cast<OutT*>(a.out) + i * dim;
     if (miss) {
-      group_fill_row<G, kVec4>(dst, a.default_value, dim, glane);
+      group_fill_row<G, kVec4, OutT>(dst, a.default_value, dim, glane);
       continue;
     }
     if (kMode != kFindResident && glane == 0) {
@@ -141,7 +229,7 @@ __global__ void __launch_bounds__(kThreads, 4) find_kernel(const FindArgs a) {
         lfu_bump_atomic(a.scores + slot);
       }
     }
-    group_copy_row<G, kVec4>(dst, a.values + row * dim, dim, glane);
+    group_store_row<G, kVec4, OutT>(dst, a.values + row * dim, dim, glane);
   }
 
   __syncthreads();
@@ -170,32 +258,32 @@ __global__ void __launch_bounds__(kThreads, 4) find_kernel(const FindArgs a) {
   }
 }
 
-template <typename key_t, int G, bool kVec4>
+template <typename key_t, int G, bool kVec4, typename OutT>
 void launch_find_mode(const FindArgs& a, FindMode mode, cudaStream_t stream) {
   const unsigned grid = warp_grid((a.n + kWarp / G - 1) / (kWarp / G));
   switch (mode) {
     case kFindCacheLRU:
-      find_kernel<key_t, G, kVec4, kFindCacheLRU><<<grid, kThreads, 0, stream>>>(a);
+      find_kernel<key_t, G, kVec4, kFindCacheLRU, OutT><<<grid, kThreads, 0, stream>>>(a);
       break;
     case kFindCacheLFU:
-      find_kernel<key_t, G, kVec4, kFindCacheLFU><<<grid, kThreads, 0, stream>>>(a);
+      find_kernel<key_t, G, kVec4, kFindCacheLFU, OutT><<<grid, kThreads, 0, stream>>>(a);
       break;
     default:
-      find_kernel<key_t, G, kVec4, kFindResident><<<grid, kThreads, 0, stream>>>(a);
+      find_kernel<key_t, G, kVec4, kFindResident, OutT><<<grid, kThreads, 0, stream>>>(a);
       break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename key_t, bool kVec4>
+template <typename key_t, bool kVec4, typename OutT>
 void launch_find_group(int group, const FindArgs& a, FindMode mode, cudaStream_t stream) {
   switch (group) {
     case 4:
-      return launch_find_mode<key_t, 4, kVec4>(a, mode, stream);
+      return launch_find_mode<key_t, 4, kVec4, OutT>(a, mode, stream);
     case 8:
-      return launch_find_mode<key_t, 8, kVec4>(a, mode, stream);
+      return launch_find_mode<key_t, 8, kVec4, OutT>(a, mode, stream);
     default:
-      return launch_find_mode<key_t, 32, kVec4>(a, mode, stream);
+      return launch_find_mode<key_t, 32, kVec4, OutT>(a, mode, stream);
   }
 }
 
@@ -245,8 +333,9 @@ __global__ void __launch_bounds__(kThreads) second_level_probe_kernel(const Seco
 // kGatherGroup lanes per row - so neighbouring warps read neighbouring host memory, which the bus serves at
 // close to copy speed (gather_rows_cuda.cu measured 51 GB/s for consecutive ids, 20 GB/s for random ones).
 constexpr int kGatherGroup = 8;
+static_assert(kNoRow == kFillRow, "a staged entry without a row is inserted as the default row");
 
-template <bool kVec4>
+template <bool kVec4, typename OutT>
 __global__ void __launch_bounds__(kThreads) second_level_gather_kernel(const SecondLevelArgs a) {
   constexpr int kRowsPerWarp = kWarp / kGatherGroup;
   const int glane = lane_id() % kGatherGroup;
@@ -256,7 +345,8 @@ __global__ void __launch_bounds__(kThreads) second_level_gather_kernel(const Sec
     const int64_t row = a.sorted_row[q];
     if (row == kNoRow) continue;  // sorted last: a key the second level lacks, or an entry past the misses
     const int64_t pos = a.stage_pos[a.order[q]];
-    group_copy_row<kGatherGroup, kVec4>(a.out + pos * dim, a.index.values + row * dim, dim, glane);
+    group_store_row<kGatherGroup, kVec4, OutT>(static_cast<OutT*>(a.out) + pos * dim, a.index.values + row * dim,
+                                               dim, glane);
   }
 }
 
@@ -264,7 +354,7 @@ __global__ void __launch_bounds__(kThreads) second_level_gather_kernel(const Sec
 
 constexpr int kApplyGroup = 8;  // lanes per row copied by the scatter and resident-write roles
 
-template <bool kVec4>
+template <bool kVec4, typename OutT>
 __global__ void __launch_bounds__(kThreads) apply_kernel(const ApplyArgs a, int64_t scatter_blocks,
                                                          int64_t insert_blocks, int64_t resident_blocks) {
   constexpr int kGroupsPerBlock = kThreads / kApplyGroup;
@@ -273,8 +363,8 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const ApplyArgs a, int6
   if (block < scatter_blocks) {
     const int64_t stride = scatter_blocks * kGroupsPerBlock;
     for (int64_t j = block * kGroupsPerBlock + threadIdx.x / kApplyGroup; j < a.m; j += stride) {
-      group_copy_row<kApplyGroup, kVec4>(a.out + static_cast<int64_t>(a.pos[j]) * a.dim,
-                                         a.rows + static_cast<int64_t>(a.inv[j]) * a.dim, a.dim, glane);
+      group_store_row<kApplyGroup, kVec4, OutT>(static_cast<OutT*>(a.out) + static_cast<int64_t>(a.pos[j]) * a.dim,
+                                                a.rows + static_cast<int64_t>(a.inv[j]) * a.dim, a.dim, glane);
     }
     return;
   }
@@ -286,7 +376,7 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const ApplyArgs a, int6
     insert_runs<int64_t, kVec4>(a.slot_keys, a.digests, a.scores, a.values, a.clock, a.ukeys, a.rows, nullptr,
                                 nullptr, a.u, a.dim, a.lru, a.num_buckets,
                                 (block * kThreads + threadIdx.x) / kWarp, insert_blocks * kWarpsPerBlock,
-                                block_counts);
+                                block_counts, nullptr, 0.f);
     __syncthreads();
     if (threadIdx.x < 4 && block_counts[threadIdx.x]) {
       atomic_add_i64(a.counts + threadIdx.x, static_cast<int64_t>(block_counts[threadIdx.x]));
@@ -349,11 +439,12 @@ void launch_second_level_probe(const SecondLevelArgs& a, cudaStream_t stream) {
 void launch_second_level_gather(const SecondLevelArgs& a, cudaStream_t stream) {
   if (a.n == 0) return;
   const unsigned grid = warp_grid((a.n + kWarp / kGatherGroup - 1) / (kWarp / kGatherGroup));
-  if (rows_vec4(a.index.dim, {a.index.values, a.out})) {
-    second_level_gather_kernel<true><<<grid, kThreads, 0, stream>>>(a);
-  } else {
-    second_level_gather_kernel<false><<<grid, kThreads, 0, stream>>>(a);
-  }
+  const bool vec4 = out_vec4(a.index.dim, a.out, a.out_dtype, {a.index.values});
+  with_out_type(a.out_dtype, [&](auto t) {
+    using OutT = decltype(t);
+    auto kernel = vec4 ? second_level_gather_kernel<true, OutT> : second_level_gather_kernel<false, OutT>;
+    kernel<<<grid, kThreads, 0, stream>>>(a);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -363,7 +454,8 @@ void launch_insert_sorted(const InsertSortedArgs& a, cudaStream_t stream) {
   const unsigned grid = warp_grid(a.n);
   const auto go = [&](auto kernel, const auto* keys) {
     kernel<<<grid, kThreads, 0, stream>>>(a.slot_keys, a.digests, a.scores, a.values, a.clock, keys, a.rows,
-                                          a.sorted_bucket, a.perm, a.n, a.dim, a.lru, a.counts, a.num_buckets);
+                                          a.sorted_bucket, a.perm, a.n, a.dim, a.lru, a.counts, a.num_buckets,
+                                          a.row_of, a.fill_value);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (a.key_is_int64) {
@@ -375,21 +467,24 @@ void launch_insert_sorted(const InsertSortedArgs& a, cudaStream_t stream) {
 }
 
 void launch_find(const FindArgs& a, FindMode mode, cudaStream_t stream) {
-  const bool vec4 = rows_vec4(a.dim, {a.values, a.out});
+  const bool vec4 = out_vec4(a.dim, a.out, a.out_dtype, {a.values});
   const int group = find_group(a.n, a.dim, a.digests);
-  if (a.key_is_int64) {
-    if (vec4) {
-      launch_find_group<int64_t, true>(group, a, mode, stream);
+  with_out_type(a.out_dtype, [&](auto t) {
+    using OutT = decltype(t);
+    if (a.key_is_int64) {
+      if (vec4) {
+        launch_find_group<int64_t, true, OutT>(group, a, mode, stream);
+      } else {
+        launch_find_group<int64_t, false, OutT>(group, a, mode, stream);
+      }
     } else {
-      launch_find_group<int64_t, false>(group, a, mode, stream);
+      if (vec4) {
+        launch_find_group<int32_t, true, OutT>(group, a, mode, stream);
+      } else {
+        launch_find_group<int32_t, false, OutT>(group, a, mode, stream);
+      }
     }
-  } else {
-    if (vec4) {
-      launch_find_group<int32_t, true>(group, a, mode, stream);
-    } else {
-      launch_find_group<int32_t, false>(group, a, mode, stream);
-    }
-  }
+  });
 }
 
 void launch_apply(const ApplyArgs& a, cudaStream_t stream) {
@@ -399,9 +494,12 @@ void launch_apply(const ApplyArgs& a, cudaStream_t stream) {
   const int64_t resident_blocks = resident_items > 0 ? blocks_for_groups(resident_items) : 0;
   const int64_t grid = scatter_blocks + insert_blocks + resident_blocks;
   if (grid == 0) return;
-  const bool vec4 = rows_vec4(a.dim, {a.out, a.rows, a.values, a.table_rows});
-  auto kernel = vec4 ? apply_kernel<true> : apply_kernel<false>;
-  kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, scatter_blocks, insert_blocks, resident_blocks);
+  const bool vec4 = out_vec4(a.dim, a.out, a.out_dtype, {a.rows, a.values, a.table_rows});
+  with_out_type(a.out_dtype, [&](auto t) {
+    using OutT = decltype(t);
+    auto kernel = vec4 ? apply_kernel<true, OutT> : apply_kernel<false, OutT>;
+    kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, scatter_blocks, insert_blocks, resident_blocks);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
