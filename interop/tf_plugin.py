@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 import keras
@@ -68,10 +69,17 @@ def op_library_path() -> str:
 # ---------------------------------------------------------------------------------------------- initialisation
 
 def _replicas() -> int:
-    """Replicas of the tf.distribute strategy Init runs under (HPS: MirroredStrategy / MultiWorkerMirroredStrategy,
-    anything else is refused with HPS's message); 1 without a strategy."""
+    """Replicas Init serves, found as HPS finds them: a tf.distribute strategy's replicas (MirroredStrategy /
+    MultiWorkerMirroredStrategy; anything else is refused with HPS's message); else, when `horovod.tensorflow` is
+    imported, Horovod's process count (each process one replica); else 1."""
     if not tf.distribute.has_strategy():
-        return 1
+        hvd = sys.modules.get("horovod.tensorflow")
+        if hvd is None:
+            return 1
+        try:
+            return int(hvd.size())
+        except ValueError as exc:  # Horovod's "not initialized"
+            raise RuntimeError(f"hps.Init under Horovod needs hvd.init() first: {exc}") from exc
     strategy = tf.distribute.get_strategy()
     if not isinstance(strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)):
         raise RuntimeError(f"This strategy type is not supported yet. ({type(strategy).__name__}; HPS Init supports "
@@ -85,7 +93,9 @@ def Init(*, global_batch_size: int, ps_config_file: Any, **unused: Any) -> Any:
     Under a `tf.distribute.MirroredStrategy` (or MultiWorkerMirroredStrategy) scope, as HPS: one server for the
     process serves every replica, `global_batch_size / num_replicas_in_sync` is checked against each model's
     `max_batch_size`, and the status is one "OK" per replica (a tuple, HPS's `.values`). Inside a replica function
-    (`strategy.run`) it returns that replica's "OK". Another strategy type raises HPS's RuntimeError.
+    (`strategy.run`) it returns that replica's "OK". Another strategy type raises HPS's RuntimeError. Outside a
+    strategy with `horovod.tensorflow` imported (HPS's Horovod mode: one process per replica), the batch is checked
+    per Horovod process (`global_batch_size / hvd.size()`) and the status is this process's "OK".
 
     Args:
         global_batch_size: the largest batch (samples) one lookup call will carry across the replicas; divided by
@@ -109,8 +119,8 @@ def Init(*, global_batch_size: int, ps_config_file: Any, **unused: Any) -> Any:
     replicas = _replicas()
     server = _serve.init(ps_config_file, global_batch_size, explicit=True, replicas=replicas)
     _serve.check_global_batch_size(server, global_batch_size, replicas)
-    if replicas == 1 or not tf.distribute.in_cross_replica_context():
-        return tf.constant("OK")
+    if replicas == 1 or not tf.distribute.has_strategy() or not tf.distribute.in_cross_replica_context():
+        return tf.constant("OK")  # one replica, one Horovod process, or inside a replica function
     strategy = tf.distribute.get_strategy()
     status = strategy.run(lambda: tf.constant("OK"))
     return tuple(strategy.experimental_local_results(status))
