@@ -8,7 +8,7 @@ stays one opaque call).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -100,42 +100,52 @@ class BagLookupLayer(nn.Module):
 
     def forward(self, input: torch.Tensor, offsets: Optional[torch.Tensor] = None,
                 per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if input.dim() == 2:
-            if offsets is not None:
-                raise ValueError("offsets must be None when input is 2-D (B, L)")
-            bags, length = input.shape
-            flat = input.reshape(-1)
-            full_offsets = torch.arange(0, bags * length + 1, max(length, 1), device=input.device)
-            if length == 0:
-                full_offsets = torch.zeros(bags + 1, dtype=torch.int64, device=input.device)
-        elif input.dim() == 1:
-            if offsets is None:
-                raise ValueError("offsets are required when input is 1-D")
-            if offsets.dim() != 1 or offsets.dtype not in (torch.int32, torch.int64):
-                raise ValueError(f"offsets must be a 1-D int tensor, found {offsets.dtype} of shape {tuple(offsets.shape)}")
-            flat = input
-            off = offsets.to(device=input.device, dtype=torch.int64)
-            if off.numel() and int(off[0]) != 0:
-                raise ValueError(f"offsets[0] must be 0, found {int(off[0])}")
-            if off.numel() > 1 and bool((off[1:] < off[:-1]).any()):
-                raise ValueError("offsets must be non-decreasing")
-            if off.numel() and int(off[-1]) > flat.numel():
-                raise ValueError(f"offsets[-1] = {int(off[-1])} exceeds the {flat.numel()} keys of input")
-            full_offsets = torch.cat([off, off.new_tensor([flat.numel()])])
-        else:
-            raise ValueError(f"input must be 1-D (with offsets) or 2-D (B, L), found shape {tuple(input.shape)}")
-        weights = None
-        if per_sample_weights is not None:
-            if per_sample_weights.shape != input.shape:
-                raise ValueError(
-                    f"per_sample_weights must have input's shape {tuple(input.shape)}, "
-                    f"found {tuple(per_sample_weights.shape)}"
-                )
-            if per_sample_weights.dtype != torch.float32:
-                raise TypeError(f"per_sample_weights must be float32, found {per_sample_weights.dtype}")
-            weights = per_sample_weights.reshape(-1).contiguous()
-        rows = self.lookup(flat)
-        return pipeline_ops.bag_reduce(rows, full_offsets.contiguous(), weights, _MODES[self.mode])
+        return pooled_lookup(self.lookup, input, offsets, per_sample_weights, self.mode)
 
     def extra_repr(self) -> str:
         return f"{self.lookup.extra_repr()}, mode={self.mode!r}"
+
+
+def pooled_lookup(lookup: Callable[[torch.Tensor], torch.Tensor], input: torch.Tensor,
+                  offsets: Optional[torch.Tensor] = None, per_sample_weights: Optional[torch.Tensor] = None,
+                  mode: str = "mean") -> torch.Tensor:
+    """BagLookupLayer's forward over any `lookup(keys) -> rows` (a layer, or a server's lookup of one table):
+    the input / offsets / weights checks, then one lookup of every key and the native bag reduction."""
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {sorted(_MODES)}, found {mode!r}")
+    if input.dim() == 2:
+        if offsets is not None:
+            raise ValueError("offsets must be None when input is 2-D (B, L)")
+        bags, length = input.shape
+        flat = input.reshape(-1)
+        full_offsets = torch.arange(0, bags * length + 1, max(length, 1), device=input.device)
+        if length == 0:
+            full_offsets = torch.zeros(bags + 1, dtype=torch.int64, device=input.device)
+    elif input.dim() == 1:
+        if offsets is None:
+            raise ValueError("offsets are required when input is 1-D")
+        if offsets.dim() != 1 or offsets.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"offsets must be a 1-D int tensor, found {offsets.dtype} of shape {tuple(offsets.shape)}")
+        flat = input
+        off = offsets.to(device=input.device, dtype=torch.int64)
+        if off.numel() and int(off[0]) != 0:
+            raise ValueError(f"offsets[0] must be 0, found {int(off[0])}")
+        if off.numel() > 1 and bool((off[1:] < off[:-1]).any()):
+            raise ValueError("offsets must be non-decreasing")
+        if off.numel() and int(off[-1]) > flat.numel():
+            raise ValueError(f"offsets[-1] = {int(off[-1])} exceeds the {flat.numel()} keys of input")
+        full_offsets = torch.cat([off, off.new_tensor([flat.numel()])])
+    else:
+        raise ValueError(f"input must be 1-D (with offsets) or 2-D (B, L), found shape {tuple(input.shape)}")
+    weights = None
+    if per_sample_weights is not None:
+        if per_sample_weights.shape != input.shape:
+            raise ValueError(
+                f"per_sample_weights must have input's shape {tuple(input.shape)}, "
+                f"found {tuple(per_sample_weights.shape)}"
+            )
+        if per_sample_weights.dtype != torch.float32:
+            raise TypeError(f"per_sample_weights must be float32, found {per_sample_weights.dtype}")
+        weights = per_sample_weights.reshape(-1).contiguous()
+    rows = lookup(flat)
+    return pipeline_ops.bag_reduce(rows, full_offsets.contiguous(), weights, _MODES[mode])
