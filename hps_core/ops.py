@@ -43,6 +43,8 @@ __all__ = [
     "cache_clear",
     "cache_size",
     "cache_decay",
+    "sketch_add",
+    "SKETCH_DEPTH",
     "cache_find_misses",
     "resident_index_build",
     "resident_find",
@@ -115,18 +117,21 @@ def cache_insert_or_assign(
     keys: Tensor,
     new_values: Tensor,
     policy: int,
+    sketch: Tensor | None = None,
 ) -> Tensor:
     """Insert new keys / overwrite present ones, as if one at a time in input order (mutates the state).
 
     Args:
         keys: (n,) int32/int64; new_values: (n, D) float32; the rest: the cache state (see cache_find).
+        sketch: an admission sketch (LFU only; see sketch_add): a key that would evict is admitted only if its
+            estimate is above the victim's score, and starts at max(estimate, 1).
 
     Returns:
         counts (4,) int64: [inserted, assigned, evicted, refused]; inserted + assigned + refused == n and evicted
         counts the inserts that displaced a key.
     """
     return torch.ops.hps.cache_insert_or_assign.default(
-        slot_keys, digests, scores, values, clock, keys, new_values, policy
+        slot_keys, digests, scores, values, clock, keys, new_values, policy, sketch
     )
 
 
@@ -140,6 +145,7 @@ def cache_insert_grouped(
     new_values: Tensor,
     counts: Tensor,
     policy: int,
+    sketch: Tensor | None = None,
 ) -> None:
     """cache_insert_or_assign for keys already in non-decreasing bucket order (as the lookup pipeline plans its
     misses): one launch on CUDA, and [inserted, assigned, evicted, refused] ADDED to `counts` (4,) int64.
@@ -148,7 +154,18 @@ def cache_insert_grouped(
     order before writing anything; the CUDA twin does not check (see hps_ops.cpp).
     """
     torch.ops.hps.cache_insert_grouped.default(slot_keys, digests, scores, values, clock, keys, new_values, counts,
-                                               policy)
+                                               policy, sketch)
+
+
+# Counters per key in an admission sketch (cache_layout.h kSketchDepth): a sketch of width W is (SKETCH_DEPTH * W,)
+# int32, W a power of two.
+SKETCH_DEPTH = 4
+
+
+def sketch_add(sketch: Tensor, keys: Tensor, skip: Tensor | None = None) -> None:
+    """Admission sketch: +1 on the counters of every key (n,) whose `skip` (n,) bool is false - every key without
+    it; duplicates count each time. What a find's misses add (`skip` = found). Mutates `sketch`."""
+    torch.ops.hps.sketch_add.default(sketch, keys, skip)
 
 
 def cache_assign(slot_keys: Tensor, digests: Tensor, values: Tensor, keys: Tensor, new_values: Tensor) -> Tensor:
@@ -298,14 +315,21 @@ def _cache_contains_fake(slot_keys, digests, keys):
 
 
 @torch.library.register_fake("hps::cache_insert_or_assign")
-def _cache_insert_or_assign_fake(slot_keys, digests, scores, values, clock, keys, new_values, policy):
+def _cache_insert_or_assign_fake(slot_keys, digests, scores, values, clock, keys, new_values, policy, sketch=None):
     _fake_check_keys(keys)
     torch._check(new_values.dim() == 2, lambda: f"new_values must be 2-D, found shape {tuple(new_values.shape)}")
     return slot_keys.new_empty((4,), dtype=torch.int64)
 
 
+@torch.library.register_fake("hps::sketch_add")
+def _sketch_add_fake(sketch, keys, skip=None):
+    _fake_check_keys(keys)
+    return None
+
+
 @torch.library.register_fake("hps::cache_insert_grouped")
-def _cache_insert_grouped_fake(slot_keys, digests, scores, values, clock, keys, new_values, counts, policy):
+def _cache_insert_grouped_fake(slot_keys, digests, scores, values, clock, keys, new_values, counts, policy,
+                               sketch=None):
     _fake_check_keys(keys)
     torch._check(new_values.dim() == 2, lambda: f"new_values must be 2-D, found shape {tuple(new_values.shape)}")
     return None

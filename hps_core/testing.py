@@ -93,6 +93,14 @@ def digest_of(h: int) -> int:
     return 1 if d == 0 else d
 
 
+SKETCH_DEPTH = 4
+
+
+def sketch_index(h: int, d: int, width: int) -> int:
+    """Counter of key hash h in row d of an admission sketch of `width` (cache_layout.h sketch_index)."""
+    return mix64((h + (d + 1) * 0x9E3779B97F4A7C15) & _U64) & (width - 1)
+
+
 def hash_key(key: int, num_buckets: int) -> tuple[int, int]:
     """(bucket, digest) of one key (an int in the int64 range)."""
     h = mix64(int(key))
@@ -129,9 +137,12 @@ class ReferenceCache:
     the object-level helpers mirror EmbeddingCache (export_batch is trimmed; export_buffers gives the op's buffers).
     """
 
-    def __init__(self, num_buckets: int, dim: int, policy: str = "lru") -> None:
+    def __init__(self, num_buckets: int, dim: int, policy: str = "lru", sketch_width: int = 0) -> None:
         if policy not in POLICY_CODES:
             raise ValueError(f"policy must be one of {sorted(POLICY_CODES)}, found {policy!r}")
+        # admission (LFU): a count-min sketch of SKETCH_DEPTH x sketch_width counters; 0 = no admission
+        self.sketch = np.zeros(SKETCH_DEPTH * sketch_width, np.int64) if sketch_width else None
+        self.sketch_width = int(sketch_width)
         self.num_buckets = int(num_buckets)
         self.num_slots = self.num_buckets * BUCKET_SIZE
         self.dim = int(dim)
@@ -159,16 +170,23 @@ class ReferenceCache:
         self.scores = np.array(_to_numpy(state["scores"]), np.int32).reshape(self.num_slots)
         self.values = np.array(_to_numpy(state["values"]), np.float32).reshape(self.num_slots, self.dim)
         self.clock = int(np.asarray(_to_numpy(state["clock"])).reshape(-1)[0])
+        if "sketch" in state:
+            self.sketch = np.array(_to_numpy(state["sketch"]), np.int64).reshape(-1)
+            self.sketch_width = self.sketch.size // SKETCH_DEPTH
 
     def state(self) -> dict[str, Any]:
-        """Copies of the state: numpy arrays, clock as a (1,) int64 array (the layout of the state tensors)."""
-        return {
+        """Copies of the state: numpy arrays, clock as a (1,) int64 array (the layout of the state tensors), and the
+        sketch with admission."""
+        state = {
             "slot_keys": self.slot_keys.copy(),
             "digests": self.digests.copy(),
             "scores": self.scores.copy(),
             "values": self.values.copy(),
             "clock": np.array([self.clock], np.int64),
         }
+        if self.sketch is not None:
+            state["sketch"] = self.sketch.copy()
+        return state
 
     # ---------------------------------------------------------------- probes
 
@@ -203,13 +221,31 @@ class ReferenceCache:
                 self.scores[s] = min(int(self.scores[s]) + 1, _I32_MAX)
         return out, found
 
+    def sketch_add(self, keys: Iterable[int], skip: Any = None) -> None:
+        """+1 on the counters of each key whose skip entry is false (every key without skip)."""
+        ks = _key_list(keys)
+        skip = np.zeros(len(ks), bool) if skip is None else np.asarray(_to_numpy(skip), bool)
+        for k, sk in zip(ks, skip):
+            if not sk:
+                h = mix64(int(k))
+                for d in range(SKETCH_DEPTH):
+                    self.sketch[d * self.sketch_width + sketch_index(h, d, self.sketch_width)] += 1
+
+    def estimate(self, key: int) -> int:
+        """The admission estimate of a key: the minimum of its counters."""
+        h = mix64(int(key))
+        return int(min(self.sketch[d * self.sketch_width + sketch_index(h, d, self.sketch_width)]
+                       for d in range(SKETCH_DEPTH)))
+
     def contains(self, keys: Iterable[int]) -> np.ndarray:
         """found (n,) bool; no state change."""
         return np.array([self._probe(k)[0] >= 0 for k in _key_list(keys)], bool)
 
     def insert_or_assign(self, keys: Iterable[int], values: Any) -> dict[str, int]:
         """The sequential contract: input order, lowest free slot, evict lowest score (ties: lowest slot) among slots
-        not written by this call, refuse when every slot of the bucket was written by this call."""
+        not written by this call, refuse when every slot of the bucket was written by this call. With a sketch: a key
+        that would evict is refused unless its estimate beats the victim's score; new keys start at
+        max(estimate, 1)."""
         ks = _key_list(keys)
         rows = _rows(values, len(ks), self.dim)
         counts = dict.fromkeys(COUNT_NAMES, 0)
@@ -222,6 +258,7 @@ class ReferenceCache:
                 written.add(s)
                 counts["assigned"] += 1
                 continue
+            estimate = self.estimate(k) if self.sketch is not None else 0
             bucket_slots = range(base, base + BUCKET_SIZE)
             free = [j for j in bucket_slots if self.digests[j] == 0]
             if free:
@@ -232,10 +269,13 @@ class ReferenceCache:
                     counts["refused"] += 1
                     continue
                 s = min(candidates, key=lambda j: (int(self.scores[j]), j))
+                if self.sketch is not None and estimate <= int(self.scores[s]):
+                    counts["refused"] += 1
+                    continue
                 counts["evicted"] += 1
             self.slot_keys[s] = k
             self.digests[s] = digest
-            self.scores[s] = new_score
+            self.scores[s] = max(estimate, new_score) if self.sketch is not None else new_score
             self.values[s] = rows[i]
             written.add(s)
             counts["inserted"] += 1
@@ -319,7 +359,8 @@ def _to_numpy(x: Any) -> np.ndarray:
 def cache_state(obj: Any) -> dict[str, np.ndarray]:
     """The state of an EmbeddingCache, a ReferenceCache or a state dict, as numpy arrays (copies)."""
     state = obj.state() if hasattr(obj, "state") else obj
-    return {name: np.array(_to_numpy(state[name])) for name in ("slot_keys", "digests", "scores", "values", "clock")}
+    names = ("slot_keys", "digests", "scores", "values", "clock") + (("sketch",) if "sketch" in state else ())
+    return {name: np.array(_to_numpy(state[name])) for name in names}
 
 
 def assert_state_equal(actual: Any, expected: Any, context: str = "") -> None:
@@ -327,8 +368,12 @@ def assert_state_equal(actual: Any, expected: Any, context: str = "") -> None:
     named in the assertion message."""
     a, e = cache_state(actual), cache_state(expected)
     problems = []
-    for name in ("slot_keys", "digests", "scores", "values", "clock"):
+    if set(a) != set(e):
+        problems.append(f"state parts {sorted(a)} != {sorted(e)}")
+    for name in [n for n in a if n in e]:
         x, y = a[name], e[name]
+        if name == "sketch":
+            x, y = x.astype(np.int64), y.astype(np.int64)
         if x.shape != y.shape:
             problems.append(f"{name}: shape {x.shape} != {y.shape}")
             continue
@@ -350,14 +395,17 @@ class CheckedCache:
     (no automatic LRU decay).
     """
 
-    def __init__(self, num_buckets: int, dim: int, device: str | torch.device = "cpu", policy: str = "lru") -> None:
+    def __init__(self, num_buckets: int, dim: int, device: str | torch.device = "cpu", policy: str = "lru",
+                 sketch_width: int = 0) -> None:
         from hps_core import ops  # loads the extension only when a checked cache is built
 
         self.ops = ops
         self.device = torch.device(device)
         self.policy = policy
         self.code = POLICY_CODES[policy]
-        self.ref = ReferenceCache(num_buckets, dim, policy)
+        self.ref = ReferenceCache(num_buckets, dim, policy, sketch_width)
+        self.sketch = (torch.zeros(SKETCH_DEPTH * sketch_width, dtype=torch.int32, device=self.device)
+                       if sketch_width else None)
         s, dev = self.ref.num_slots, self.device
         self.slot_keys = torch.zeros(s, dtype=torch.int64, device=dev)
         self.digests = torch.zeros(s, dtype=torch.uint8, device=dev)
@@ -366,8 +414,11 @@ class CheckedCache:
         self.clock = torch.zeros(1, dtype=torch.int64, device=dev)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"slot_keys": self.slot_keys, "digests": self.digests, "scores": self.scores, "values": self.values,
-                "clock": self.clock}
+        state = {"slot_keys": self.slot_keys, "digests": self.digests, "scores": self.scores, "values": self.values,
+                 "clock": self.clock}
+        if self.sketch is not None:
+            state["sketch"] = self.sketch
+        return state
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         """Set both the tensors and the model from a state dict."""
@@ -398,6 +449,13 @@ class CheckedCache:
         self.check(f"find({k.tolist()})")
         return out, found
 
+    def sketch_add(self, keys: Any, skip: Any = None, dtype: torch.dtype = torch.int64) -> None:
+        k = self._keys(keys, dtype)
+        sk = None if skip is None else torch.as_tensor(np.asarray(_to_numpy(skip), bool), device=self.device)
+        self.ops.sketch_add(self.sketch, k, sk)
+        self.ref.sketch_add(k, None if sk is None else sk.cpu().numpy())
+        self.check(f"sketch_add({k.tolist()})")
+
     def contains(self, keys: Any, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         k = self._keys(keys, dtype)
         found = self.ops.cache_contains(self.slot_keys, self.digests, k)
@@ -409,7 +467,7 @@ class CheckedCache:
         k = self._keys(keys, dtype)
         v = self._rows(values, k.numel())
         counts = self.ops.cache_insert_or_assign(self.slot_keys, self.digests, self.scores, self.values, self.clock,
-                                                 k, v, self.code)
+                                                 k, v, self.code, self.sketch)
         got = dict(zip(COUNT_NAMES, counts.cpu().tolist()))
         expected = self.ref.insert_or_assign(k, v)
         assert got == expected, f"insert_or_assign({k.tolist()}) counts {got} != {expected}"

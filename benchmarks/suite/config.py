@@ -17,6 +17,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DISTRIBUTIONS = ("uniform", "zipf")
 KEY_DTYPES = ("int32", "int64")
 POLICIES = ("lru", "lfu")
+HIT_RATE_POLICIES = ("lru", "lfu", "tinylfu")
 TIERS = ("host_memory", "redis_cluster", "rocksdb")
 PRECISIONS = ("fp32", "tf32", "bf16")
 DLRM_VARIANTS = ("hps_engine", "native", "tf_plugin", "tf_native")
@@ -107,7 +108,8 @@ class HitRateBench(Common):
     trace_keys: int = 2_000_000
     zipf_alphas: List[float] = field(default_factory=lambda: [0.8, 1.05, 1.2])
     cache_ratios: List[float] = field(default_factory=lambda: [0.001, 0.005, 0.01, 0.02, 0.05, 0.1])
-    policies: List[str] = field(default_factory=lambda: ["lru", "lfu"])
+    # lru, lfu, and tinylfu = lfu with the admission sketch (EmbeddingCache admission="tinylfu")
+    policies: List[str] = field(default_factory=lambda: ["lru", "lfu", "tinylfu"])
     batch_keys: int = 256  # keys per find call of the real cache
     dim: int = 1  # row width in the cache: values do not matter here, only which keys are resident
     fully_associative_lru: bool = True  # also simulate an exact LRU of the same capacity (a reference)
@@ -118,7 +120,7 @@ class HitRateBench(Common):
         _int_at_least("trace_keys", self.trace_keys, 1)
         _list_of("zipf_alphas", self.zipf_alphas, lambda v: v > 0, "numbers > 0")
         _list_of("cache_ratios", self.cache_ratios, lambda v: 0 < v <= 1, "numbers in (0, 1]")
-        _list_of("policies", self.policies, lambda v: v in POLICIES, f"names in {POLICIES}")
+        _list_of("policies", self.policies, lambda v: v in HIT_RATE_POLICIES, f"names in {HIT_RATE_POLICIES}")
         _int_at_least("batch_keys", self.batch_keys, 1)
         _int_at_least("dim", self.dim, 1)
 

@@ -1,5 +1,6 @@
-"""`bench=hit_rate`: hit rate vs cache size of the real cache's LRU and LFU (hps_core.cache.EmbeddingCache:
-set-associative buckets of 32 slots) on Zipf traces, against the offline optimum on the same trace.
+"""`bench=hit_rate`: hit rate vs cache size of the real cache's LRU, LFU and LFU with TinyLFU-style admission
+(hps_core.cache.EmbeddingCache: set-associative buckets of 32 slots) on Zipf traces, against the offline optimum on
+the same trace.
 
 Per (alpha, cache ratio) one trace of `trace_keys` keys is replayed through each policy the way the engine drives the
 cache: `find` a batch of `batch_keys` keys, then `insert_or_assign` the batch's distinct misses. The references,
@@ -100,7 +101,10 @@ def cache_hits(trace: np.ndarray, capacity: int, policy: str, batch: int, dim: i
     """(hits, num_slots, insert counters) of EmbeddingCache(capacity, policy) replaying `trace` in batches."""
     from hps_core.cache import EmbeddingCache
 
-    cache = EmbeddingCache(capacity, dim, device="cpu", policy=policy)
+    if policy == "tinylfu":  # LFU with the admission sketch
+        cache = EmbeddingCache(capacity, dim, device="cpu", policy="lfu", admission="tinylfu")
+    else:
+        cache = EmbeddingCache(capacity, dim, device="cpu", policy=policy)
     t = torch.from_numpy(trace)
     hits = 0
     counts = {"inserted": 0, "evicted": 0, "refused": 0}

@@ -50,4 +50,17 @@ HPS_HD uint8_t digest_of(uint64_t h) {
 // Keys of either dtype are widened to int64 by sign extension: int32 key -5 and int64 key -5 are one key.
 HPS_HD uint64_t key_bits(int64_t key) { return static_cast<uint64_t>(key); }
 
+// Admission (LFU caches with a frequency sketch, TinyLFU-style): a count-min sketch of kSketchDepth rows of `width`
+// int32 counters (width a power of two; the sketch tensor is (kSketchDepth * width,), row d at d * width) counts how
+// often each key was looked up while it was not cached. An insert that must evict admits the key only if its
+// estimate (the minimum of its kSketchDepth counters) is above the victim's LFU score - so a key seen once cannot
+// push out a hot one - and gives an admitted key its estimate as its score (its history so far).
+constexpr int64_t kSketchDepth = 4;
+
+// Counter of key hash h (h = mix64(key_bits(key))) in sketch row d: an independent mix per row.
+HPS_HD int64_t sketch_index(uint64_t h, int64_t d, int64_t width) {
+  return static_cast<int64_t>(mix64(h + static_cast<uint64_t>(d + 1) * 0x9E3779B97F4A7C15ull) &
+                              static_cast<uint64_t>(width - 1));
+}
+
 }  // namespace hps

@@ -8,6 +8,8 @@
 //   clock     (1,)   int64    LRU logical clock, bumped once per non-empty find call
 #pragma once
 
+#include <optional>
+
 #include <ATen/ATen.h>
 
 #include "cache_layout.h"
@@ -98,6 +100,29 @@ inline void check_query_keys(const at::Tensor& keys, const at::Tensor& slot_keys
   HPS_CHECK_DIM(keys, 1);
   HPS_CHECK_CONTIGUOUS(keys);
   HPS_CHECK_SAME_DEVICE(keys, slot_keys);
+}
+
+// An admission sketch (cache_layout.h): int32 (kSketchDepth * width,), width a power of two, contiguous, on the
+// cache's device. Returns width.
+inline int64_t check_sketch(const at::Tensor& sketch, const at::Tensor& slot_keys) {
+  HPS_CHECK_DTYPE(sketch, at::kInt);
+  HPS_CHECK_DIM(sketch, 1);
+  HPS_CHECK_CONTIGUOUS(sketch);
+  HPS_CHECK_SAME_DEVICE(sketch, slot_keys);
+  const int64_t width = sketch.size(0) / kSketchDepth;
+  TORCH_CHECK_VALUE(width > 0 && width * kSketchDepth == sketch.size(0) && (width & (width - 1)) == 0,
+                    "sketch must hold ", kSketchDepth, " rows of a power-of-two width, found ", sketch.size(0),
+                    " counters");
+  return width;
+}
+
+// The admission sketch of an insert, when given: a valid sketch, and an LFU cache (admission compares the key's
+// estimated frequency with the victim's hit count; an LRU score is a time).
+inline void check_admission(const std::optional<at::Tensor>& sketch, const at::Tensor& slot_keys, int64_t policy) {
+  if (!sketch) return;
+  check_sketch(*sketch, slot_keys);
+  TORCH_CHECK_VALUE(policy == kPolicyLFU, "sketch: admission needs the LFU policy (", kPolicyLFU, "), found policy ",
+                    policy);
 }
 
 inline void check_new_values(const at::Tensor& new_values, const at::Tensor& keys, const at::Tensor& values) {

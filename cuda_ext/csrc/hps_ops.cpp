@@ -12,7 +12,11 @@
 //           evicts the slot with the lowest score, ties to the lowest slot index, never a slot written by this
 //           same call; if every slot was written by this call the key is refused. New keys get score = clock
 //           (LRU) or 1 (LFU). Later duplicates of a key in one call assign (last value wins).
-//           Returns counts (4,) int64: [inserted, assigned, evicted, refused].
+//           With an admission sketch (LFU only; cache_layout.h): a new key that would evict is refused unless its
+//           estimate (min of its counters) is above the victim's score, and a new key's score is
+//           max(estimate, 1). Returns counts (4,) int64: [inserted, assigned, evicted, refused].
+//  * sketch_add(sketch, keys, skip): +1 on the kSketchDepth counters of each key with skip false (every key
+//           without skip); duplicates count each time (what a find's misses add: `skip` = found).
 //  * insert_grouped: insert_or_assign for keys already in non-decreasing bucket order (so the CUDA twin needs no
 //           sort: one launch); the counts are ADDED to `counts` (4,) instead of returned. The CPU twin raises on
 //           keys out of bucket order; the CUDA twin does not check (a key out of order still lands in its own
@@ -78,10 +82,10 @@ TORCH_LIBRARY(hps, m) {
   m.def("cache_contains(Tensor slot_keys, Tensor digests, Tensor keys) -> Tensor");
   m.def(
       "cache_insert_or_assign(Tensor(a!) slot_keys, Tensor(b!) digests, Tensor(c!) scores, Tensor(d!) values, "
-      "Tensor clock, Tensor keys, Tensor new_values, int policy) -> Tensor");
+      "Tensor clock, Tensor keys, Tensor new_values, int policy, Tensor? sketch=None) -> Tensor");
   m.def(
       "cache_insert_grouped(Tensor(a!) slot_keys, Tensor(b!) digests, Tensor(c!) scores, Tensor(d!) values, "
-      "Tensor clock, Tensor keys, Tensor new_values, Tensor(e!) counts, int policy) -> ()");
+      "Tensor clock, Tensor keys, Tensor new_values, Tensor(e!) counts, int policy, Tensor? sketch=None) -> ()");
   m.def("cache_assign(Tensor slot_keys, Tensor digests, Tensor(a!) values, Tensor keys, Tensor new_values) -> Tensor");
   m.def("cache_erase(Tensor slot_keys, Tensor(a!) digests, Tensor(b!) scores, Tensor keys) -> Tensor");
   m.def(
@@ -90,6 +94,9 @@ TORCH_LIBRARY(hps, m) {
   m.def("cache_clear(Tensor(a!) digests, Tensor(b!) scores, Tensor(c!) clock) -> ()");
   m.def("cache_size(Tensor digests) -> Tensor");
   m.def("cache_decay(Tensor(a!) scores, Tensor(b!) clock, int policy) -> ()");
+  // Admission sketch (cache_layout.h): add one to the counters of every key whose `skip` entry is false (all keys
+  // without `skip`) - what a find's misses add - duplicates counted each time.
+  m.def("sketch_add(Tensor(a!) sketch, Tensor keys, Tensor? skip=None) -> ()");
 
   m.def("compact_misses(Tensor keys, Tensor found) -> (Tensor unique_keys, Tensor positions, Tensor inverse, Tensor counts)");
   m.def("scatter_rows(Tensor(a!) out, Tensor positions, Tensor inverse, Tensor rows, Tensor counts) -> ()");

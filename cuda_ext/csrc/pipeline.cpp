@@ -73,6 +73,10 @@ constexpr int64_t kClockResyncEvery = int64_t{1} << 16;
 
 int64_t align64(int64_t bytes) { return (bytes + 63) & ~int64_t{63}; }
 
+// hps::cache_insert_or_assign as the dispatcher calls it (the last argument: an admission sketch, none here).
+using CacheInsertFn = at::Tensor(at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, const at::Tensor&, int64_t, const std::optional<at::Tensor>&);
+
 // The OutDtype of a lookup's output tensor (lookup_layout.h); TypeError for a dtype a lookup cannot return.
 int32_t out_dtype_of(at::ScalarType t) {
   switch (t) {
@@ -994,10 +998,8 @@ void LookupPipeline::apply_plan(const OutRows& out, const int32_t* pos, const in
     a.counts = ctrl_.data_ptr<int64_t>() + kCtrlInserted;
   }
   const auto insert_sorted_keys = [&](const at::Tensor& k, const at::Tensor& r) {
-    using InsertFn = at::Tensor(at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, const at::Tensor&, int64_t);
-    static auto insert_op = op<InsertFn>("hps::cache_insert_or_assign");
-    at::Tensor counts = insert_op.call(slot_keys_, digests_, scores_, values_, clock_, k, r, policy_);
+    static auto insert_op = op<CacheInsertFn>("hps::cache_insert_or_assign");
+    at::Tensor counts = insert_op.call(slot_keys_, digests_, scores_, values_, clock_, k, r, policy_, std::nullopt);
     ctrl_.narrow(0, kCtrlInserted, 4).add_(counts);
   };
 
@@ -1194,11 +1196,9 @@ void LookupPipeline::insert(const at::Tensor& keys, const at::Tensor& rows) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   if (device_.is_cuda()) order_stream();
-  using InsertFn = at::Tensor(at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&,
-                              const at::Tensor&, const at::Tensor&, int64_t);
-  static auto insert_op = op<InsertFn>("hps::cache_insert_or_assign");
+  static auto insert_op = op<CacheInsertFn>("hps::cache_insert_or_assign");
   at::Tensor counts = insert_op.call(slot_keys_, digests_, scores_, values_, clock_, keys.to(device_),
-                                     rows.to(device_), policy_);
+                                     rows.to(device_), policy_, std::nullopt);
   ctrl_.narrow(0, kCtrlInserted, 4).add_(counts);
 }
 

@@ -92,6 +92,16 @@ inline void lfu_bump_atomic(int32_t* score) {
   }
 }
 
+// Admission sketch (cache_layout.h): the estimate of a key (hash h) - the minimum of its kSketchDepth counters.
+inline int32_t sketch_estimate(const int32_t* sketch, int64_t width, uint64_t h) {
+  int32_t m = INT32_MAX;
+  for (int64_t d = 0; d < kSketchDepth; ++d) {
+    const int32_t c = __atomic_load_n(sketch + d * width + sketch_index(h, d, width), __ATOMIC_RELAXED);
+    m = c < m ? c : m;
+  }
+  return m;
+}
+
 // The finds' software pipeline (cache_find_cpu.cpp, lookup_cpu.cpp): keys between stages, the ring of in-flight
 // keys (a power of two, > 2 * kFindAhead), and keys per parallel_for task (long enough that the pipeline's fill and
 // drain, 2 * kFindAhead keys, are negligible).

@@ -39,9 +39,11 @@ std::vector<cpu::KeyHash> hash_all(const at::Tensor& keys, int64_t num_buckets) 
 }
 
 // The insert itself, for checked arguments and the keys' hashes `hk` (hash_all). Returns the counts.
+// With a sketch (admission, LFU only): a key that must evict is refused unless its estimate beats the victim's
+// score, and an inserted key starts at max(estimate, 1) (cache_layout.h).
 at::Tensor insert_hashed(at::Tensor& slot_keys, at::Tensor& digests, at::Tensor& scores, at::Tensor& values,
                          const at::Tensor& clock, const at::Tensor& keys, const at::Tensor& new_values,
-                         int64_t policy, const std::vector<cpu::KeyHash>& hk) {
+                         int64_t policy, const std::vector<cpu::KeyHash>& hk, const at::Tensor* sketch) {
   at::Tensor counts = at::zeros({4}, slot_keys.options());  // [inserted, assigned, evicted, refused]
   const int64_t n = keys.size(0);
   if (n == 0) return counts;
@@ -64,6 +66,8 @@ at::Tensor insert_hashed(at::Tensor& slot_keys, at::Tensor& digests, at::Tensor&
   int32_t* sc = scores.data_ptr<int32_t>();
   float* val = values.data_ptr<float>();
   const float* nv = new_values.data_ptr<float>();
+  const int32_t* sketch_p = sketch != nullptr ? sketch->data_ptr<int32_t>() : nullptr;
+  const int64_t width = sketch != nullptr ? sketch->size(0) / kSketchDepth : 0;
   std::atomic<int64_t> total[4] = {{0}, {0}, {0}, {0}};
 
   at::parallel_for(0, num_groups, 16, [&](int64_t g_begin, int64_t g_end) {
@@ -86,12 +90,13 @@ at::Tensor insert_hashed(at::Tensor& slot_keys, at::Tensor& digests, at::Tensor&
             break;
           }
         }
+        const int32_t estimate = sketch_p != nullptr ? cpu::sketch_estimate(sketch_p, width, mix64(key_bits(k.key))) : 0;
         if (s < 0) {  // full: lowest score among slots not written by this call, ties to the lowest index
           for (int64_t j = 0; j < kBucketSize; ++j) {
             if ((written >> j) & 1u) continue;
             if (s < 0 || sc[k.base + j] < sc[s]) s = k.base + j;
           }
-          if (s < 0) {
+          if (s < 0 || (sketch_p != nullptr && estimate <= sc[s])) {  // no victim, or not admitted
             ++local[kRefused];
             continue;
           }
@@ -99,7 +104,7 @@ at::Tensor insert_hashed(at::Tensor& slot_keys, at::Tensor& digests, at::Tensor&
         }
         sk[s] = k.key;
         dg[s] = k.digest;
-        sc[s] = new_score;
+        sc[s] = sketch_p != nullptr && estimate > new_score ? estimate : new_score;
         std::memcpy(val + s * dim, nv + i * dim, row_bytes);
         written |= uint32_t(1) << (s - k.base);
         ++local[kInserted];
@@ -119,13 +124,15 @@ at::Tensor cache_insert_or_assign_cpu(at::Tensor& slot_keys,          // (S,) in
                                       const at::Tensor& clock,        // (1,) int64, read only
                                       const at::Tensor& keys,         // (n,) int32|int64
                                       const at::Tensor& new_values,   // (n, D) float32
-                                      int64_t policy) {
+                                      int64_t policy,
+                                      const std::optional<at::Tensor>& sketch) {  // admission, or none
   const int64_t num_buckets = cpu::check_cpu_state(slot_keys, digests, scores, values, clock);
   check_policy(policy);
   check_query_keys(keys, slot_keys);
   check_new_values(new_values, keys, values);
+  check_admission(sketch, slot_keys, policy);
   return insert_hashed(slot_keys, digests, scores, values, clock, keys, new_values, policy,
-                       hash_all(keys, num_buckets));
+                       hash_all(keys, num_buckets), sketch ? &*sketch : nullptr);
 }
 
 at::Tensor cache_assign_cpu(const at::Tensor& slot_keys,   // (S,) int64
@@ -167,11 +174,12 @@ at::Tensor cache_assign_cpu(const at::Tensor& slot_keys,   // (S,) int64
 // the grouping saves nothing, it only has to give the same result as the CUDA twin.
 void cache_insert_grouped_cpu(at::Tensor& slot_keys, at::Tensor& digests, at::Tensor& scores, at::Tensor& values,
                               const at::Tensor& clock, const at::Tensor& keys, const at::Tensor& new_values,
-                              at::Tensor& counts, int64_t policy) {
+                              at::Tensor& counts, int64_t policy, const std::optional<at::Tensor>& sketch) {
   const int64_t num_buckets = cpu::check_cpu_state(slot_keys, digests, scores, values, clock);
   check_policy(policy);
   check_query_keys(keys, slot_keys);
   check_new_values(new_values, keys, values);
+  check_admission(sketch, slot_keys, policy);
   HPS_CHECK_DTYPE(counts, at::kLong);
   TORCH_CHECK_VALUE(counts.dim() == 1 && counts.size(0) == 4, "counts must be a (4,) tensor, found shape ",
                     counts.sizes());
@@ -182,7 +190,8 @@ void cache_insert_grouped_cpu(at::Tensor& slot_keys, at::Tensor& digests, at::Te
                       "order; key ", i, " is in bucket ", hk[i].base / kBucketSize, " after a key of bucket ",
                       hk[i - 1].base / kBucketSize);
   }
-  counts.add_(insert_hashed(slot_keys, digests, scores, values, clock, keys, new_values, policy, hk));
+  counts.add_(insert_hashed(slot_keys, digests, scores, values, clock, keys, new_values, policy, hk,
+                            sketch ? &*sketch : nullptr));
 }
 
 }  // namespace

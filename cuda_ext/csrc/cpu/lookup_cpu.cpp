@@ -222,7 +222,7 @@ void apply(const ApplyArgs& a) {
   });
   if (a.ukeys != nullptr && a.u > 0) {
     using InsertFn = void(at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
-                          const at::Tensor&, at::Tensor&, int64_t);
+                          const at::Tensor&, at::Tensor&, int64_t, const std::optional<at::Tensor>&);
     static auto insert =
         c10::Dispatcher::singleton().findSchemaOrThrow("hps::cache_insert_grouped", "").typed<InsertFn>();
     const int64_t slots = a.num_buckets * kBucketSize;
@@ -234,7 +234,8 @@ void apply(const ApplyArgs& a) {
     at::Tensor keys = at::from_blob(const_cast<int64_t*>(a.ukeys), {a.u}, at::kLong);
     at::Tensor rows = at::from_blob(const_cast<float*>(a.rows), {a.u, dim}, at::kFloat);
     at::Tensor counts = at::from_blob(a.counts, {4}, at::kLong);
-    insert.call(slot_keys, digests, scores, values, clock, keys, rows, counts, a.lru ? kPolicyLRU : kPolicyLFU);
+    insert.call(slot_keys, digests, scores, values, clock, keys, rows, counts, a.lru ? kPolicyLRU : kPolicyLFU,
+                std::nullopt);
   }
   if (a.row_ids != nullptr) {
     for (int64_t k = 0; k < a.u; ++k) {

@@ -58,11 +58,14 @@ at::Tensor cache_insert_or_assign_cuda(at::Tensor& slot_keys,         // (S,) in
                                        const at::Tensor& clock,       // (1,) int64, read only
                                        const at::Tensor& keys,        // (n,) int32|int64
                                        const at::Tensor& new_values,  // (n, D) float32
-                                       int64_t policy) {
+                                       int64_t policy, const std::optional<at::Tensor>& sketch) {
   const int64_t num_buckets = check_cuda_state(slot_keys, digests, scores, values, clock);
   check_policy(policy);
   check_query_keys(keys, slot_keys);
   check_new_values(new_values, keys, values);
+  check_admission(sketch, slot_keys, policy);
+  const int32_t* sketch_p = sketch ? sketch->data_ptr<int32_t>() : nullptr;
+  const int64_t sketch_width = sketch ? sketch->size(0) / kSketchDepth : 0;
   const c10::cuda::CUDAGuard guard(slot_keys.device());
   at::Tensor counts = at::zeros({4}, slot_keys.options());  // [inserted, assigned, evicted, refused]
   const int64_t n = keys.size(0);
@@ -82,7 +85,7 @@ at::Tensor cache_insert_or_assign_cuda(at::Tensor& slot_keys,         // (S,) in
                                           clock.data_ptr<int64_t>(), keys.data_ptr<index_t>(),
                                           new_values.data_ptr<float>(), sorted_bucket.data_ptr<int64_t>(),
                                           perm.data_ptr<int64_t>(), n, dim, lru, counts.data_ptr<int64_t>(),
-                                          num_buckets, nullptr, 0.f);
+                                          num_buckets, nullptr, 0.f, sketch_p, sketch_width);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return counts;
@@ -93,11 +96,14 @@ at::Tensor cache_insert_or_assign_cuda(at::Tensor& slot_keys,         // (S,) in
 // need the keys on the host); keys outside their group still land in their own bucket, never outside the cache.
 void cache_insert_grouped_cuda(at::Tensor& slot_keys, at::Tensor& digests, at::Tensor& scores, at::Tensor& values,
                                const at::Tensor& clock, const at::Tensor& keys, const at::Tensor& new_values,
-                               at::Tensor& counts, int64_t policy) {
+                               at::Tensor& counts, int64_t policy, const std::optional<at::Tensor>& sketch) {
   const int64_t num_buckets = check_cuda_state(slot_keys, digests, scores, values, clock);
   check_policy(policy);
   check_query_keys(keys, slot_keys);
   check_new_values(new_values, keys, values);
+  check_admission(sketch, slot_keys, policy);
+  const int32_t* sketch_p = sketch ? sketch->data_ptr<int32_t>() : nullptr;
+  const int64_t sketch_width = sketch ? sketch->size(0) / kSketchDepth : 0;
   HPS_CHECK_DTYPE(counts, at::kLong);
   TORCH_CHECK_VALUE(counts.dim() == 1 && counts.size(0) == 4 && counts.is_contiguous(),
                     "counts must be a contiguous (4,) tensor, found shape ", counts.sizes());
@@ -115,7 +121,7 @@ void cache_insert_grouped_cuda(at::Tensor& slot_keys, at::Tensor& digests, at::T
                                                   clock.data_ptr<int64_t>(), keys.data_ptr<index_t>(),
                                                   new_values.data_ptr<float>(), nullptr, nullptr, n, dim,
                                                   policy == kPolicyLRU, counts.data_ptr<int64_t>(), num_buckets,
-                                                  nullptr, 0.f);
+                                                  nullptr, 0.f, sketch_p, sketch_width);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -43,7 +43,8 @@ __device__ __forceinline__ void insert_runs(int64_t* __restrict__ slot_keys, uin
                                             const int64_t* __restrict__ perm, int64_t n, int64_t dim, bool lru,
                                             int64_t num_buckets, int64_t warp, int64_t num_warps,
                                             unsigned long long* block_counts, const int64_t* __restrict__ row_of,
-                                            float fill_value) {
+                                            float fill_value, const int32_t* __restrict__ sketch,
+                                            int64_t sketch_width) {
   const int lane = lane_id();
   const int32_t new_score = lru ? score_from_clock(clock[0]) : 1;
   const int64_t stride = num_warps;
@@ -76,10 +77,21 @@ __device__ __forceinline__ void insert_runs(int64_t* __restrict__ slot_keys, uin
       const int64_t lane_i = in_run ? (perm != nullptr ? perm[q] : q) : 0;
       const int64_t lane_key = in_run ? static_cast<int64_t>(keys[lane_i]) : 0;
       const int64_t lane_row = in_run && row_of != nullptr ? row_of[lane_i] : lane_i;
+      // Admission: each lane's key estimate, read before the walk (the sketch does not change during an insert).
+      int32_t lane_estimate = 0;
+      if (sketch != nullptr && in_run) {
+        const uint64_t h = mix64(key_bits(lane_key));
+        lane_estimate = INT32_MAX;
+        for (int64_t d = 0; d < kSketchDepth; ++d) {
+          const int32_t c = sketch[d * sketch_width + sketch_index(h, d, sketch_width)];
+          lane_estimate = c < lane_estimate ? c : lane_estimate;
+        }
+      }
       const uint8_t lane_digest = digest_of(mix64(key_bits(lane_key)));
       for (int t = 0; t < count; ++t) {
         const int64_t r = __shfl_sync(kFullMask, lane_row, t);
         const int64_t key = __shfl_sync(kFullMask, lane_key, t);
+        const int32_t estimate = __shfl_sync(kFullMask, lane_estimate, t);
         const uint8_t digest = static_cast<uint8_t>(__shfl_sync(kFullMask, static_cast<int>(lane_digest), t));
         const float* src = r == kFillRow ? nullptr : new_values + r * dim;
         const auto put_row = [&](int slot) {
@@ -109,6 +121,10 @@ __device__ __forceinline__ void insert_runs(int64_t* __restrict__ slot_keys, uin
         } else {
           const bool candidate = ((written >> lane) & 1u) == 0u;
           slot = static_cast<int>(warp_min_u64(candidate ? victim_order(my_score, lane) : ~uint64_t(0)) & 31u);
+          if (sketch != nullptr && estimate <= __shfl_sync(kFullMask, my_score, slot)) {  // not admitted
+            ++c[kRefused];
+            continue;
+          }
           ++c[kEvicted];
           // Hide the victim before its row changes (a concurrent reader must not pair its key with the new row).
           if (lane == slot) digests[base + slot] = kEmptyDigest;
@@ -118,7 +134,7 @@ __device__ __forceinline__ void insert_runs(int64_t* __restrict__ slot_keys, uin
         if (lane == slot) {
           my_digest = digest;
           my_key = key;
-          my_score = new_score;
+          my_score = sketch != nullptr && estimate > new_score ? estimate : new_score;
           dirty = true;
         }
         put_row(slot);
@@ -152,12 +168,13 @@ __global__ void __launch_bounds__(kThreads)
                        const float* __restrict__ new_values, const int64_t* __restrict__ sorted_bucket,
                        const int64_t* __restrict__ perm, int64_t n, int64_t dim, bool lru,
                        int64_t* __restrict__ counts, int64_t num_buckets, const int64_t* __restrict__ row_of,
-                       float fill_value) {
+                       float fill_value, const int32_t* __restrict__ sketch, int64_t sketch_width) {
   __shared__ unsigned long long block_counts[4];
   if (threadIdx.x < 4) block_counts[threadIdx.x] = 0;
   __syncthreads();
   insert_runs<key_t, kVec4>(slot_keys, digests, scores, values, clock, keys, new_values, sorted_bucket, perm, n, dim,
-                            lru, num_buckets, global_warp_id(), total_warps(), block_counts, row_of, fill_value);
+                            lru, num_buckets, global_warp_id(), total_warps(), block_counts, row_of, fill_value,
+                            sketch, sketch_width);
   __syncthreads();
   if (threadIdx.x < 4 && block_counts[threadIdx.x]) {
     atomic_add_i64(counts + threadIdx.x, static_cast<int64_t>(block_counts[threadIdx.x]));
