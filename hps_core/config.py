@@ -96,6 +96,7 @@ class TableConfig:
     dim: int = field(default=MISSING, metadata=_hps("embedding_vecsize_per_table"))
     max_keys_per_sample: int = field(default=1, metadata=_hps("maxnum_catfeature_query_per_table_per_sample"))
     default_value: float = field(default=0.0, metadata=_hps("default_value_for_each_table"))
+    admission: str = ""  # ours: "" = the model cache's admission, or none | tinylfu for this table
 
 
 @dataclass
@@ -104,7 +105,11 @@ class CacheConfig:
 
     enabled: bool = field(default=True, metadata=_hps("gpucache"))
     ratio: float = field(default=0.2, metadata=_hps("gpucacheper"))  # cache rows / table rows, in (0, 1]
-    policy: str = "lru"  # ours: lru | lfu
+    policy: str = field(default="lru", metadata=_hps("gpucache_policy"))  # ours (HPS had LRU only): lru | lfu
+    # Admission below a dynamic LFU cache: none, or tinylfu - a frequency sketch of the misses lets a key evict only
+    # when it was seen more often than the victim was hit (HPS-style key: gpucache_admission). A table may override
+    # it (tables[i].admission).
+    admission: str = field(default="none", metadata=_hps("gpucache_admission"))
     # dynamic | static | uvm; alias stochastic -> dynamic (HPS: use_static_table true forces static)
     type: str = field(default="dynamic", metadata=_hps("embedding_cache_type"))
     # Insert asynchronously iff the batch hit rate >= threshold; values > 1 mean always synchronous.
@@ -396,6 +401,7 @@ def _container(node: Union[DictConfig, ListConfig], path: str) -> Any:
 _CACHE_TYPES = {"dynamic": "dynamic", "static": "static", "uvm": "uvm", "stochastic": "dynamic"}
 _CACHE_POLICIES = {"lru": "lru", "lfu": "lfu"}
 _SECOND_LEVELS = {"none": "none", "host_mapped": "host_mapped", "uvm": "host_mapped"}
+_ADMISSIONS = {"none": "none", "tinylfu": "tinylfu"}
 _OVERFLOW_POLICIES = {
     "evict_random": "evict_random", "random": "evict_random",
     "evict_least_used": "evict_least_used", "least_used": "evict_least_used",
@@ -496,6 +502,17 @@ def _validate_model(model_name: str, m: ModelConfig) -> None:
     k.enum("policy", _CACHE_POLICIES)
     k.enum("type", _CACHE_TYPES)
     k.enum("second_level", _SECOND_LEVELS)
+    k.enum("admission", _ADMISSIONS)
+    checkers = [k] + [_Checker(table, f"{path}.tables[{t}]") for t, table in enumerate(m.tables)]
+    for checker in checkers[1:]:
+        if checker.obj.admission:
+            checker.enum("admission", _ADMISSIONS)
+    for checker in checkers:
+        checker.check("admission", checker.obj.admission != "tinylfu" or (m.cache.policy == "lfu"
+                                                                          and m.cache.type == "dynamic"),
+                      f"tinylfu admission needs cache.policy lfu and cache.type dynamic (it compares a key's "
+                      f"frequency with the victim's hit count); found policy {m.cache.policy!r}, type "
+                      f"{m.cache.type!r}")
     if m.cache.second_level != "none":
         k.check("second_level", m.cache.type == "dynamic",
                 f"a second level goes below a dynamic cache; cache.type is {m.cache.type!r}")
@@ -609,6 +626,8 @@ _HPS_MODEL_KEYS: Dict[str, Tuple[Any, Any]] = {
     "fp8_quant": (bool, False),
     # ours, in HPS's style: "none" | "host_mapped" (a dynamic cache over the whole table in pinned host memory)
     "gpucache_second_level": (str, "none"),
+    "gpucache_admission": (str, "none"),
+    "gpucache_policy": (str, "lru"),
 }
 # Documented by HPS but never read from JSON (InferenceParams / HugeCTR inference only): accepted and ignored.
 _HPS_MODEL_IGNORED = (
@@ -862,6 +881,8 @@ def _hps_model(raw: Any, path: str, global_fuse: bool) -> Tuple[str, ModelConfig
         enable_pagelock=m["enable_pagelock"], fp8_quant=m["fp8_quant"], thread_pool_size=m["thread_pool_size"],
         use_hctr_cache_implementation=m["use_hctr_cache_implementation"],
         second_level=m["gpucache_second_level"],
+        admission=m["gpucache_admission"],
+        policy=m["gpucache_policy"],
     )
     if not global_fuse and "fuse_embedding_table" in raw:
         logger.debug("HPS JSON %s.fuse_embedding_table ignored: the global fuse_embedding_table is false", path)

@@ -394,7 +394,9 @@ class HierarchicalParameterServer:
             self._load_resident(rt, pipe)
         else:
             capacity = max(int(cfg.ratio * max(rows, 1)), ops.bucket_size())
-            pipe = TablePipeline.dynamic_cache(device, capacity=capacity, policy=cfg.policy, **common)
+            admission = rt.config.admission or cfg.admission  # the table's choice, else the model cache's
+            pipe = TablePipeline.dynamic_cache(device, capacity=capacity, policy=cfg.policy, admission=admission,
+                                               **common)
             if cfg.second_level == "host_mapped":
                 pipe.set_second_level(self._second_level_for(rt, device, shared=shared))
         self._connect(rt, pipe)

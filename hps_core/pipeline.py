@@ -86,12 +86,20 @@ class TablePipeline:
 
     @classmethod
     def dynamic_cache(cls, device: str | torch.device, *, dim: int, capacity: int, policy: str, default_value: float,
-                      max_keys: int, tag: str) -> "TablePipeline":
-        """A set-associative cache of `capacity` rows (rounded up to whole buckets) that learns its misses."""
+                      max_keys: int, tag: str, admission: str = "none") -> "TablePipeline":
+        """A set-associative cache of `capacity` rows (rounded up to whole buckets) that learns its misses.
+        admission "tinylfu" (LFU only): a frequency sketch of the misses decides which keys may evict
+        (hps_core.cache.EmbeddingCache documents the rule; ageing every ADMISSION_WINDOW x slots keys)."""
         if policy not in ops.POLICIES:
             raise ValueError(f"policy must be one of {sorted(ops.POLICIES)}, found {policy!r}")
+        if admission not in ("none", "tinylfu"):
+            raise ValueError(f"admission must be 'none' or 'tinylfu', found {admission!r}")
         native = torch.classes.hps.LookupPipeline(_KIND_DYNAMIC, str(device), dim, capacity, ops.POLICIES[policy],
                                                   float(default_value), max_keys, True, False, tag)
+        if admission == "tinylfu":
+            from hps_core.cache import ADMISSION_WINDOW
+
+            native.set_admission(ADMISSION_WINDOW * int(native.num_slots()))
         return cls(native, "dynamic")
 
     @classmethod

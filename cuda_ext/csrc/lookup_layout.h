@@ -114,6 +114,8 @@ struct ApplyArgs {
   int64_t num_buckets = 0;
   bool lru = true;
   int64_t* counts = nullptr;  // ctrl + kCtrlInserted
+  const int32_t* sketch = nullptr;  // admission sketch (LFU caches), or null
+  int64_t sketch_width = 0;
   // resident table: table_rows[row_ids[k]] = rows[k] where row_ids[k] >= 0
   const int32_t* row_ids = nullptr;
   float* table_rows = nullptr;
@@ -177,6 +179,8 @@ struct InsertSortedArgs {
   // optional: entry i's row is rows + row_of[i] * dim, or fill_value everywhere when row_of[i] is kNoRow
   const int64_t* row_of = nullptr;
   float fill_value = 0.f;
+  const int32_t* sketch = nullptr;  // admission sketch (LFU caches), or null
+  int64_t sketch_width = 0;
 };
 
 }  // namespace hps

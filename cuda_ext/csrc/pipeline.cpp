@@ -6,6 +6,7 @@
 // the plan is large). Buffers are allocated once and grown, never per call. Python is not on the path: the
 // lower tiers are reached through a callback only for keys the host-memory map lacks.
 #include "pipeline.h"
+#include "sketch.h"
 
 #include <Python.h>
 #include <ATen/Parallel.h>
@@ -373,6 +374,10 @@ void LookupPipeline::second_level_direct(const at::Tensor& flat, at::Tensor& out
   ins.dim = dim_;
   ins.lru = policy_ == kPolicyLRU;
   ins.counts = ctrl_.data_ptr<int64_t>() + kCtrlInserted;
+  if (sketch_.defined()) {
+    ins.sketch = sketch_.data_ptr<int32_t>();
+    ins.sketch_width = sketch_.size(0) / kSketchDepth;
+  }
   cuda::launch_insert_sorted(ins, stream);
 #else
   (void)flat;
@@ -414,6 +419,41 @@ void LookupPipeline::set_async(double threshold, int64_t max_pending) {
   if (kind_ == kDynamicCache && threshold <= 1.0 && !async_thread_.joinable()) {
     async_thread_ = std::thread([this] { async_loop(); });
   }
+}
+
+void LookupPipeline::set_admission(int64_t window) {
+  TORCH_CHECK_VALUE(window >= 0, tag_, ": the admission window must be >= 0 keys, found ", window);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (window == 0) {
+    sketch_ = at::Tensor();
+    sketch_window_ = 0;
+    return;
+  }
+  TORCH_CHECK_VALUE(kind_ == kDynamicCache && policy_ == kPolicyLFU, tag_,
+                    ": admission needs a dynamic cache with the LFU policy (it compares frequencies)");
+  const int64_t slots = slot_keys_.size(0);
+  int64_t width = 1;
+  while (width < 4 * slots) width <<= 1;
+  sketch_ = at::zeros({kSketchDepth * width}, at::TensorOptions().device(device_).dtype(at::kInt));
+  sketch_window_ = window;
+  keys_since_ageing_ = 0;
+}
+
+std::optional<at::Tensor> LookupPipeline::sketch_arg() const {
+  return sketch_.defined() ? std::optional<at::Tensor>(sketch_) : std::nullopt;
+}
+
+// Every sketch_window_ keys looked up: the sketch and the LFU scores halved (counts follow a changing popularity).
+// Host-counted, so the CPU and CUDA twins age at the same calls; not while a CUDA graph is captured.
+void LookupPipeline::age_before_find(int64_t n, bool capturing) {
+  if (!sketch_.defined() || capturing) return;
+  if (keys_since_ageing_ >= sketch_window_) {
+    sketch_.bitwise_right_shift_(1);
+    static auto decay = op<void(at::Tensor&, at::Tensor&, int64_t)>("hps::cache_decay");
+    decay.call(scores_, clock_, policy_);
+    keys_since_ageing_ = 0;
+  }
+  keys_since_ageing_ += n;
 }
 
 int64_t LookupPipeline::handle(const c10::intrusive_ptr<LookupPipeline>& self) {
@@ -603,8 +643,12 @@ void LookupPipeline::lookup_into(const at::Tensor& flat, at::Tensor& out) {
     a.host_flag = ws_->flag.data_ptr<int64_t>();
     a.seq = ++seq_;
     before_find();
+    age_before_find(n, false);
     cpu::find(a, find_mode());
     misses = a.host_flag[kFlagMisses];
+    if (misses > 0 && sketch_.defined() && a.miss_keys != nullptr) {
+      cpu::sketch_add_keys(sketch_.data_ptr<int32_t>(), sketch_.size(0) / kSketchDepth, a.miss_keys, misses);
+    }
   } else {
 #ifdef HPS_WITH_CUDA
     const c10::cuda::CUDAGuard guard(device_);
@@ -622,7 +666,12 @@ void LookupPipeline::lookup_into(const at::Tensor& flat, at::Tensor& out) {
       a.miss_pos = ws_->miss_pos_d.data_ptr<int32_t>();
       a.miss_keys = ws_->miss_keys_d.data_ptr<int64_t>();
       if (!capturing) before_find();
+      age_before_find(n, capturing);
       cuda::launch_find(a, find_mode(), stream);
+      if (sketch_.defined()) {  // the misses' counts, their number read by the kernel from the control block
+        cuda::launch_sketch_add(sketch_.data_ptr<int32_t>(), sketch_.size(0) / kSketchDepth, a.miss_keys, n,
+                                ctrl_.data_ptr<int64_t>() + kCtrlPending, stream);
+      }
       second_level_direct(flat, out, n, capturing);
       record_latency(kStageTotal, seconds_since(t0));
       return;
@@ -645,6 +694,7 @@ void LookupPipeline::lookup_into(const at::Tensor& flat, at::Tensor& out) {
       a.seq = ++seq_;
     }
     if (!capturing) before_find();
+    age_before_find(n, capturing);
     cuda::launch_find(a, find_mode(), stream);
     if (!want_misses) {
       record_latency(kStageTotal, seconds_since(t0));
@@ -668,6 +718,10 @@ void LookupPipeline::lookup_into(const at::Tensor& flat, at::Tensor& out) {
     }
     std::atomic_thread_fence(std::memory_order_acquire);
     misses = flag[kFlagMisses];
+    if (misses > 0 && sketch_.defined()) {  // the list: pinned host memory (small batches) or device memory
+      cuda::launch_sketch_add(sketch_.data_ptr<int32_t>(), sketch_.size(0) / kSketchDepth, a.miss_keys, misses,
+                              nullptr, stream);
+    }
 #endif
   }
   if (!want_misses) {
@@ -996,10 +1050,14 @@ void LookupPipeline::apply_plan(const OutRows& out, const int32_t* pos, const in
     set_cache_state(a, slot_keys_, digests_, scores_, values_, clock_);
     a.lru = policy_ == kPolicyLRU;
     a.counts = ctrl_.data_ptr<int64_t>() + kCtrlInserted;
+    if (sketch_.defined()) {
+      a.sketch = sketch_.data_ptr<int32_t>();
+      a.sketch_width = sketch_.size(0) / kSketchDepth;
+    }
   }
   const auto insert_sorted_keys = [&](const at::Tensor& k, const at::Tensor& r) {
     static auto insert_op = op<CacheInsertFn>("hps::cache_insert_or_assign");
-    at::Tensor counts = insert_op.call(slot_keys_, digests_, scores_, values_, clock_, k, r, policy_, std::nullopt);
+    at::Tensor counts = insert_op.call(slot_keys_, digests_, scores_, values_, clock_, k, r, policy_, sketch_arg());
     ctrl_.narrow(0, kCtrlInserted, 4).add_(counts);
   };
 
@@ -1198,7 +1256,7 @@ void LookupPipeline::insert(const at::Tensor& keys, const at::Tensor& rows) {
   if (device_.is_cuda()) order_stream();
   static auto insert_op = op<CacheInsertFn>("hps::cache_insert_or_assign");
   at::Tensor counts = insert_op.call(slot_keys_, digests_, scores_, values_, clock_, keys.to(device_),
-                                     rows.to(device_), policy_, std::nullopt);
+                                     rows.to(device_), policy_, sketch_arg());
   ctrl_.narrow(0, kCtrlInserted, 4).add_(counts);
 }
 
@@ -1378,6 +1436,8 @@ void LookupPipeline::clear() {
     static auto clear_op = op<void(at::Tensor&, at::Tensor&, at::Tensor&)>("hps::cache_clear");
     clear_op.call(digests_, scores_, clock_);
     clock_host_ = 0;
+    if (sketch_.defined()) sketch_.zero_();
+    keys_since_ageing_ = 0;
     return;
   }
   index_ = std::make_unique<ResidentIndex>(capacity_);
@@ -1392,6 +1452,7 @@ int64_t LookupPipeline::memory_bytes() {
   if (kind_ == kDynamicCache) {
     int64_t bytes = 0;
     for (const at::Tensor* t : {&slot_keys_, &digests_, &scores_, &values_, &clock_}) bytes += t->nbytes();
+    if (sketch_.defined()) bytes += sketch_.nbytes();
     return bytes;
   }
   return static_cast<int64_t>(rows_.nbytes()) + index_->memory_bytes();
@@ -1424,6 +1485,7 @@ void register_pipeline(torch::Library& m) {
       .def("set_source", &P::set_source)
       .def("set_lower_tiers", &P::set_lower_tiers)
       .def("set_async", &P::set_async)
+      .def("set_admission", &P::set_admission)
       .def("set_second_level", &P::set_second_level)
       .def("lookup", [](const Ptr& self, const at::Tensor& keys) { return self->lookup(keys); })
       .def("load", &P::load)

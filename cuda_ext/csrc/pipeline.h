@@ -89,6 +89,10 @@ class LookupPipeline : public torch::CustomClassHolder {
   void set_source(int64_t host_map_handle);  // -1: no host-memory tier
   void set_lower_tiers(int64_t fn, int64_t token);  // fn: a LowerTierFn address, 0 for none
   void set_async(double hit_rate_threshold, int64_t max_pending);  // threshold > 1: always synchronous
+  // Admission (an LFU dynamic cache; cache_layout.h): a count-min sketch of 4 x the next power of two >= 4 x slots
+  // counters counts every miss of every find; inserts that would evict admit only keys whose estimate beats the
+  // victim's hit count. Every `window` keys looked up the sketch and the scores are halved. window 0: off.
+  void set_admission(int64_t window);
   // A dynamic cache's second level: a resident table of the same table whose rows the host can read (on the CPU,
   // or host-mapped on a GPU), consulted for the cache's misses before the host map and the lower tiers. When it
   // answers every key, a key it lacks gets the default vector without asking the tiers.
@@ -189,6 +193,9 @@ class LookupPipeline : public torch::CustomClassHolder {
   void quiesce();
   void sync_index();
   void record_latency(int64_t stage, double seconds);
+  // Admission: the sketch as an optional op argument, and its ageing before a find of n keys.
+  std::optional<at::Tensor> sketch_arg() const;
+  void age_before_find(int64_t n, bool capturing);
   void async_loop();
 
   // configuration
@@ -219,6 +226,9 @@ class LookupPipeline : public torch::CustomClassHolder {
   std::atomic<bool> overflowed_{false};  // answers_all() no more: a key did not fit
   int64_t clock_host_ = 0;  // mirror of the LRU clock: decay before it reaches kClockLimit
   at::Tensor ctrl_;         // kCtrlSize int64 on the device
+  at::Tensor sketch_;       // admission: (kSketchDepth * width,) int32 on the device, or undefined
+  int64_t sketch_window_ = 0;
+  int64_t keys_since_ageing_ = 0;
 
   // concurrency
   mutable std::mutex mu_;

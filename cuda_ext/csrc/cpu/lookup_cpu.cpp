@@ -234,8 +234,12 @@ void apply(const ApplyArgs& a) {
     at::Tensor keys = at::from_blob(const_cast<int64_t*>(a.ukeys), {a.u}, at::kLong);
     at::Tensor rows = at::from_blob(const_cast<float*>(a.rows), {a.u, dim}, at::kFloat);
     at::Tensor counts = at::from_blob(a.counts, {4}, at::kLong);
+    std::optional<at::Tensor> sketch;
+    if (a.sketch != nullptr) {
+      sketch = at::from_blob(const_cast<int32_t*>(a.sketch), {kSketchDepth * a.sketch_width}, at::kInt);
+    }
     insert.call(slot_keys, digests, scores, values, clock, keys, rows, counts, a.lru ? kPolicyLRU : kPolicyLFU,
-                std::nullopt);
+                sketch);
   }
   if (a.row_ids != nullptr) {
     for (int64_t k = 0; k < a.u; ++k) {

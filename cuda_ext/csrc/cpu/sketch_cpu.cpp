@@ -8,6 +8,7 @@
 #include <optional>
 
 #include "cpu/cache_cpu_common.h"
+#include "sketch.h"
 
 namespace hps {
 namespace {
@@ -42,6 +43,19 @@ void sketch_add_cpu(at::Tensor& sketch, const at::Tensor& keys, const std::optio
 }
 
 }  // namespace
+
+namespace cpu {
+void sketch_add_keys(int32_t* sketch, int64_t width, const int64_t* keys, int64_t n) {
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const uint64_t h = mix64(key_bits(keys[i]));
+      for (int64_t d = 0; d < kSketchDepth; ++d) {
+        __atomic_fetch_add(sketch + d * width + sketch_index(h, d, width), 1, __ATOMIC_RELAXED);
+      }
+    }
+  });
+}
+}  // namespace cpu
 
 TORCH_LIBRARY_IMPL(hps, CPU, m) { m.impl("sketch_add", &sketch_add_cpu); }
 

@@ -376,7 +376,7 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const ApplyArgs a, int6
     insert_runs<int64_t, kVec4>(a.slot_keys, a.digests, a.scores, a.values, a.clock, a.ukeys, a.rows, nullptr,
                                 nullptr, a.u, a.dim, a.lru, a.num_buckets,
                                 (block * kThreads + threadIdx.x) / kWarp, insert_blocks * kWarpsPerBlock,
-                                block_counts, nullptr, 0.f, nullptr, 0);
+                                block_counts, nullptr, 0.f, a.sketch, a.sketch_width);
     __syncthreads();
     if (threadIdx.x < 4 && block_counts[threadIdx.x]) {
       atomic_add_i64(a.counts + threadIdx.x, static_cast<int64_t>(block_counts[threadIdx.x]));
@@ -455,7 +455,7 @@ void launch_insert_sorted(const InsertSortedArgs& a, cudaStream_t stream) {
   const auto go = [&](auto kernel, const auto* keys) {
     kernel<<<grid, kThreads, 0, stream>>>(a.slot_keys, a.digests, a.scores, a.values, a.clock, keys, a.rows,
                                           a.sorted_bucket, a.perm, a.n, a.dim, a.lru, a.counts, a.num_buckets,
-                                          a.row_of, a.fill_value, nullptr, 0);
+                                          a.row_of, a.fill_value, a.sketch, a.sketch_width);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (a.key_is_int64) {
