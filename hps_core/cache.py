@@ -62,8 +62,8 @@ class EmbeddingCache:
         device: where the state lives ("cpu", "cuda", "cuda:1", ...). Every key/value tensor passed in must be on it.
         policy: "lru" (score = logical clock of the last find that hit the key) or "lfu" (score = hit count).
             A full bucket evicts its lowest-score slot.
-        admission: None, or "tinylfu" (LFU only): a count-min sketch (4 x the next power of two >= 4 x num_slots
-            int32 counters) counts each find's misses; an insert that would evict admits the key only if its
+        admission: None, or "tinylfu" (LFU only): a count-min sketch (4 x ops.sketch_width(num_slots) int32
+            counters: the next power of two >= max(4 x num_slots, 2^16)) counts each find's misses; an insert that would evict admits the key only if its
             estimate is above the victim's hit count, and gives it the estimate as its score - a key seen once
             cannot push out a hot one. Every `ADMISSION_WINDOW` x num_slots keys looked up, the sketch and the
             scores are halved (ageing), so the counts follow a changing popularity.
@@ -122,8 +122,7 @@ class EmbeddingCache:
         self.admission = admission
         self.sketch: Tensor | None = None  # (SKETCH_DEPTH * width,) int32 with admission
         if admission is not None:
-            width = 1 << max(0, (4 * s - 1).bit_length())
-            self.sketch = torch.zeros(ops.SKETCH_DEPTH * width, dtype=torch.int32, device=dev)
+            self.sketch = torch.zeros(ops.SKETCH_DEPTH * ops.sketch_width(s), dtype=torch.int32, device=dev)
         self._keys_since_ageing = 0
         self._clock_host = 0  # mirror of clock[0]: +1 per non-empty find, >>1 per LRU decay, 0 on clear
         self._finds_since_resync = 0

@@ -44,6 +44,7 @@ __all__ = [
     "cache_size",
     "cache_decay",
     "sketch_add",
+    "sketch_width",
     "SKETCH_DEPTH",
     "cache_find_misses",
     "resident_index_build",
@@ -155,6 +156,11 @@ def cache_insert_grouped(
     """
     torch.ops.hps.cache_insert_grouped.default(slot_keys, digests, scores, values, clock, keys, new_values, counts,
                                                policy, sketch)
+
+
+def sketch_width(slots: int) -> int:
+    """Counters per row of the admission sketch of a cache of `slots` slots (cache_layout.h sketch_width_for)."""
+    return int(torch.ops.hps.sketch_width(int(slots)))
 
 
 # Counters per key in an admission sketch (cache_layout.h kSketchDepth): a sketch of width W is (SKETCH_DEPTH * W,)

@@ -72,6 +72,7 @@ TORCH_LIBRARY(hps, m) {
   // Constants shared with Python come from here, not copied.
   m.def("bucket_size() -> int", []() -> int64_t { return hps::kBucketSize; });
   m.def("clock_limit() -> int", []() -> int64_t { return hps::kClockLimit; });
+  m.def("sketch_width(int slots) -> int", [](int64_t slots) -> int64_t { return hps::sketch_width_for(slots); });
 
   // (n,) keys -> bucket (n,) int64, digest (n,) uint8. For tests and tools; the kernels inline the same hash.
   m.def("hash_keys(Tensor keys, int num_buckets) -> (Tensor bucket, Tensor digest)");

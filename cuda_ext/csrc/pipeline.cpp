@@ -431,10 +431,8 @@ void LookupPipeline::set_admission(int64_t window) {
   }
   TORCH_CHECK_VALUE(kind_ == kDynamicCache && policy_ == kPolicyLFU, tag_,
                     ": admission needs a dynamic cache with the LFU policy (it compares frequencies)");
-  const int64_t slots = slot_keys_.size(0);
-  int64_t width = 1;
-  while (width < 4 * slots) width <<= 1;
-  sketch_ = at::zeros({kSketchDepth * width}, at::TensorOptions().device(device_).dtype(at::kInt));
+  sketch_ = at::zeros({kSketchDepth * sketch_width_for(slot_keys_.size(0))},
+                      at::TensorOptions().device(device_).dtype(at::kInt));
   sketch_window_ = window;
   keys_since_ageing_ = 0;
 }
