@@ -101,6 +101,7 @@ def _opcheck_cases(device: str, dtype: torch.dtype) -> dict:
     q = torch.tensor([1, 2, 1, 1000, -5, 39, 2], dtype=dtype, device=device)
     nv = rows(q.numel(), 4, seed=1).to(device)
     sk, dg, sc, val, clk = s["slot_keys"], s["digests"], s["scores"], s["values"], s["clock"]
+    sketch = torch.arange(ops.SKETCH_DEPTH * 16, dtype=torch.int32, device=device) % 5  # an admission sketch
     return {
         "hash_keys": (torch.ops.hps.hash_keys.default, (q, 2)),
         "cache_find_lru": (torch.ops.hps.cache_find.default, (sk, dg, sc, val, clk, q, ops.POLICY_LRU)),
@@ -110,6 +111,11 @@ def _opcheck_cases(device: str, dtype: torch.dtype) -> dict:
             torch.ops.hps.cache_insert_or_assign.default,
             (sk, dg, sc, val, clk, q, nv, ops.POLICY_LRU),
         ),
+        "cache_insert_or_assign_admission": (
+            torch.ops.hps.cache_insert_or_assign.default,
+            (sk, dg, sc, val, clk, q, nv, ops.POLICY_LFU, sketch),
+        ),
+        "sketch_add": (torch.ops.hps.sketch_add.default, (sketch, q, q > 1)),
         "cache_assign": (torch.ops.hps.cache_assign.default, (sk, dg, val, q, nv)),
         "cache_erase": (torch.ops.hps.cache_erase.default, (sk, dg, sc, q)),
         "cache_export_batch": (torch.ops.hps.cache_export_batch.default, (sk, dg, val, 3, 45)),
