@@ -204,3 +204,20 @@ def test_importing_the_adapter_imports_no_framework():
     code = "import sys, interop.arrays; print(sorted(m for m in ('tensorflow', 'cupy', 'jax') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.skipif(not HAVE_JAX, reason="jax is not installed")
+def test_the_arrays_example_runs(tmp_path):
+    """examples/arrays_models.py as a user runs it: the JAX model's scores equal the table files' (the CuPy pipeline
+    joins in on a GPU machine)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(root / "examples" / "arrays_models.py"), "--workdir", str(tmp_path),
+                           "--batches", "5"], capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = [float(e) for e in re.findall(r"max \|error\| vs the table files ([0-9.e+-]+)", proc.stdout)]
+    assert errors and max(errors) < 1e-5, proc.stdout
