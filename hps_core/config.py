@@ -241,6 +241,9 @@ class DeploymentConfig:
     tiers: TiersConfig = field(default_factory=TiersConfig)
     update_source: UpdateSourceConfig = field(default_factory=UpdateSourceConfig)
     fuse_embedding_table: bool = field(default=False, metadata=_hps("fuse_embedding_table"))
+    # Prometheus `/metrics` of this server (hps_core.metrics): a TCP port on the loopback interface, 0 = off
+    # (HPS-style key: metrics_port).
+    metrics_port: int = field(default=0, metadata=_hps("metrics_port"))
 
 
 @dataclass
@@ -464,6 +467,7 @@ def validate(cfg: DeploymentConfig) -> DeploymentConfig:
 
     top = _Checker(out, "")
     top.enum("key_dtype", _KEY_DTYPES)
+    top.check("metrics_port", 0 <= out.metrics_port <= 65535, "must be a TCP port (1..65535), or 0 for no metrics")
     top.check("models", len(out.models) > 0, "at least one model is required")
     for model_name, model in out.models.items():
         _validate_model(model_name, model)
@@ -681,6 +685,7 @@ _HPS_UPDATE_SOURCE_KEYS: Dict[str, Tuple[Any, Any]] = {
 _HPS_GLOBAL_KEYS: Dict[str, Tuple[Any, Any]] = {
     "supportlonglong": (bool, _REQUIRED),
     "fuse_embedding_table": (bool, False),
+    "metrics_port": (int, 0),
     "models": (list, _REQUIRED),
     "volatile_db": (dict, None),
     "persistent_db": (dict, None),
@@ -821,6 +826,7 @@ def _hps_to_deployment(data: Mapping[str, Any]) -> DeploymentConfig:
         tiers=_hps_tiers(g["volatile_db"], g["persistent_db"]),
         update_source=_hps_update_source(g["update_source"]),
         fuse_embedding_table=fuse,
+        metrics_port=g["metrics_port"],
     )
 
 

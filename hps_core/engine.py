@@ -207,6 +207,7 @@ class HierarchicalParameterServer:
         self._warned_cpu_fallback = False
         self._tokens: list[int] = []  # lower-tier callback tokens of this server's pipelines
         self._gate = _CallGate()  # update / refresh / uncached lookups in flight; close() waits for them
+        self.metrics = None  # hps_core.metrics.MetricsExporter when config metrics_port is set
         created: list[tuple[Tier, str]] = []  # tables this start created in persistent tiers (undone on failure)
         try:
             # Phase 1 - everything that can refuse the deployment (table files, devices), before any tier changes.
@@ -234,6 +235,10 @@ class HierarchicalParameterServer:
                         rt.pass_through = TablePipeline.pass_through(dim=rt.dim, default_value=rt.default_value,
                                                                      max_keys=rt.max_keys_per_call, tag=rt.tag)
                         self._connect(rt, rt.pass_through)
+            if self.config.metrics_port:
+                from hps_core.metrics import MetricsExporter
+
+                self.metrics = MetricsExporter(self, self.config.metrics_port)
         except BaseException:
             for tier, tag in reversed(created):  # a refused start leaves the persistent tiers as it found them
                 try:
@@ -748,6 +753,8 @@ class HierarchicalParameterServer:
         if getattr(self, "_closed", True):
             return
         self._closed = True
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
         # Lookups through a pipeline finish (each pipeline's close waits for its call in flight) or raise; then the
         # Python-side calls in flight (updates, refreshes, uncached lookups) finish; only then do the tiers close.
         for runtimes in getattr(self, "tables", {}).values():
