@@ -212,9 +212,14 @@ class TiersConfig:
 
 @dataclass
 class UpdateSourceConfig:
-    """HPS update_source (Kafka online updates). Parsed and validated; the engine does not consume it yet."""
+    """Online updates. HPS's Kafka source (kafka_message_queue) is parsed and validated but not consumed; ours,
+    redis_stream, is: a Redis stream at `brokers` (host:port) read in consumer group `group` (one group per server:
+    every server gets every update), applied through update() (hps_core.update_stream)."""
 
-    type: str = field(default="none", metadata=_hps("update_source.type"))  # none | kafka_message_queue
+    type: str = field(default="none", metadata=_hps("update_source.type"))  # none | kafka_message_queue | redis_stream
+    stream: str = field(default="hps_updates", metadata=_hps("update_source.stream"))
+    group: str = field(default="", metadata=_hps("update_source.group"))  # required for redis_stream
+    consumer: str = field(default="c0", metadata=_hps("update_source.consumer"))
     brokers: str = field(default="127.0.0.1:9092", metadata=_hps("update_source.brokers"))
     metadata_refresh_interval_ms: int = field(
         default=30000, metadata=_hps("update_source.metadata_refresh_interval_ms")
@@ -413,6 +418,7 @@ _OVERFLOW_POLICIES = {
 _UPDATE_SOURCE_TYPES = {
     "none": "none", "null": "none",
     "kafka_message_queue": "kafka_message_queue", "kafka_mq": "kafka_message_queue", "kafka": "kafka_message_queue",
+    "redis_stream": "redis_stream",
 }
 _KEY_DTYPES = {"int64": "int64", "int32": "int32"}
 _MAX_BUFFERS = 256  # HPS memory pool limit per model and device
@@ -585,6 +591,13 @@ def _validate_update_source(u: UpdateSourceConfig) -> None:
     c.enum("type", _UPDATE_SOURCE_TYPES)
     if u.type == "kafka_message_queue":
         c.check("brokers", len(u.brokers.strip()) > 0, "at least one broker is required")
+    if u.type == "redis_stream":
+        host, _, port = u.brokers.partition(":")
+        c.check("brokers", bool(host.strip()) and port.isdigit() and 1 <= int(port) <= 65535,
+                "a redis_stream source needs one 'host:port'")
+        c.check("group", bool(u.group.strip()), "a redis_stream source needs this server's consumer group name "
+                "(one per server: each server must get every update)")
+        c.check("stream", bool(u.stream.strip()), "must name the stream")
     c.at_least("metadata_refresh_interval_ms", 10)
     c.at_least("receive_buffer_size", 1)
     c.at_least("poll_timeout_ms", 0)
@@ -681,6 +694,9 @@ _HPS_UPDATE_SOURCE_KEYS: Dict[str, Tuple[Any, Any]] = {
     "max_batch_size": (int, 8192),
     "failure_backoff_ms": (int, 50),
     "max_commit_interval": (int, 32),
+    "stream": (str, "hps_updates"),
+    "group": (str, ""),
+    "consumer": (str, "c0"),
 }
 _HPS_GLOBAL_KEYS: Dict[str, Tuple[Any, Any]] = {
     "supportlonglong": (bool, _REQUIRED),

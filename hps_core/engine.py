@@ -208,6 +208,7 @@ class HierarchicalParameterServer:
         self._tokens: list[int] = []  # lower-tier callback tokens of this server's pipelines
         self._gate = _CallGate()  # update / refresh / uncached lookups in flight; close() waits for them
         self.metrics = None  # hps_core.metrics.MetricsExporter when config metrics_port is set
+        self.update_consumer = None  # hps_core.update_stream.StreamConsumer for an update_source redis_stream
         created: list[tuple[Tier, str]] = []  # tables this start created in persistent tiers (undone on failure)
         try:
             # Phase 1 - everything that can refuse the deployment (table files, devices), before any tier changes.
@@ -239,6 +240,8 @@ class HierarchicalParameterServer:
                 from hps_core.metrics import MetricsExporter
 
                 self.metrics = MetricsExporter(self, self.config.metrics_port)
+            if self.config.update_source.type == "redis_stream":
+                self.update_consumer = self._start_update_stream(self.config.update_source)
         except BaseException:
             for tier, tag in reversed(created):  # a refused start leaves the persistent tiers as it found them
                 try:
@@ -249,6 +252,17 @@ class HierarchicalParameterServer:
             raise
 
     # ------------------------------------------------------------------ construction
+
+    def _start_update_stream(self, u: Any) -> Any:
+        import redis
+
+        from hps_core.update_stream import StreamConsumer
+
+        host, _, port = u.brokers.partition(":")
+        client = redis.Redis(host=host, port=int(port), socket_connect_timeout=5)
+        # 16 entries per read: with messages of up to 8,192 rows, a read applies up to ~130 K rows
+        return StreamConsumer(self, client, u.stream, u.group, u.consumer, batch=16,
+                              block_ms=u.poll_timeout_ms, backoff_ms=u.failure_backoff_ms)
 
     def _make_tiers(self) -> list[Tier]:
         tiers_cfg = self.config.tiers
@@ -740,6 +754,8 @@ class HierarchicalParameterServer:
                 mdict[rt.name] = tdict
         for tier in self.tiers:
             out["tiers"][tier.name] = {tag: vars(s).copy() for tag, s in tier.stats().items()}
+        if self.update_consumer is not None:
+            out["update_source"] = self.update_consumer.stats()
         return out
 
     # ------------------------------------------------------------------ lifecycle
@@ -753,6 +769,8 @@ class HierarchicalParameterServer:
         if getattr(self, "_closed", True):
             return
         self._closed = True
+        if getattr(self, "update_consumer", None) is not None:
+            self.update_consumer.close()  # no update starts after this; one in flight finishes below
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
         # Lookups through a pipeline finish (each pipeline's close waits for its call in flight) or raise; then the
