@@ -14,7 +14,9 @@ Exported, labelled model / table / device (device "uncached": GPU keys of a tabl
   (+ labels stage, quantile: 0.5 / 0.9 / 0.99 of the last 8,192 lookups per stage - a window, not since start);
 - per tier and table tag: counters `hps_tier_fetches_total`, `hps_tier_keys_requested_total`,
   `hps_tier_keys_found_total`, `hps_tier_keys_inserted_total`, `hps_tier_keys_evicted_total`,
-  `hps_tier_errors_total`.
+  `hps_tier_errors_total`;
+- with a streamed update source: counters `hps_update_applied_messages_total`, `hps_update_applied_rows_total`,
+  `hps_update_failed_messages_total`, `hps_update_retries_total`, gauge `hps_update_lag_entries`.
 """
 
 from __future__ import annotations
@@ -98,6 +100,17 @@ class ServerCollector:
                 for key, family in tier_families.items():
                     family.add_metric([tier, tag], float(s.get(key, 0)))
         yield from tier_families.values()
+        updates = stats.get("update_source")
+        if updates is not None:  # a streamed update source (hps_core.update_stream)
+            for key, help_ in (("applied_messages", "update messages applied"), ("applied_rows", "rows applied"),
+                               ("failed_messages", "update messages dropped (they can never apply)"),
+                               ("retries", "update reads retried after an error")):
+                family = CounterMetricFamily(f"hps_update_{key}", help_)
+                family.add_metric([], float(updates[key]))
+                yield family
+            lag = GaugeMetricFamily("hps_update_lag_entries", "stream entries not yet applied (undelivered + pending)")
+            lag.add_metric([], float(updates["lag"]))
+            yield lag
 
 
 class MetricsExporter:

@@ -5,6 +5,7 @@ lag and counts in stats(); bad configs refused naming the field."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import socket
 import subprocess
@@ -114,7 +115,12 @@ def test_every_server_applies_every_update_while_lookups_run(tmp_path, rng, redi
 
 def test_bad_messages_are_dropped_and_counted(tmp_path, rng, redis_port):
     client = redis.Redis(port=redis_port)
-    with HierarchicalParameterServer(deployment(tmp_path, redis_port, "g", rng=rng), progress=False) as hps:
+    cfg = deployment(tmp_path, redis_port, "g", rng=rng)
+    if importlib.util.find_spec("prometheus_client") is not None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            cfg["metrics_port"] = s.getsockname()[1]
+    with HierarchicalParameterServer(cfg, progress=False) as hps:
         client.xadd("hps_updates", {"model": "nope", "table": "t", "dim": str(DIM), "keys": b"", "rows": b""})
         client.xadd("hps_updates", {"model": "m", "table": "t", "dim": "3", "keys": np.int64([1]).tobytes(),
                                     "rows": np.float32([1, 2, 3]).tobytes()})
@@ -124,6 +130,11 @@ def test_bad_messages_are_dropped_and_counted(tmp_path, rng, redis_port):
         s = hps.stats()["update_source"]
         assert s["failed_messages"] == 3 and wait_for(lambda: hps.stats()["update_source"]["lag"] == 0)
         assert torch.equal(hps.lookup("m", "t", torch.tensor([42])), torch.ones(1, DIM))
+        if hps.metrics is not None:  # the same counts on /metrics
+            import urllib.request
+
+            body = urllib.request.urlopen(f"http://127.0.0.1:{hps.metrics.port}/metrics", timeout=10).read().decode()
+            assert "hps_update_failed_messages_total 3.0" in body and "hps_update_applied_rows_total 1.0" in body
 
 
 def test_unacknowledged_entries_are_applied_after_a_restart(tmp_path, rng, redis_port):
