@@ -21,6 +21,7 @@ host map's handle and the callback the engine gives them.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import itertools
 import logging
 import threading
@@ -210,32 +211,14 @@ class HierarchicalParameterServer:
         self.metrics = None  # hps_core.metrics.MetricsExporter when config metrics_port is set
         self.update_consumer = None  # hps_core.update_stream.StreamConsumer for an update_source redis_stream
         created: list[tuple[Tier, str]] = []  # tables this start created in persistent tiers (undone on failure)
+        self._models_lock = threading.Lock()  # add_model / remove_model, one at a time
         try:
             # Phase 1 - everything that can refuse the deployment (table files, devices), before any tier changes.
             for model_name, model in self.config.models.items():
-                self.tables[model_name] = [self._make_table(model_name, model, table_id, table_cfg, load=load)
-                                           for table_id, table_cfg in enumerate(model.tables)]
-                self._devices_for(model_name, model.deployed_device_list)
+                self.tables[model_name] = self._prepare_model(model_name, model, load)
             # Phase 2 - the tiers, then the devices.
-            for runtimes in self.tables.values():
-                for rt in runtimes:
-                    for tier in self.tiers:
-                        if tier.persistent and not getattr(tier, "read_only", False) and hasattr(tier, "tables") \
-                                and rt.tag not in tier.tables():
-                            created.append((tier, rt.tag))
-                        tier.create_table(rt.tag, rt.dim)
-                    if rt.files is not None:
-                        self._load_table(rt, progress)
             for model_name, model in self.config.models.items():
-                for device in self._devices_for(model_name, model.deployed_device_list):
-                    for rt in self.tables[model_name]:
-                        self._cache_for(rt, device, create=True)
-                for rt in self.tables[model_name]:
-                    if not rt.cache_config.enabled:
-                        # Made now, not on first use: close() must find every pipeline a lookup can be inside.
-                        rt.pass_through = TablePipeline.pass_through(dim=rt.dim, default_value=rt.default_value,
-                                                                     max_keys=rt.max_keys_per_call, tag=rt.tag)
-                        self._connect(rt, rt.pass_through)
+                self._install_model(model_name, model, self.tables[model_name], progress, created)
             if self.config.metrics_port:
                 from hps_core.metrics import MetricsExporter
 
@@ -252,6 +235,35 @@ class HierarchicalParameterServer:
             raise
 
     # ------------------------------------------------------------------ construction
+
+    def _prepare_model(self, model_name: str, model: Any, load: bool) -> list[TableRuntime]:
+        """What can refuse a model before anything changes: its table files, its devices."""
+        runtimes = [self._make_table(model_name, model, table_id, table_cfg, load=load)
+                    for table_id, table_cfg in enumerate(model.tables)]
+        self._devices_for(model_name, model.deployed_device_list)
+        return runtimes
+
+    def _install_model(self, model_name: str, model: Any, runtimes: list[TableRuntime], progress: bool,
+                       created: list) -> None:
+        """A prepared model's tables into the tiers (loading their files), then onto its devices. Tables this
+        creates in persistent tiers are appended to `created` (the caller undoes them on failure)."""
+        for rt in runtimes:
+            for tier in self.tiers:
+                if tier.persistent and not getattr(tier, "read_only", False) and hasattr(tier, "tables") \
+                        and rt.tag not in tier.tables():
+                    created.append((tier, rt.tag))
+                tier.create_table(rt.tag, rt.dim)
+            if rt.files is not None:
+                self._load_table(rt, progress)
+        for device in self._devices_for(model_name, model.deployed_device_list):
+            for rt in runtimes:
+                self._cache_for(rt, device, create=True)
+        for rt in runtimes:
+            if not rt.cache_config.enabled:
+                # Made now, not on first use: close() must find every pipeline a lookup can be inside.
+                rt.pass_through = TablePipeline.pass_through(dim=rt.dim, default_value=rt.default_value,
+                                                             max_keys=rt.max_keys_per_call, tag=rt.tag)
+                self._connect(rt, rt.pass_through)
 
     def _start_update_stream(self, u: Any) -> Any:
         import redis
@@ -655,7 +667,7 @@ class HierarchicalParameterServer:
 
     def wait_for_inserts(self) -> None:
         """Block until every queued asynchronous cache insert has been applied."""
-        for runtimes in self.tables.values():
+        for runtimes in list(self.tables.values()):
             for rt in runtimes:
                 for pipe in list(rt.caches.values()):
                     pipe.wait_inserts()
@@ -730,7 +742,7 @@ class HierarchicalParameterServer:
 
     def _select(self, model: str | None, table: int | str | None) -> list[TableRuntime]:
         if model is None:
-            return [rt for runtimes in self.tables.values() for rt in runtimes]
+            return [rt for runtimes in list(self.tables.values()) for rt in runtimes]
         if table is None:
             self.table(model, 0)
             return list(self.tables[model])
@@ -743,7 +755,7 @@ class HierarchicalParameterServer:
         inserts, evictions, refused inserts, latency percentiles per stage), plus per tier, plus memory."""
         out: dict = {"models": {}, "tiers": {}}
         host_tier = self._host_tier.name if self._host_tier is not None else None
-        for model, runtimes in self.tables.items():
+        for model, runtimes in list(self.tables.items()):  # a copy: add_model / remove_model may run meanwhile
             mdict = out["models"].setdefault(model, {})
             for rt in runtimes:
                 tdict = {str(device): pipe.stats(host_tier) for device, pipe in rt.caches.items()}
@@ -757,6 +769,88 @@ class HierarchicalParameterServer:
         if self.update_consumer is not None:
             out["update_source"] = self.update_consumer.stats()
         return out
+
+    # ------------------------------------------------------------------ models at run time
+
+    def add_model(self, name: str, model: Any, *, progress: bool = False) -> None:
+        """Deploy one more model while the server serves: `model` is a model section as our YAML/dict config writes
+        it (tables, deployed_device_list, max_batch_size, cache) or a ModelConfig, validated as at start-up. Its
+        tables are loaded into the tiers and onto its devices before it becomes visible: a lookup sees all of it or
+        KeyError. Nothing is left behind if it fails (the tables it created in persistent tiers are dropped).
+
+        Raises ValueError if `name` is deployed already, ConfigError for a bad section, FileNotFoundError /
+        ValueError for bad table files - the running models are untouched either way.
+        """
+        self._check_open()
+        if isinstance(model, hps_config.ModelConfig):
+            checked = hps_config.validate(dataclasses.replace(self.config, models={name: model})).models[name]
+        else:
+            checked = hps_config.load_config({"key_dtype": self.config.key_dtype, "models": {name: model}}).models[name]
+        with self._models_lock:
+            if name in self.tables:
+                raise ValueError(f"model {name!r} is deployed already (remove_model it first)")
+            tags = {rt.tag for runtimes in self.tables.values() for rt in runtimes}
+            runtimes = self._prepare_model(name, checked, load=True)
+            clash = sorted(tags & {rt.tag for rt in runtimes})
+            if clash:
+                raise ValueError(f"model {name!r}: tables {clash} are served already")
+            created: list = []
+            self.config.models[name] = checked
+            try:
+                self._install_model(name, checked, runtimes, progress, created)
+            except BaseException:
+                self._retire(runtimes, drop_tiers=True)
+                for tier, tag in reversed(created):
+                    try:
+                        tier.drop_table(tag)
+                    except Exception:
+                        log.exception("undoing table %s in %s failed", tag, tier.name)
+                del self.config.models[name]
+                raise
+            self.tables[name] = runtimes  # visible to lookups from here on
+        log.info("model %s added: %d tables", name, len(runtimes))
+
+    def remove_model(self, name: str, *, drop_persistent: bool = False) -> None:
+        """Retire a model while the server serves: new lookups of it raise KeyError at once; a lookup already inside
+        one of its pipelines finishes first; then its caches and its rows in the in-process tiers are freed (rows in
+        persistent tiers - RocksDB, Redis - are kept unless `drop_persistent`)."""
+        self._check_open()
+        with self._models_lock:
+            if name not in self.tables:
+                raise KeyError(f"no model {name!r}; deployed: {sorted(self.tables)}")
+            runtimes = self.tables.pop(name)
+            with self._gate:  # updates / refreshes of it in flight finish before its state goes
+                pass
+            self._retire(runtimes, drop_tiers=True, drop_persistent=drop_persistent)
+            del self.config.models[name]
+        log.info("model %s removed", name)
+
+    def _retire(self, runtimes: list[TableRuntime], *, drop_tiers: bool, drop_persistent: bool = False) -> None:
+        """Close a model's pipelines (each waits for a lookup inside it), unhook their lower-tier callbacks, and
+        drop its tables from the tiers (persistent ones only when asked)."""
+        for rt in runtimes:
+            passes = [rt.pass_through] if rt.pass_through is not None else []
+            pipes = list(rt.caches.values()) + list(rt.second_levels.values()) + passes
+            for pipe in pipes:
+                pipe.close()
+            for token, target in list(_lower_targets.items()):
+                if target[0]() is self and target[1] is rt:
+                    _lower_targets.pop(token, None)
+                    if token in self._tokens:
+                        self._tokens.remove(token)
+            rt.caches.clear()
+            rt.second_levels.clear()
+            rt.pass_through = None
+            rt.files = None
+            rt.load_source = None
+            if drop_tiers:
+                for tier in self.tiers:
+                    if (tier.persistent and not drop_persistent) or getattr(tier, "read_only", False):
+                        continue
+                    try:
+                        tier.drop_table(rt.tag)
+                    except Exception:
+                        log.exception("dropping table %s from %s failed", rt.tag, tier.name)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -63,6 +63,10 @@ class Tier(abc.ABC):
     def create_table(self, tag: str, dim: int) -> None:
         """Declare a table (idempotent for the same dim; a different dim for an existing tag raises ValueError)."""
 
+    def drop_table(self, tag: str) -> None:
+        """Remove table `tag` and its rows (retiring a model); a tier that cannot says so."""
+        raise NotImplementedError(f"{type(self).__name__} cannot drop tables")
+
     @abc.abstractmethod
     def fetch(self, tag: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of `keys` (int64 (n,)) -> (values float32 (n, dim), found bool (n,)); missing rows are zeros."""

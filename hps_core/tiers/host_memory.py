@@ -172,6 +172,13 @@ class HostMemoryTier(Tier):
             self._tables[tag] = _Table(dim=dim, map=hmap, handle=hmap.handle(), stats=TierStats(), lock=threading.Lock())
             logger.debug("host-memory tier: created table %s (dim %d, %d partitions)", tag, dim, self.num_partitions)
 
+    def drop_table(self, tag: str) -> None:
+        """Forget table `tag` and free its rows (a retired model's); unknown tags are ignored. Pipelines that read
+        its map must be closed first."""
+        self._check_open()
+        with self._tables_lock:
+            self._tables.pop(tag, None)
+
     def tags(self) -> list[str]:
         """Tags of the tables created so far."""
         return sorted(self._tables)
