@@ -211,7 +211,9 @@ class HierarchicalParameterServer:
         self.metrics = None  # hps_core.metrics.MetricsExporter when config metrics_port is set
         self.update_consumer = None  # hps_core.update_stream.StreamConsumer for an update_source redis_stream
         created: list[tuple[Tier, str]] = []  # tables this start created in persistent tiers (undone on failure)
-        self._models_lock = threading.Lock()  # add_model / remove_model, one at a time
+        self._models_lock = threading.Lock()  # add_model / swap_model / remove_model, one at a time
+        self._versions: dict[str, int] = {}  # model -> version number serving (1 when never swapped)
+        self._previous: dict[str, list[TableRuntime]] = {}  # model -> the version before the last swap (rollback)
         try:
             # Phase 1 - everything that can refuse the deployment (table files, devices), before any tier changes.
             for model_name, model in self.config.models.items():
@@ -782,33 +784,79 @@ class HierarchicalParameterServer:
         ValueError for bad table files - the running models are untouched either way.
         """
         self._check_open()
-        if isinstance(model, hps_config.ModelConfig):
-            checked = hps_config.validate(dataclasses.replace(self.config, models={name: model})).models[name]
-        else:
-            checked = hps_config.load_config({"key_dtype": self.config.key_dtype, "models": {name: model}}).models[name]
+        checked = self._checked_model(name, model)
         with self._models_lock:
             if name in self.tables:
                 raise ValueError(f"model {name!r} is deployed already (remove_model it first)")
-            tags = {rt.tag for runtimes in self.tables.values() for rt in runtimes}
-            runtimes = self._prepare_model(name, checked, load=True)
-            clash = sorted(tags & {rt.tag for rt in runtimes})
-            if clash:
-                raise ValueError(f"model {name!r}: tables {clash} are served already")
-            created: list = []
-            self.config.models[name] = checked
-            try:
-                self._install_model(name, checked, runtimes, progress, created)
-            except BaseException:
-                self._retire(runtimes, drop_tiers=True)
-                for tier, tag in reversed(created):
-                    try:
-                        tier.drop_table(tag)
-                    except Exception:
-                        log.exception("undoing table %s in %s failed", tag, tier.name)
-                del self.config.models[name]
-                raise
+            runtimes = self._add_runtimes(name, checked, progress)
             self.tables[name] = runtimes  # visible to lookups from here on
         log.info("model %s added: %d tables", name, len(runtimes))
+
+    def swap_model(self, name: str, model: Any, *, progress: bool = False) -> int:
+        """Serve a new version of deployed model `name` without downtime: the new version (a model section or
+        ModelConfig, validated as at start) is loaded beside the serving one - its own tables in the tiers, its own
+        device pipelines - and then one assignment makes it the one `name` names. A lookup runs on the version it
+        found, whole: in-flight lookups finish on the old one, later ones see the new one. The old version stays
+        loaded for `rollback_model`; the version before it is retired (its memory freed) now. Returns the new
+        version number (the first deployment is version 1). Raises as add_model; a refused swap changes nothing."""
+        self._check_open()
+        checked = self._checked_model(name, model)
+        with self._models_lock:
+            if name not in self.tables:
+                raise KeyError(f"no model {name!r} to swap; deployed: {sorted(self.tables)}")
+            version = self._versions.get(name, 1) + 1
+            internal = f"{name}__v{version}"
+            runtimes = self._add_runtimes(internal, checked, progress)
+            older = self._previous.pop(name, None)
+            self._previous[name] = self.tables[name]
+            self.tables[name] = runtimes  # the switch: one reference, read once per lookup
+            self._versions[name] = version
+            if older is not None:
+                self._retire(older, drop_tiers=True)
+                self.config.models.pop(older[0].model, None)
+        log.info("model %s: version %d serving", name, version)
+        return version
+
+    def rollback_model(self, name: str) -> None:
+        """Serve the version `name` served before the last swap_model again (the two trade places: a second
+        rollback returns to the newer one). KeyError when there is none."""
+        self._check_open()
+        with self._models_lock:
+            previous = self._previous.get(name)
+            if previous is None or name not in self.tables:
+                raise KeyError(f"model {name!r} has no previous version to roll back to")
+            self._previous[name] = self.tables[name]
+            self.tables[name] = previous
+        log.info("model %s: rolled back", name)
+
+    def _checked_model(self, name: str, model: Any) -> Any:
+        """A model section or ModelConfig, validated as at start (ConfigError names models.<name>.<field>)."""
+        if isinstance(model, hps_config.ModelConfig):
+            return hps_config.validate(dataclasses.replace(self.config, models={name: model})).models[name]
+        return hps_config.load_config({"key_dtype": self.config.key_dtype, "models": {name: model}}).models[name]
+
+    def _add_runtimes(self, internal: str, checked: Any, progress: bool) -> list[TableRuntime]:
+        """Prepare and install a model under `internal` (its tags hps_et.<internal>.<table>); undone on failure.
+        The caller publishes the runtimes. Holds _models_lock."""
+        tags = {rt.tag for runtimes in list(self.tables.values()) + list(self._previous.values()) for rt in runtimes}
+        runtimes = self._prepare_model(internal, checked, load=True)
+        clash = sorted(tags & {rt.tag for rt in runtimes})
+        if clash:
+            raise ValueError(f"model {internal!r}: tables {clash} are served already")
+        created: list = []
+        self.config.models[internal] = checked
+        try:
+            self._install_model(internal, checked, runtimes, progress, created)
+        except BaseException:
+            self._retire(runtimes, drop_tiers=True)
+            for tier, tag in reversed(created):
+                try:
+                    tier.drop_table(tag)
+                except Exception:
+                    log.exception("undoing table %s in %s failed", tag, tier.name)
+            del self.config.models[internal]
+            raise
+        return runtimes
 
     def remove_model(self, name: str, *, drop_persistent: bool = False) -> None:
         """Retire a model while the server serves: new lookups of it raise KeyError at once; a lookup already inside
@@ -819,10 +867,14 @@ class HierarchicalParameterServer:
             if name not in self.tables:
                 raise KeyError(f"no model {name!r}; deployed: {sorted(self.tables)}")
             runtimes = self.tables.pop(name)
+            previous = self._previous.pop(name, None)
+            self._versions.pop(name, None)
             with self._gate:  # updates / refreshes of it in flight finish before its state goes
                 pass
-            self._retire(runtimes, drop_tiers=True, drop_persistent=drop_persistent)
-            del self.config.models[name]
+            for version in [runtimes] + ([previous] if previous is not None else []):
+                self._retire(version, drop_tiers=True, drop_persistent=drop_persistent)
+                self.config.models.pop(version[0].model if version else name, None)
+            self.config.models.pop(name, None)
         log.info("model %s removed", name)
 
     def _retire(self, runtimes: list[TableRuntime], *, drop_tiers: bool, drop_persistent: bool = False) -> None:
@@ -869,7 +921,7 @@ class HierarchicalParameterServer:
             self.metrics.close()
         # Lookups through a pipeline finish (each pipeline's close waits for its call in flight) or raise; then the
         # Python-side calls in flight (updates, refreshes, uncached lookups) finish; only then do the tiers close.
-        for runtimes in getattr(self, "tables", {}).values():
+        for runtimes in list(getattr(self, "tables", {}).values()) + list(getattr(self, "_previous", {}).values()):
             for rt in runtimes:
                 passes = [rt.pass_through] if rt.pass_through is not None else []
                 for pipe in list(rt.caches.values()) + list(rt.second_levels.values()) + passes:
@@ -880,7 +932,7 @@ class HierarchicalParameterServer:
         for token in getattr(self, "_tokens", []):
             _lower_targets.pop(token, None)
         # Drop what the tables hold (device state, mapped files), even if something still holds this object.
-        for runtimes in getattr(self, "tables", {}).values():
+        for runtimes in list(getattr(self, "tables", {}).values()) + list(getattr(self, "_previous", {}).values()):
             for rt in runtimes:
                 rt.caches.clear()
                 rt.second_levels.clear()

@@ -1,4 +1,4 @@
-"""Models added and retired while the server serves (issue 18 item 3): a new model from a dict section or a
+"""Models added, swapped and retired while the server serves (issue 18 items 2 and 3): a new model from a dict section or a
 ModelConfig becomes visible whole (exact lookups), with start-up's validation; retiring one makes its lookups raise
 KeyError while other models' lookups (running in threads) never fail; a refused add changes nothing; its name can
 be added again."""
@@ -6,6 +6,7 @@ be added again."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from hps_core.config import ConfigError, ModelConfig, TableConfig
 from hps_core.engine import HierarchicalParameterServer
-from hps_core.tables import TableFileError
+from hps_core.tables import TableFileError, write_table
 
 from engine_refs import Reference, make_table
 
@@ -92,3 +93,60 @@ def test_refused_adds_change_nothing(tmp_path, rng):
             hps.remove_model("zzz")
         q = torch.from_numpy(keys_a[:10])
         assert hps.lookup("a", "t", q).shape == (10, 8)
+
+
+def test_version_swap_under_concurrent_lookups(tmp_path, rng):
+    """8 reader threads look up while v2 replaces v1: zero failed lookups, every batch entirely one version's rows
+    (never a mix), v2 after the swap; rollback serves v1 again, a second rollback v2; a third version retires v1."""
+    keys = np.unique(rng.integers(0, 1 << 40, 3000))[:2000]
+    for v in (1, 2, 3):  # every row of version v is all v: a batch mixing versions shows two values
+        write_table(tmp_path / f"v{v}", keys, np.full((keys.size, 8), float(v), np.float32))
+    cfg = {"key_dtype": "int64", "models": {"m": section(tmp_path / "v1")},
+           "tiers": {"host_memory": {"enabled": True, "num_partitions": 2}}}
+    errors: list = []
+    mixed: list = []
+    seen: set = set()
+    stop = threading.Event()
+    with HierarchicalParameterServer(cfg, progress=False) as hps:
+        def reader(seed):
+            r = np.random.default_rng(seed)
+            while not stop.is_set():
+                q = torch.from_numpy(r.choice(keys, 128))
+                try:
+                    out = hps.lookup("m", "t", q)
+                except Exception as exc:  # noqa: BLE001 - counted
+                    errors.append(exc)
+                    continue
+                vals = set(torch.unique(out).tolist())
+                if len(vals) != 1:
+                    mixed.append(vals)
+                seen.update(vals)
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.2)
+            assert hps.swap_model("m", section(tmp_path / "v2")) == 2
+            time.sleep(0.2)
+            assert float(hps.lookup("m", "t", torch.from_numpy(keys[:5]))[0, 0]) == 2.0
+            hps.rollback_model("m")
+            assert float(hps.lookup("m", "t", torch.from_numpy(keys[:5]))[0, 0]) == 1.0
+            hps.rollback_model("m")
+            assert float(hps.lookup("m", "t", torch.from_numpy(keys[:5]))[0, 0]) == 2.0
+            assert hps.swap_model("m", section(tmp_path / "v3")) == 3
+            time.sleep(0.2)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert not errors, errors[:3]
+        assert not mixed, mixed[:3]
+        assert {1.0, 2.0, 3.0} <= seen
+        tags = hps.tiers[0].tags()
+        assert "hps_et.m.t" not in tags  # v1 retired when v3 came
+        assert "hps_et.m__v2.t" in tags and "hps_et.m__v3.t" in tags  # v2 kept for a rollback
+        hps.remove_model("m")
+        assert hps.tiers[0].tags() == []
+    with HierarchicalParameterServer(cfg, progress=False) as fresh, pytest.raises(KeyError, match="no previous"):
+        fresh.rollback_model("m")
