@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import socket
-import subprocess
 import threading
 import time
 
@@ -26,25 +25,6 @@ redis = pytest.importorskip("redis")
 pytestmark = [pytest.mark.filterwarnings("ignore:no CUDA device:RuntimeWarning"),
               pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")]
 DIM = 8
-
-
-@pytest.fixture
-def redis_port(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    yield port
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def deployment(tmp_path, port, group, table_path=None, rng=None):
