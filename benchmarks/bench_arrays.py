@@ -11,12 +11,9 @@ the medians. On a GPU machine the CuPy path runs on CUDA keys against torch CUDA
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 import warnings
@@ -25,19 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import machine_info
 from hps_core.engine import HierarchicalParameterServer
 from hps_core.tables import write_table
 from interop import arrays
 
 ROWS, DIM = 100_000, 64
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _median_us(fn, rounds: int, calls: int, sync=None) -> float:
@@ -63,10 +53,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     keys = rng.integers(0, 1 << 62, ROWS, dtype=np.int64)
     vectors = rng.standard_normal((ROWS, DIM)).astype(np.float32)
-    results: dict = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-                     "torch": torch.__version__, "numpy": np.__version__, "commit": _commit(),
-                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                     "rows": ROWS, "dim": DIM, "cells": []}
+    results: dict = {**machine_info(), "rows": ROWS, "dim": DIM, "cells": []}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # "no CUDA device: served from the CPU"
         write_table(Path(tmp) / "t", keys, vectors)
@@ -122,7 +109,7 @@ def main() -> int:
     notes = ["", "jax_from_dlpack_alone: `jax.dlpack.from_dlpack` of the lookup's torch result and nothing else - what "
              "JAX itself takes to wrap an existing buffer (zero-copy) as a jax.Array; the JAX adapter cost cannot go "
              "below it."]
-    lines = [f"# interop.arrays adapter cost ({results['machine']}, torch {results['torch']}, numpy "
+    lines = [f"# interop.arrays adapter cost ({results['cpu']}, torch {results['torch']}, numpy "
              f"{results['numpy']}, commit {results['commit']}, {results['date']})", "",
              f"Table {ROWS:,} x {DIM} fp32, cache holding every row (all hits), int64 keys; median us per call.", "",
              "| keys | path | us / call | adapter cost over the torch call (us) |", "|---:|---|---:|---:|"]

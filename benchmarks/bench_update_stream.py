@@ -13,31 +13,21 @@ and while the updates are applied.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
-import redis
 import torch
 
+from benchmarks.common import machine_info, redis_fixture
 from hps_core.engine import HierarchicalParameterServer
 from hps_core.tables import write_table
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> int:
@@ -50,83 +40,63 @@ def main() -> int:
     rng = np.random.default_rng(0)
     keys = rng.choice(np.int64(1) << 40, args.rows, replace=False)
     vectors = rng.standard_normal((args.rows, args.dim)).astype(np.float32)
-    with tempfile.TemporaryDirectory() as tmp:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL)
-        try:
-            client = redis.Redis(port=port)
-            for _ in range(200):
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-            write_table(Path(tmp) / "t", keys, vectors)
-            cfg = {"key_dtype": "int64",
-                   "models": {"m": {"tables": [{"name": "t", "path": str(Path(tmp) / "t"), "dim": args.dim,
-                                                "max_keys_per_sample": 1024}],
-                                    "max_batch_size": 1, "deployed_device_list": [0],
-                                    "cache": {"ratio": 0.2, "hit_rate_threshold": 1.1}}},
-                   "tiers": {"host_memory": {"enabled": True}},
-                   "update_source": {"type": "redis_stream", "brokers": f"127.0.0.1:{port}", "group": "bench",
-                                     "poll_timeout_ms": 20}}
-            import warnings
+    info = machine_info()
+    with tempfile.TemporaryDirectory() as tmp, redis_fixture().local_redis_server(tmp) as port:
+        write_table(Path(tmp) / "t", keys, vectors)
+        cfg = {"key_dtype": "int64",
+               "models": {"m": {"tables": [{"name": "t", "path": str(Path(tmp) / "t"), "dim": args.dim,
+                                            "max_keys_per_sample": 1024}],
+                                "max_batch_size": 1, "deployed_device_list": [0],
+                                "cache": {"ratio": 0.2, "hit_rate_threshold": 1.1}}},
+               "tiers": {"host_memory": {"enabled": True}},
+               "update_source": {"type": "redis_stream", "brokers": f"127.0.0.1:{port}", "group": "bench",
+                                 "poll_timeout_ms": 20}}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            hps = HierarchicalParameterServer(cfg, progress=False)
+        lat: list[tuple[float, float]] = []  # (start time, seconds)
+        stop = threading.Event()
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                hps = HierarchicalParameterServer(cfg, progress=False)
-            lat: list[tuple[float, float]] = []  # (start time, seconds)
-            stop = threading.Event()
+        def reader() -> None:
+            r = np.random.default_rng(1)
+            while not stop.is_set():
+                q = torch.from_numpy(keys[r.integers(0, args.rows, 1024)])
+                t0 = time.perf_counter()
+                hps.lookup("m", "t", q)
+                lat.append((t0, time.perf_counter() - t0))
 
-            def reader() -> None:
-                r = np.random.default_rng(1)
-                while not stop.is_set():
-                    q = torch.from_numpy(keys[r.integers(0, args.rows, 1024)])
-                    t0 = time.perf_counter()
-                    hps.lookup("m", "t", q)
-                    lat.append((t0, time.perf_counter() - t0))
-
-            t = threading.Thread(target=reader)
-            t.start()
-            time.sleep(3.0)
-            idle_end = time.perf_counter()
-            upd_keys = keys[rng.integers(0, args.rows, args.updates)]
-            upd_rows = rng.standard_normal((args.updates, args.dim)).astype(np.float32)
-            np.save(Path(tmp) / "k.npy", upd_keys)
-            np.save(Path(tmp) / "r.npy", upd_rows)
-            # The trainer is another process (as in production): publishing here would share this process's GIL
-            # with the lookup thread being measured.
-            # It prints the wall-clock time of its first publish and how long publishing took.
-            code = ("import sys, time, numpy as np, redis; from hps_core.update_stream import publish; "
-                    "k, r = np.load(sys.argv[1]), np.load(sys.argv[2]); c = redis.Redis(port=int(sys.argv[3])); "
-                    "start = time.time(); t = time.perf_counter(); "
-                    "publish(c, 'hps_updates', 'm', 't', k, r, chunk_rows=8192); "
-                    "print(start, time.perf_counter() - t)")
-            pub = subprocess.Popen([sys.executable, "-c", code, str(Path(tmp) / "k.npy"), str(Path(tmp) / "r.npy"),
-                                    str(port)], stdout=subprocess.PIPE, text=True)
-            while hps.stats()["update_source"]["applied_rows"] < args.updates:
-                time.sleep(0.002)
-            end_wall, t1 = time.time(), time.perf_counter()
-            out_line = pub.communicate(timeout=60)[0].strip().splitlines()[-1].split()
-            start_wall, published = float(out_line[0]), float(out_line[1])
-            applied = end_wall - start_wall
-            t0 = t1 - applied  # the publisher's first message, on this process's perf_counter clock
-            stop.set()
-            t.join()
-            stats = hps.stats()["update_source"]
-            hps.close()
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+        t = threading.Thread(target=reader)
+        t.start()
+        time.sleep(3.0)
+        idle_end = time.perf_counter()
+        upd_keys = keys[rng.integers(0, args.rows, args.updates)]
+        upd_rows = rng.standard_normal((args.updates, args.dim)).astype(np.float32)
+        np.save(Path(tmp) / "k.npy", upd_keys)
+        np.save(Path(tmp) / "r.npy", upd_rows)
+        # The trainer is another process (as in production): publishing here would share this process's GIL
+        # with the lookup thread being measured.
+        # It prints the wall-clock time of its first publish and how long publishing took.
+        code = ("import sys, time, numpy as np, redis; from hps_core.update_stream import publish; "
+                "k, r = np.load(sys.argv[1]), np.load(sys.argv[2]); c = redis.Redis(port=int(sys.argv[3])); "
+                "start = time.time(); t = time.perf_counter(); "
+                "publish(c, 'hps_updates', 'm', 't', k, r, chunk_rows=8192); "
+                "print(start, time.perf_counter() - t)")
+        pub = subprocess.Popen([sys.executable, "-c", code, str(Path(tmp) / "k.npy"), str(Path(tmp) / "r.npy"),
+                                str(port)], stdout=subprocess.PIPE, text=True)
+        while hps.stats()["update_source"]["applied_rows"] < args.updates:
+            time.sleep(0.002)
+        end_wall, t1 = time.time(), time.perf_counter()
+        out_line = pub.communicate(timeout=60)[0].strip().splitlines()[-1].split()
+        start_wall, published = float(out_line[0]), float(out_line[1])
+        applied = end_wall - start_wall
+        t0 = t1 - applied  # the publisher's first message, on this process's perf_counter clock
+        stop.set()
+        t.join()
+        stats = hps.stats()["update_source"]
+        hps.close()
     idle = np.array([d for s, d in lat if s < idle_end]) * 1e3
     during = np.array([d for s, d in lat if t0 <= s < t1]) * 1e3
-    res = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-           "torch": torch.__version__, "commit": _commit(),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "rows": args.rows, "dim": args.dim, "updates": args.updates, "publish_s": published,
+    res = {**info, "rows": args.rows, "dim": args.dim, "updates": args.updates, "publish_s": published,
            "applied_s": applied, "rows_per_s": args.updates / applied, "stream_stats": stats,
            "lookup_idle_ms": {"n": int(idle.size), "p50": float(np.percentile(idle, 50)),
                               "p99": float(np.percentile(idle, 99))},
@@ -135,7 +105,7 @@ def main() -> int:
     res["p99_during_vs_idle"] = res["lookup_during_ms"]["p99"] / res["lookup_idle_ms"]["p99"]
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    md = [f"# Streamed updates (Redis stream -> update()) while lookups run ({res['machine']}, torch {res['torch']}, "
+    md = [f"# Streamed updates (Redis stream -> update()) while lookups run ({res['cpu']}, torch {res['torch']}, "
           f"commit {res['commit']}, {res['date']})", "",
           f"Table {args.rows:,} x {args.dim} fp32, host-memory tier + 20% cache; {args.updates:,} updated rows in "
           f"messages of 8,192; one lookup thread, 1,024 keys per call.", "",

@@ -10,10 +10,7 @@ mixed-version batches, and the readers' p50 / p99 latency outside and during the
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import subprocess
 import tempfile
 import threading
 import time
@@ -23,16 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import machine_info
 from hps_core.engine import HierarchicalParameterServer
 from hps_core.tables import write_table
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> int:
@@ -43,6 +33,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results/version_swap_cpu")
     args = parser.parse_args()
     keys = np.random.default_rng(0).choice(np.int64(1) << 40, args.rows, replace=False)
+    info = machine_info()
     with tempfile.TemporaryDirectory() as tmp:
         for v in (1, 2):
             write_table(Path(tmp) / f"v{v}", keys, np.full((args.rows, args.dim), float(v), np.float32))
@@ -89,10 +80,7 @@ def main() -> int:
         hps.close()
     lat = {name: np.array([d for s, d, _ in records if sel(s)]) * 1e3 for name, sel in
            (("outside", lambda s: s < s0 or s >= s1), ("during", lambda s: s0 <= s < s1))}
-    res = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-           "torch": torch.__version__, "commit": _commit(),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "rows": args.rows, "dim": args.dim, "threads": args.threads, "swap_s": s1 - s0,
+    res = {**info, "rows": args.rows, "dim": args.dim, "threads": args.threads, "swap_s": s1 - s0,
            "lookups": len(records), "failed": sum(1 for *_, v in records if v == -1),
            "mixed": sum(1 for *_, v in records if v == -2),
            "v1_after_swap": sum(1 for s, _, v in records if v == 1 and s >= s1),
@@ -102,7 +90,7 @@ def main() -> int:
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     o, d = res["latency_ms"]["outside"], res["latency_ms"]["during"]
-    md = [f"# Version swap under load ({res['machine']}, torch {res['torch']}, commit {res['commit']}, {res['date']})",
+    md = [f"# Version swap under load ({res['cpu']}, torch {res['torch']}, commit {res['commit']}, {res['date']})",
           "", f"{args.rows:,} x {args.dim} fp32 model (host-memory tier + 10% cache), {args.threads} reader threads "
           "of 1,024 keys; `swap_model` to a second version (every row of version v is all v).", "",
           "| what | value |", "|---|---:|",

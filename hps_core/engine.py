@@ -558,13 +558,13 @@ class HierarchicalParameterServer:
         rt = self.table(model, table)
         if not isinstance(keys, torch.Tensor):
             raise TypeError(f"keys must be a torch.Tensor, found {type(keys).__name__}")
-        if dtype is not None and dtype not in LOOKUP_DTYPES:
-            raise TypeError(f"dtype must be one of {[str(d) for d in LOOKUP_DTYPES]} or None, found {dtype}")
         pipe = rt.caches.get(keys.device) or self._cache_for(rt, keys.device)
         if pipe is None and keys.device.type == "cpu":
             pipe = rt.pass_through
         if pipe is None:
             self._check_keys(rt, keys)
+            if dtype is not None and dtype not in LOOKUP_DTYPES:  # (the native pipelines check it themselves)
+                raise TypeError(f"dtype must be one of {[str(d) for d in LOOKUP_DTYPES]} or None, found {dtype}")
             with self._gate:
                 rows = self._lookup_uncached(rt, keys.reshape(-1), dtype)
             return rows.reshape(*keys.shape, rt.dim)
@@ -780,8 +780,8 @@ class HierarchicalParameterServer:
         tables are loaded into the tiers and onto its devices before it becomes visible: a lookup sees all of it or
         KeyError. Nothing is left behind if it fails (the tables it created in persistent tiers are dropped).
 
-        Raises ValueError if `name` is deployed already, ConfigError for a bad section, FileNotFoundError /
-        ValueError for bad table files - the running models are untouched either way.
+        Raises ValueError if `name` is deployed already, ConfigError for a bad section, TableFileError for missing
+        or bad table files - the running models are untouched either way.
         """
         self._check_open()
         checked = self._checked_model(name, model)
@@ -812,7 +812,7 @@ class HierarchicalParameterServer:
             self.tables[name] = runtimes  # the switch: one reference, read once per lookup
             self._versions[name] = version
             if older is not None:
-                self._retire(older, drop_tiers=True)
+                self._retire(older)
                 self.config.models.pop(older[0].model, None)
         log.info("model %s: version %d serving", name, version)
         return version
@@ -848,7 +848,7 @@ class HierarchicalParameterServer:
         try:
             self._install_model(internal, checked, runtimes, progress, created)
         except BaseException:
-            self._retire(runtimes, drop_tiers=True)
+            self._retire(runtimes)
             for tier, tag in reversed(created):
                 try:
                     tier.drop_table(tag)
@@ -866,43 +866,43 @@ class HierarchicalParameterServer:
         with self._models_lock:
             if name not in self.tables:
                 raise KeyError(f"no model {name!r}; deployed: {sorted(self.tables)}")
-            runtimes = self.tables.pop(name)
-            previous = self._previous.pop(name, None)
+            versions = [self.tables.pop(name)] + [v for v in [self._previous.pop(name, None)] if v is not None]
             self._versions.pop(name, None)
-            with self._gate:  # updates / refreshes of it in flight finish before its state goes
-                pass
-            for version in [runtimes] + ([previous] if previous is not None else []):
-                self._retire(version, drop_tiers=True, drop_persistent=drop_persistent)
-                self.config.models.pop(version[0].model if version else name, None)
-            self.config.models.pop(name, None)
+            for runtimes in versions:
+                self._retire(runtimes, drop_persistent=drop_persistent)
+                self.config.models.pop(runtimes[0].model, None)
         log.info("model %s removed", name)
 
-    def _retire(self, runtimes: list[TableRuntime], *, drop_tiers: bool, drop_persistent: bool = False) -> None:
+    def _retire(self, runtimes: list[TableRuntime], *, drop_persistent: bool = False) -> None:
         """Close a model's pipelines (each waits for a lookup inside it), unhook their lower-tier callbacks, and
-        drop its tables from the tiers (persistent ones only when asked)."""
+        drop its tables from the tiers (persistent ones only when asked). An update() of a table in flight finishes
+        first (its update lock)."""
         for rt in runtimes:
-            passes = [rt.pass_through] if rt.pass_through is not None else []
-            pipes = list(rt.caches.values()) + list(rt.second_levels.values()) + passes
-            for pipe in pipes:
-                pipe.close()
-            for token, target in list(_lower_targets.items()):
-                if target[0]() is self and target[1] is rt:
-                    _lower_targets.pop(token, None)
-                    if token in self._tokens:
-                        self._tokens.remove(token)
-            rt.caches.clear()
-            rt.second_levels.clear()
-            rt.pass_through = None
-            rt.files = None
-            rt.load_source = None
-            if drop_tiers:
-                for tier in self.tiers:
-                    if (tier.persistent and not drop_persistent) or getattr(tier, "read_only", False):
-                        continue
-                    try:
-                        tier.drop_table(rt.tag)
-                    except Exception:
-                        log.exception("dropping table %s from %s failed", rt.tag, tier.name)
+            with rt.update_lock:
+                self._retire_table(rt, drop_persistent)
+
+    def _retire_table(self, rt: TableRuntime, drop_persistent: bool) -> None:
+        passes = [rt.pass_through] if rt.pass_through is not None else []
+        pipes = list(rt.caches.values()) + list(rt.second_levels.values()) + passes
+        for pipe in pipes:
+            pipe.close()
+        for token, target in list(_lower_targets.items()):
+            if target[0]() is self and target[1] is rt:
+                _lower_targets.pop(token, None)
+                if token in self._tokens:
+                    self._tokens.remove(token)
+        rt.caches.clear()
+        rt.second_levels.clear()
+        rt.pass_through = None
+        rt.files = None
+        rt.load_source = None
+        for tier in self.tiers:
+            if (tier.persistent and not drop_persistent) or getattr(tier, "read_only", False):
+                continue
+            try:
+                tier.drop_table(rt.tag)
+            except Exception:
+                log.exception("dropping table %s from %s failed", rt.tag, tier.name)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -116,6 +116,18 @@ inline int64_t check_sketch(const at::Tensor& sketch, const at::Tensor& slot_key
   return width;
 }
 
+// sketch_add's arguments (both devices): a valid sketch, query keys on its device, `skip` (optional) bool (n,).
+inline void check_sketch_add(const at::Tensor& sketch, const at::Tensor& keys, const std::optional<at::Tensor>& skip) {
+  check_sketch(sketch, sketch);
+  check_query_keys(keys, sketch);
+  if (!skip) return;
+  HPS_CHECK_DTYPE(*skip, at::kBool);
+  HPS_CHECK_CONTIGUOUS(*skip);
+  HPS_CHECK_SAME_DEVICE(*skip, keys);
+  TORCH_CHECK_VALUE(skip->dim() == 1 && skip->size(0) == keys.size(0), "skip must have shape (", keys.size(0),
+                    ",), found ", skip->sizes());
+}
+
 // The admission sketch of an insert, when given: a valid sketch, and an LFU cache (admission compares the key's
 // estimated frequency with the victim's hit count; an LRU score is a time).
 inline void check_admission(const std::optional<at::Tensor>& sketch, const at::Tensor& slot_keys, int64_t policy) {

@@ -376,7 +376,7 @@ void LookupPipeline::second_level_direct(const at::Tensor& flat, at::Tensor& out
   ins.counts = ctrl_.data_ptr<int64_t>() + kCtrlInserted;
   if (sketch_.defined()) {
     ins.sketch = sketch_.data_ptr<int32_t>();
-    ins.sketch_width = sketch_.size(0) / kSketchDepth;
+    ins.sketch_width = sketch_width();
   }
   cuda::launch_insert_sorted(ins, stream);
 #else
@@ -645,7 +645,7 @@ void LookupPipeline::lookup_into(const at::Tensor& flat, at::Tensor& out) {
     cpu::find(a, find_mode());
     misses = a.host_flag[kFlagMisses];
     if (misses > 0 && sketch_.defined() && a.miss_keys != nullptr) {
-      cpu::sketch_add_keys(sketch_.data_ptr<int32_t>(), sketch_.size(0) / kSketchDepth, a.miss_keys, misses);
+      cpu::sketch_add_keys(sketch_.data_ptr<int32_t>(), sketch_width(), a.miss_keys, misses);
     }
   } else {
 #ifdef HPS_WITH_CUDA
@@ -667,7 +667,7 @@ void LookupPipeline::lookup_into(const at::Tensor& flat, at::Tensor& out) {
       age_before_find(n, capturing);
       cuda::launch_find(a, find_mode(), stream);
       if (sketch_.defined()) {  // the misses' counts, their number read by the kernel from the control block
-        cuda::launch_sketch_add(sketch_.data_ptr<int32_t>(), sketch_.size(0) / kSketchDepth, a.miss_keys, n,
+        cuda::launch_sketch_add(sketch_.data_ptr<int32_t>(), sketch_width(), a.miss_keys, n,
                                 ctrl_.data_ptr<int64_t>() + kCtrlPending, stream);
       }
       second_level_direct(flat, out, n, capturing);
@@ -717,7 +717,7 @@ void LookupPipeline::lookup_into(const at::Tensor& flat, at::Tensor& out) {
     std::atomic_thread_fence(std::memory_order_acquire);
     misses = flag[kFlagMisses];
     if (misses > 0 && sketch_.defined()) {  // the list: pinned host memory (small batches) or device memory
-      cuda::launch_sketch_add(sketch_.data_ptr<int32_t>(), sketch_.size(0) / kSketchDepth, a.miss_keys, misses,
+      cuda::launch_sketch_add(sketch_.data_ptr<int32_t>(), sketch_width(), a.miss_keys, misses,
                               nullptr, stream);
     }
 #endif
@@ -1050,7 +1050,7 @@ void LookupPipeline::apply_plan(const OutRows& out, const int32_t* pos, const in
     a.counts = ctrl_.data_ptr<int64_t>() + kCtrlInserted;
     if (sketch_.defined()) {
       a.sketch = sketch_.data_ptr<int32_t>();
-      a.sketch_width = sketch_.size(0) / kSketchDepth;
+      a.sketch_width = sketch_width();
     }
   }
   const auto insert_sorted_keys = [&](const at::Tensor& k, const at::Tensor& r) {

@@ -195,6 +195,7 @@ class LookupPipeline : public torch::CustomClassHolder {
   void record_latency(int64_t stage, double seconds);
   // Admission: the sketch as an optional op argument, and its ageing before a find of n keys.
   std::optional<at::Tensor> sketch_arg() const;
+  int64_t sketch_width() const { return sketch_.size(0) / kSketchDepth; }
   void age_before_find(int64_t n, bool capturing);
   void async_loop();
 

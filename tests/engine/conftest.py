@@ -14,26 +14,10 @@ def rng():
 @pytest.fixture
 def redis_port(tmp_path):
     """A real standalone redis-server on a free loopback port (no persistence), stopped afterwards."""
-    import shutil
-    import socket
-    import subprocess
-    import time
+    from benchmarks.common import redis_fixture
 
-    redis = pytest.importorskip("redis")
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    yield port
-    proc.terminate()
-    proc.wait(timeout=10)
+    fixture = redis_fixture()
+    if fixture.REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; `make system-deps` does it)")
+    with fixture.local_redis_server(tmp_path) as port:
+        yield port

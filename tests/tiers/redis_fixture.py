@@ -68,6 +68,32 @@ def free_ports(count: int, taken: set[int] | None = None) -> list[int]:
     raise RuntimeError(f"could not find {count} free port pairs (port, port+{_BUS_OFFSET}) on {HOST}")
 
 
+@contextlib.contextmanager
+def local_redis_server(directory: os.PathLike, timeout: float = 15.0):
+    """One standalone redis-server (no cluster, no persistence) on a free loopback port; yields the port and stops
+    the server afterwards."""
+    port = free_ports(1)[0]
+    proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+                             "--dir", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        with contextlib.closing(redis.Redis(host=HOST, port=port, socket_connect_timeout=1.0)) as client:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"redis-server on port {port} exited with {proc.returncode}")
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 @dataclasses.dataclass
 class TLSFiles:
     """A self-signed CA, a server certificate for `server_name` and a client certificate, made with openssl."""

@@ -30,15 +30,7 @@ __global__ void __launch_bounds__(kThreads) sketch_add_kernel(int32_t* __restric
 
 void sketch_add_cuda(at::Tensor& sketch, const at::Tensor& keys, const std::optional<at::Tensor>& skip) {
   HPS_CHECK_CUDA(sketch);
-  check_sketch(sketch, sketch);
-  check_query_keys(keys, sketch);
-  if (skip) {
-    HPS_CHECK_DTYPE(*skip, at::kBool);
-    HPS_CHECK_CONTIGUOUS(*skip);
-    HPS_CHECK_SAME_DEVICE(*skip, keys);
-    TORCH_CHECK_VALUE(skip->dim() == 1 && skip->size(0) == keys.size(0), "skip must have shape (", keys.size(0),
-                      ",), found ", skip->sizes());
-  }
+  check_sketch_add(sketch, keys, skip);
   const int64_t n = keys.size(0);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(sketch.device());
