@@ -73,7 +73,9 @@ print(f"[hps] building hps_core._C, variant={VARIANT} (torch {torch.__version__}
 # csrc/*.cpp: the schema file and device-generic ops; cpu/*.cpp: the CPU kernels.
 sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp"))) + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
 include_dirs = [os.path.join(ROOT, CSRC)]
-cxx_flags = ["-O3", "-g0", "-Wall", "-Wno-unused-function"]
+# -ffp-contract=off: the row codecs (row_codec.h) rely on every float operation being rounded on its own, as on
+# the device (a host build for an FMA target would otherwise fuse them and change the stored bits).
+cxx_flags = ["-O3", "-g0", "-Wall", "-Wno-unused-function", "-ffp-contract=off"]
 # NOTE: at::parallel_for is an inline template that runs its body serially unless the including code is compiled
 # with OpenMP (ATen/ParallelOpenMP.h). Without -fopenmp every CPU op of ours ran on one thread (measured: a 26,624-key
 # CPU lookup used 1.0 CPU-second per wall-second with 2 threads). The library then needs libgomp.so.1, which torch

@@ -405,6 +405,22 @@ def _gather_rows_fake(table: Tensor, rows: Tensor, strategy: int = 0) -> Tensor:
     return rows.new_empty((rows.shape[0], table.shape[1]), dtype=torch.float32)
 
 
+@torch.library.register_fake("hps::encode_rows")
+def _encode_rows_fake(rows: Tensor, storage: int) -> Tensor:
+    from hps_core.storage import STORAGE_DTYPES, STORAGE_NAMES, stored_width
+
+    torch._check(0 <= storage < len(STORAGE_NAMES), lambda: f"storage must be 0..4, found {storage}")
+    name = STORAGE_NAMES[storage]
+    return rows.new_empty((rows.shape[0], stored_width(name, rows.shape[1])), dtype=STORAGE_DTYPES[name])
+
+
+@torch.library.register_fake("hps::decode_rows")
+def _decode_rows_fake(stored: Tensor, dtype=None) -> Tensor:
+    from hps_core.storage import dim_of_stored
+
+    return stored.new_empty((stored.shape[0], dim_of_stored(stored)), dtype=dtype or torch.float32)
+
+
 @torch.library.register_fake("hps::lookup")
 def _lookup_fake(handle, keys, dtype=None):
     dim = _PIPELINE_DIMS.get(handle)

@@ -54,6 +54,11 @@
 //  * resident_index_build(keys (N,) int64 CPU) -> the resident index of row i = keys[i] as CPU tensors (the index
 //           a pipeline builds while loading; a later duplicate's row wins).
 //  * lookup(handle, keys) -> keys.shape + (D,): the whole lookup of a LookupPipeline (pipeline.h).
+//
+// Row codecs (row_codec.h; identical bits on both devices):
+//  * encode_rows(rows (n, D) float32, storage) -> stored rows (n, W) in the storage's dtype: 0 float32, 1 float16,
+//           2 bfloat16 (W = D), 3 int8 (W = D + 8: row-wise scale and bias), 4 fp8_e4m3 (W = D + 4: row-wise scale).
+//  * decode_rows(stored (n, W), dtype=float32) -> (n, D) float32 / bfloat16 / float16.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -112,6 +117,9 @@ TORCH_LIBRARY(hps, m) {
       "resident_find(Tensor index_keys, Tensor index_digests, Tensor index_rows, Tensor index_spill, Tensor rows, "
       "Tensor keys, float default_value) -> (Tensor out, Tensor miss_positions, Tensor miss_keys, Tensor miss_count)");
   m.def("resident_index_build(Tensor keys) -> (Tensor keys, Tensor digests, Tensor rows, Tensor spill)");
+
+  m.def("encode_rows(Tensor rows, int storage) -> Tensor");
+  m.def("decode_rows(Tensor stored, ScalarType? dtype=None) -> Tensor");
 
   hps::register_host_map_class(m);
   hps::register_pipeline(m);

@@ -26,6 +26,7 @@
 #include "checks.h"
 #include "cpu/lookup_cpu.h"
 #include "lookup_ops.h"
+#include "stored_rows.h"
 
 #ifdef HPS_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -77,20 +78,6 @@ int64_t align64(int64_t bytes) { return (bytes + 63) & ~int64_t{63}; }
 // hps::cache_insert_or_assign as the dispatcher calls it (the last argument: an admission sketch, none here).
 using CacheInsertFn = at::Tensor(at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&,
                                  const at::Tensor&, const at::Tensor&, int64_t, const std::optional<at::Tensor>&);
-
-// The OutDtype of a lookup's output tensor (lookup_layout.h); TypeError for a dtype a lookup cannot return.
-int32_t out_dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return kOutFloat32;
-    case at::kBFloat16:
-      return kOutBFloat16;
-    case at::kHalf:
-      return kOutFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, "dtype: a lookup returns float32, bfloat16 or float16, found ", t);
-  }
-}
 
 // Byte offsets of one plan in a plan buffer: [pos m int32][inv m int32][ukeys u int64][rows u*D float]
 // [row_ids u int32][push_buckets p int64][push_keys 32p int64][push_rows 32p int32][push_digests 32p][spill p].
