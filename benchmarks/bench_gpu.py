@@ -15,6 +15,11 @@ SMALL  1,024 / 26,624 / 425,984 keys, all hits, 1,000,000 x 128 resident (gpucac
 P3     miss path: useful row bytes per second from pinned host memory (host-mapped gather; engine tier path).
 P4     10% cache, Zipf alpha 1.05, 32.7 M x 128 table in the host tier, 3.4 M keys per call: keys/s and hit rate.
 MEM    GPU bytes of a dynamic cache and of resident tables vs rows x row bytes.
+STORAGE  issue 16: compact rows. 2,000,000 x 128 table, 3,407,872 keys per call, all hits, for each storage dtype
+       (float32, float16, bfloat16, int8, fp8_e4m3): a static table (HPS JSON embedding_storage_dtype) and a dynamic
+       cache (ratio 0.25, queries over its cached keys) - lookups returning float32 and returning bfloat16 (float16
+       for float16 rows) - keys/s and the ratio to float32 storage in the same run; device bytes per row; the
+       error of the returned rows vs the float32 rows (max / mean abs); kernel-only: a CUDA-graph replay.
 
 Times come from CUDA events (median of repeats after warm-up) or, for per-call latency, perf_counter around a
 synchronised call.
@@ -54,7 +59,8 @@ def env_info() -> dict:
 
 
 def hps_json(tmp: str, table_path: str, dim: int, keys_per_call: int, *, gpucacheper: float = 1.0,
-             static: bool = False, threshold: float = 1.1, name: str = "hps.json", second_level: str = "") -> str:
+             static: bool = False, threshold: float = 1.1, name: str = "hps.json", second_level: str = "",
+             storage: str = "") -> str:
     """An HPS JSON config (the format HPS users deploy with) for model m, table t; returns its path.
     second_level: "host_mapped" puts the whole table in pinned host memory below the cache (issue 14)."""
     cfg = {
@@ -70,6 +76,8 @@ def hps_json(tmp: str, table_path: str, dim: int, keys_per_call: int, *, gpucach
     }
     if second_level:
         cfg["models"][0]["gpucache_second_level"] = second_level
+    if storage:
+        cfg["models"][0]["embedding_storage_dtype"] = storage
     path = os.path.join(tmp, name)
     with open(path, "w") as f:
         json.dump(cfg, f)
@@ -466,7 +474,70 @@ def bench_mem(quick: bool) -> dict:
     return {"caches": out, "resident_tables": resident}
 
 
-BENCHES = {"p1": bench_p1, "p2": bench_p2, "small": bench_small, "p3": bench_p3, "p4": bench_p4, "mem": bench_mem}
+def bench_storage(quick: bool) -> dict:
+    from hps_core.engine import HierarchicalParameterServer
+    from hps_core.storage import STORAGE_NAMES, bytes_per_row
+
+    dev = torch.device("cuda")
+    dim, n = 128, DLRM_KEYS if not quick else 340_000
+    rows = 2_000_000 if not quick else 200_000
+    res: dict = {"keys_per_call": n, "rows": rows, "dim": dim}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("HPS_BENCH_TMP")) as tmp:
+        path, keys, vectors = _table(tmp, rows, dim)
+        weight = torch.from_numpy(vectors).to(dev)
+        keys_d = torch.from_numpy(keys).to(dev)
+        hot = rows // 5  # the dynamic cache (ratio 0.25) is warmed with these keys; its queries stay inside them
+        idx_sets = {"static": [torch.randint(0, rows, (n,), device=dev) for _ in range(4)],
+                    "dynamic": [torch.randint(0, hot, (n,), device=dev) for _ in range(4)]}
+        it = iter(range(1 << 30))
+        for storage in STORAGE_NAMES:
+            low = torch.float16 if storage == "float16" else torch.bfloat16
+            for deployment in ("static", "dynamic"):
+                cfg = hps_json(tmp, path, dim, n, static=deployment == "static",
+                               gpucacheper=1.0 if deployment == "static" else 0.25, storage=storage,
+                               name=f"{storage}_{deployment}.json")
+                hps = HierarchicalParameterServer(cfg, progress=False)
+                pipe = hps.pipeline("m", "t", dev)
+                sets = [keys_d[i] for i in idx_sets[deployment]]
+                if deployment == "dynamic":
+                    for s in range(0, hot, 1 << 18):
+                        hps.lookup("m", "t", keys_d[s:min(s + (1 << 18), hot)])
+                before = hps.stats()["models"]["m"]["t"]["cuda:0"]
+                t = cuda_time_ms(lambda: hps.lookup("m", "t", sets[next(it) % 4]))
+                t_low = cuda_time_ms(lambda: hps.lookup("m", "t", sets[next(it) % 4], dtype=low))
+                after = hps.stats()["models"]["m"]["t"]["cuda:0"]
+                out = hps.lookup("m", "t", sets[0])
+                err = (out - torch.nn.functional.embedding(idx_sets[deployment][0], weight)).abs()
+                g, _ = graph_of(pipe.lookup, sets[0])
+                t_graph = cuda_time_ms(g.replay)
+                del g, out
+                slots = pipe.capacity if deployment == "static" else pipe.num_slots
+                res[f"{storage}_{deployment}"] = {
+                    "lookup": t, "lookup_gkeys_s": n / t["median_ms"] / 1e6,
+                    f"lookup_{str(low).split('.')[-1]}_output": t_low,
+                    "lookup_low_output_gkeys_s": n / t_low["median_ms"] / 1e6,
+                    "misses_during_timing": after["cache_misses"] - before["cache_misses"],
+                    "max_abs_error": float(err.max()), "mean_abs_error": float(err.mean()),
+                    "gpu_memory_bytes": pipe.memory_bytes(), "row_bytes": bytes_per_row(storage, dim),
+                    "row_bytes_vs_float32": bytes_per_row(storage, dim) / (4 * dim),
+                    "bytes_per_slot": pipe.memory_bytes() / max(slots, 1),
+                    "kernel_only_graph_replay": t_graph, "kernel_only_gkeys_s": n / t_graph["median_ms"] / 1e6,
+                }
+                hps.close()
+                torch.cuda.empty_cache()
+        for storage in STORAGE_NAMES:
+            for deployment in ("static", "dynamic"):
+                r, base = res[f"{storage}_{deployment}"], res[f"float32_{deployment}"]
+                r["speedup_vs_float32"] = base["lookup"]["median_ms"] / r["lookup"]["median_ms"]
+                r["low_output_speedup_vs_float32_storage_float32_output"] = (
+                    base["lookup"]["median_ms"] / r[next(k for k in r if k.startswith("lookup_") and
+                                                          k.endswith("_output"))]["median_ms"])
+                r["memory_vs_float32"] = r["gpu_memory_bytes"] / base["gpu_memory_bytes"]
+    return res
+
+
+BENCHES = {"p1": bench_p1, "p2": bench_p2, "small": bench_small, "p3": bench_p3, "p4": bench_p4, "mem": bench_mem,
+           "storage": bench_storage}
 
 
 def main() -> int:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from hps_core import ops
+from hps_core import storage as st
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ def _check_positive_int(name: str, value: object) -> int:
 
 
 class EmbeddingCache:
-    """A set-associative cache of float32 embedding rows keyed by int64 (or int32) keys, on one device.
+    """A set-associative cache of embedding rows keyed by int64 (or int32) keys, on one device; rows go in and come
+    out as float32 and are kept in a storage dtype (float32 by default).
 
     Args:
         capacity: rows wanted; rounded UP to whole buckets of `ops.bucket_size()` slots (at least one bucket).
@@ -67,11 +69,17 @@ class EmbeddingCache:
             estimate is above the victim's hit count, and gives it the estimate as its score - a key seen once
             cannot push out a hot one. Every `ADMISSION_WINDOW` x num_slots keys looked up, the sketch and the
             scores are halved (ageing), so the counts follow a changing popularity.
+        storage: how rows are kept (hps_core.storage: "float32", "float16", "bfloat16", "int8", "fp8_e4m3", or an
+            alias / torch dtype). Rows are encoded once on the way in (a row the storage cannot keep - non-finite
+            for int8 / fp8, past float16's range - raises ValueError and nothing is written) and decoded on the way
+            out, so find and export return float32 within the storage's error bound. int8 and fp8_e4m3 need
+            dim % 4 == 0.
 
     Attributes:
-        num_buckets, num_slots, dim, device, policy.
+        num_buckets, num_slots, dim, device, policy, storage.
         State tensors (on `device`): slot_keys (S,) int64, digests (S,) uint8 (0 = empty), scores (S,) int32,
-        values (S, D) float32, clock (1,) int64. If you write them directly, call resync_clock() afterwards.
+        values (S, W) stored rows in the storage's dtype (W = storage.stored_width(storage, dim); (S, D) float32
+        by default), clock (1,) int64. If you write them directly, call resync_clock() afterwards.
 
     LRU clock: every non-empty find bumps the clock by one. Before a find would take the clock to
     `ops.clock_limit()` (2**30), the cache calls decay(), which halves every score and the clock, so int32 scores
@@ -88,12 +96,18 @@ class EmbeddingCache:
         >>> values, found = cache.find(torch.tensor([7, 9]))
         >>> found.tolist()
         [True, False]
+        >>> EmbeddingCache(capacity=64, dim=8, storage="int8").values.shape  # 8 int8 + scale and bias
+        torch.Size([64, 16])
     """
 
     def __init__(self, capacity: int, dim: int, device: str | torch.device = "cpu", policy: str = "lru",
-                 admission: str | None = None) -> None:
+                 admission: str | None = None, storage: str | torch.dtype = "float32") -> None:
         capacity = _check_positive_int("capacity", capacity)
         self.dim = _check_positive_int("dim", dim)
+        self.storage = st.storage_name(storage)
+        if self.storage in ("int8", "fp8_e4m3") and self.dim % 4:
+            raise ValueError(f"dim must be a multiple of 4 for {self.storage} storage (its row-wise scale follows "
+                             f"the row), found {self.dim}")
         if not isinstance(policy, str) or policy.lower() not in ops.POLICIES:
             raise ValueError(f"policy must be one of {sorted(ops.POLICIES)}, found {policy!r}")
         self.policy = policy.lower()
@@ -112,7 +126,8 @@ class EmbeddingCache:
         self.slot_keys = torch.zeros(s, dtype=torch.int64, device=dev)  # (S,)
         self.digests = torch.zeros(s, dtype=torch.uint8, device=dev)  # (S,) 0 = empty
         self.scores = torch.zeros(s, dtype=torch.int32, device=dev)  # (S,)
-        self.values = torch.zeros(s, self.dim, dtype=torch.float32, device=dev)  # (S, D)
+        self.values = torch.zeros(s, st.stored_width(self.storage, self.dim), dtype=st.STORAGE_DTYPES[self.storage],
+                                  device=dev)  # (S, W) stored rows
         self.clock = torch.zeros(1, dtype=torch.int64, device=dev)  # (1,)
         if admission not in ADMISSIONS:
             raise ValueError(f"admission must be one of {ADMISSIONS}, found {admission!r}")
@@ -126,8 +141,8 @@ class EmbeddingCache:
         self._keys_since_ageing = 0
         self._clock_host = 0  # mirror of clock[0]: +1 per non-empty find, >>1 per LRU decay, 0 on clear
         self._finds_since_resync = 0
-        log.debug("EmbeddingCache: %d buckets x %d slots, dim %d, %s, %s (%d bytes)", self.num_buckets, bucket,
-                  self.dim, self.policy, self.device, self.memory_bytes())
+        log.debug("EmbeddingCache: %d buckets x %d slots, dim %d, %s, %s, %s (%d bytes)", self.num_buckets, bucket,
+                  self.dim, self.storage, self.policy, self.device, self.memory_bytes())
 
     @property
     def policy_code(self) -> int:
@@ -136,6 +151,7 @@ class EmbeddingCache:
 
     def __repr__(self) -> str:
         extra = f", admission={self.admission!r}" if self.admission else ""
+        extra += f", storage={self.storage!r}" if self.storage != "float32" else ""
         return (f"EmbeddingCache(num_slots={self.num_slots}, dim={self.dim}, device={str(self.device)!r}, "
                 f"policy={self.policy!r}{extra})")
 
@@ -164,6 +180,18 @@ class EmbeddingCache:
         if values.device != self.device:
             raise ValueError(f"{name} must be on the cache's device {self.device}, found {values.device}")
         return values.contiguous()
+
+    def _stored(self, values: object, n: int, name: str = "values") -> Tensor:
+        """float32 rows (n, D), checked, as the cache's stored rows (the float32 rows themselves by default)."""
+        values = self._check_values(values, n, name)
+        if self.storage == "float32":
+            return values
+        st.check_encodable(values, self.storage, name)
+        return st.encode_rows(values, self.storage)
+
+    def _decoded(self, stored: Tensor) -> Tensor:
+        """Stored rows as float32 rows (the stored rows themselves by default)."""
+        return stored if self.storage == "float32" else st.decode_rows(stored)
 
     def _check_range(self, start: object, end: object) -> tuple[int, int]:
         for name, v in (("start", start), ("end", end)):
@@ -204,7 +232,8 @@ class EmbeddingCache:
             keys: (n,) int32/int64 on the cache's device; duplicates allowed.
 
         Returns:
-            values (n, D) float32 (zero rows for misses), found (n,) bool; both on the cache's device.
+            values (n, D) float32 (hits decoded from the storage, zero rows for misses), found (n,) bool; both on
+            the cache's device.
         """
         keys = self._check_keys(keys)
         if keys.shape[0]:  # LRU decay when due, then the clock mirror's bump
@@ -240,7 +269,7 @@ class EmbeddingCache:
             counts (4,) int64 on the cache's device: [inserted, assigned, evicted, refused].
         """
         keys = self._check_keys(keys)
-        values = self._check_values(values, keys.shape[0])
+        values = self._stored(values, keys.shape[0])
         return ops.cache_insert_or_assign(self.slot_keys, self.digests, self.scores, self.values, self.clock, keys,
                                           values, self._policy_code, self.sketch)
 
@@ -249,7 +278,7 @@ class EmbeddingCache:
         CUDA, no sync; [inserted, assigned, evicted, refused] are added to `counts` ((4,) int64 on the device).
         The CPU raises ValueError for keys out of bucket order (the CUDA twin does not check)."""
         keys = self._check_keys(keys)
-        values = self._check_values(values, keys.shape[0])
+        values = self._stored(values, keys.shape[0])
         ops.cache_insert_grouped(self.slot_keys, self.digests, self.scores, self.values, self.clock, keys, values,
                                  counts, self._policy_code, self.sketch)
 
@@ -279,7 +308,7 @@ class EmbeddingCache:
             the number of keys (occurrences) that were present.
         """
         keys = self._check_keys(keys)
-        values = self._check_values(values, keys.shape[0])
+        values = self._stored(values, keys.shape[0])
         return int(ops.cache_assign(self.slot_keys, self.digests, self.values, keys, values))
 
     def erase(self, keys: Tensor) -> int:
@@ -291,12 +320,13 @@ class EmbeddingCache:
         """Keys and rows stored in the slot range [start, end), in slot order.
 
         Returns:
-            keys (m,) int64, values (m, D) float32 on the cache's device, m = occupied slots in the range.
+            keys (m,) int64, values (m, D) float32 (decoded from the storage) on the cache's device, m = occupied
+            slots in the range.
         """
         start, end = self._check_range(start, end)
         keys, values, count = ops.cache_export_batch(self.slot_keys, self.digests, self.values, start, end)
         m = int(count)
-        return keys[:m], values[:m]
+        return keys[:m], self._decoded(values[:m])
 
     def iter_batches(self, batch_buckets: int = 1024) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield export_batch over the whole cache, `batch_buckets` buckets at a time (bounded memory)."""
@@ -331,7 +361,7 @@ class EmbeddingCache:
     # ------------------------------------------------------------------ state
 
     def memory_bytes(self) -> int:
-        """Bytes held by the state tensors."""
+        """Bytes held by the state tensors (the values as stored)."""
         return sum(t.numel() * t.element_size() for t in self.state().values())
 
     def state(self) -> dict[str, Tensor]:

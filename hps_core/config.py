@@ -97,6 +97,7 @@ class TableConfig:
     max_keys_per_sample: int = field(default=1, metadata=_hps("maxnum_catfeature_query_per_table_per_sample"))
     default_value: float = field(default=0.0, metadata=_hps("default_value_for_each_table"))
     admission: str = ""  # ours: "" = the model cache's admission, or none | tinylfu for this table
+    storage: str = ""  # ours: "" = the model cache's storage, or a storage dtype for this table (hps_core.storage)
 
 
 @dataclass
@@ -125,7 +126,13 @@ class CacheConfig:
     num_refresher_buffers: int = field(default=1, metadata=_hps("num_of_refresher_buffer_in_pool"))  # 1..256
     use_context_stream: bool = field(default=True, metadata=_hps("use_context_stream"))
     enable_pagelock: bool = field(default=False, metadata=_hps("enable_pagelock"))
+    # HPS: fp8 rows in static tables. Here: a static table's storage becomes fp8_e4m3 (row-wise scale).
     fp8_quant: bool = field(default=False, metadata=_hps("fp8_quant"))
+    # How the device tables (cache, static / uvm table, host-mapped second level) keep rows: float32 | float16 |
+    # bfloat16 | int8 (row-wise scale + bias) | fp8_e4m3 (row-wise scale) - hps_core.storage states each one's
+    # error. Rows are encoded once as they enter; lookups return float32 (or the dtype asked for). A table may
+    # override it (tables[i].storage).
+    storage: str = field(default="float32", metadata=_hps("embedding_storage_dtype"))
     thread_pool_size: int = field(default=16, metadata=_hps("thread_pool_size"))
     # Accepted for compatibility with HPS JSON; has no effect here.
     use_hctr_cache_implementation: bool = field(default=True, metadata=_hps("use_hctr_cache_implementation"))
@@ -410,6 +417,14 @@ _CACHE_TYPES = {"dynamic": "dynamic", "static": "static", "uvm": "uvm", "stochas
 _CACHE_POLICIES = {"lru": "lru", "lfu": "lfu"}
 _SECOND_LEVELS = {"none": "none", "host_mapped": "host_mapped", "uvm": "host_mapped"}
 _ADMISSIONS = {"none": "none", "tinylfu": "tinylfu"}
+# Storage dtypes of a table's rows (hps_core.storage documents each; its code order is STORAGE_NAMES there).
+STORAGES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "int8": "int8", "uint8": "int8",
+    "fp8_e4m3": "fp8_e4m3", "fp8": "fp8_e4m3", "e4m3": "fp8_e4m3", "float8_e4m3fn": "fp8_e4m3",
+}
 _OVERFLOW_POLICIES = {
     "evict_random": "evict_random", "random": "evict_random",
     "evict_least_used": "evict_least_used", "least_used": "evict_least_used",
@@ -513,10 +528,27 @@ def _validate_model(model_name: str, m: ModelConfig) -> None:
     k.enum("type", _CACHE_TYPES)
     k.enum("second_level", _SECOND_LEVELS)
     k.enum("admission", _ADMISSIONS)
+    k.enum("storage", STORAGES)
+    if m.cache.fp8_quant:
+        if m.cache.type == "static":
+            # HPS's fp8_quant: the static table's rows in fp8. Our storage key says the same thing, or conflicts.
+            k.check("fp8_quant", m.cache.storage in ("float32", "fp8_e4m3"),
+                    f"fp8_quant asks for fp8 rows but cache.storage is {m.cache.storage!r}; set one of them")
+            m.cache.storage = "fp8_e4m3"
+        else:
+            logger.warning("%s.cache.fp8_quant is true but cache.type is %r: HPS applies fp8_quant to static tables "
+                           "only, and so does this server (cache.storage chooses compact rows for any table)",
+                           path, m.cache.type)
     checkers = [k] + [_Checker(table, f"{path}.tables[{t}]") for t, table in enumerate(m.tables)]
     for checker in checkers[1:]:
         if checker.obj.admission:
             checker.enum("admission", _ADMISSIONS)
+        if checker.obj.storage:
+            checker.enum("storage", STORAGES)
+        storage = checker.obj.storage or m.cache.storage
+        checker.check("storage", storage not in ("int8", "fp8_e4m3") or checker.obj.dim % 4 == 0,
+                      f"{storage} storage needs a dim that is a multiple of 4 (its row-wise scale follows the row); "
+                      f"the table has dim {checker.obj.dim}")
     for checker in checkers:
         checker.check("admission", checker.obj.admission != "tinylfu" or (m.cache.policy == "lfu"
                                                                           and m.cache.type == "dynamic"),
@@ -641,6 +673,7 @@ _HPS_MODEL_KEYS: Dict[str, Tuple[Any, Any]] = {
     "init_ec": (bool, True),
     "enable_pagelock": (bool, False),
     "fp8_quant": (bool, False),
+    "embedding_storage_dtype": (str, "float32"),
     # ours, in HPS's style: "none" | "host_mapped" (a dynamic cache over the whole table in pinned host memory)
     "gpucache_second_level": (str, "none"),
     "gpucache_admission": (str, "none"),
@@ -901,6 +934,7 @@ def _hps_model(raw: Any, path: str, global_fuse: bool) -> Tuple[str, ModelConfig
         num_worker_buffers=m["num_of_worker_buffer_in_pool"],
         num_refresher_buffers=m["num_of_refresher_buffer_in_pool"], use_context_stream=m["use_context_stream"],
         enable_pagelock=m["enable_pagelock"], fp8_quant=m["fp8_quant"], thread_pool_size=m["thread_pool_size"],
+        storage=m["embedding_storage_dtype"],
         use_hctr_cache_implementation=m["use_hctr_cache_implementation"],
         second_level=m["gpucache_second_level"],
         admission=m["gpucache_admission"],

@@ -38,6 +38,7 @@ from hps_core import config as hps_config
 from hps_core import ops
 from hps_core.pipeline import TablePipeline
 from hps_core.stats import TableStats
+from hps_core.storage import check_encodable
 from hps_core.tables import TableFiles, open_table
 from hps_core.tiers.base import Tier
 
@@ -112,6 +113,11 @@ class TableRuntime:
     def mode(self) -> str:
         """dynamic (a cache that learns), static (whole table on the device) or uvm (rows in host memory)."""
         return self.cache_config.type
+
+    @property
+    def storage(self) -> str:
+        """How the device tables keep this table's rows (hps_core.storage): the table's choice, else the cache's."""
+        return self.config.storage or self.cache_config.storage
 
 
 class _CallGate:
@@ -412,7 +418,8 @@ class HierarchicalParameterServer:
         a cache of ratio >= 1 built from files), else a dynamic cache of ratio x rows."""
         cfg = rt.cache_config
         rows = rt.files.num_keys if rt.files is not None else self.tiers_size(rt.tag)
-        common = dict(dim=rt.dim, default_value=rt.default_value, max_keys=rt.max_keys_per_call, tag=rt.tag)
+        common = dict(dim=rt.dim, default_value=rt.default_value, max_keys=rt.max_keys_per_call, tag=rt.tag,
+                      storage=rt.storage)
         resident = rt.mode in ("static", "uvm") or (cfg.ratio >= 1.0 and rt.load_source is not None)
         shared = any(t.shared for t in self.tiers)
         if resident:
@@ -455,7 +462,7 @@ class HierarchicalParameterServer:
         rows = rt.load_source.num_keys
         l2 = TablePipeline.resident(device, capacity=max(rows, 1), mode="uvm", misses_to_tiers=shared,
                                     rows_on_host=device.type == "cuda", dim=rt.dim, default_value=rt.default_value,
-                                    max_keys=rt.max_keys_per_call, tag=rt.tag)
+                                    max_keys=rt.max_keys_per_call, tag=rt.tag, storage=rt.storage)
         other = next((p for p in rt.second_levels.values() if p.device.type == device.type == "cuda"), None)
         if other is not None:
             l2.load_like(other)
@@ -694,6 +701,8 @@ class HierarchicalParameterServer:
             raise ValueError(f"vectors must have shape (n, {rt.dim}) for {rt.tag}, found {tuple(vectors.shape)}")
         if vectors.shape[0] != flat.numel():
             raise ValueError(f"{flat.numel()} keys but {vectors.shape[0]} vectors")
+        if rt.storage != "float32":  # rows the device tables cannot keep are refused before any tier is written
+            check_encodable(vectors.detach().to("cpu"), rt.storage, field=f"vectors for {rt.tag}")
         read_only = [t.name for t in self.tiers if getattr(t, "read_only", False)]
         if read_only:
             raise ValueError(f"cannot update {rt.tag}: tier(s) {read_only} are opened read-only")

@@ -95,11 +95,12 @@ def cache_find(
     """Look keys up; hits are copied out and their scores touched (mutates `scores`, and `clock` if n > 0).
 
     Args:
-        slot_keys (S,) int64, digests (S,) uint8, scores (S,) int32, values (S, D) float32, clock (1,) int64: the
-            cache state; keys: (n,) int32/int64; policy: POLICY_LRU or POLICY_LFU.
+        slot_keys (S,) int64, digests (S,) uint8, scores (S,) int32, values (S, W) stored rows of any storage
+            (hps_core.storage; W its stored width for dim D), clock (1,) int64: the cache state; keys: (n,)
+            int32/int64; policy: POLICY_LRU or POLICY_LFU.
 
     Returns:
-        out (n, D) float32 (zero rows for misses), found (n,) bool.
+        out (n, D) float32 (hits decoded, zero rows for misses), found (n,) bool.
     """
     return torch.ops.hps.cache_find.default(slot_keys, digests, scores, values, clock, keys, policy)
 
@@ -123,7 +124,9 @@ def cache_insert_or_assign(
     """Insert new keys / overwrite present ones, as if one at a time in input order (mutates the state).
 
     Args:
-        keys: (n,) int32/int64; new_values: (n, D) float32; the rest: the cache state (see cache_find).
+        keys: (n,) int32/int64; new_values: (n, W) stored rows of values' dtype and width (encode float32 rows
+            with hps_core.storage.encode_rows; they are copied as they are); the rest: the cache state (see
+            cache_find).
         sketch: an admission sketch (LFU only; see sketch_add): a key that would evict is admitted only if its
             estimate is above the victim's score, and starts at max(estimate, 1).
 
@@ -175,7 +178,8 @@ def sketch_add(sketch: Tensor, keys: Tensor, skip: Tensor | None = None) -> None
 
 
 def cache_assign(slot_keys: Tensor, digests: Tensor, values: Tensor, keys: Tensor, new_values: Tensor) -> Tensor:
-    """Overwrite the rows of present keys only (mutates `values`); last duplicate wins.
+    """Overwrite the rows of present keys only (mutates `values`); last duplicate wins. new_values (n, W) are stored
+    rows of values' dtype and width.
 
     Returns:
         0-d int64: the number of keys (occurrences in `keys`) that were present.
@@ -198,7 +202,8 @@ def cache_export_batch(
     """Occupied slots of the slot range [start, end), in slot order, packed into fixed-capacity buffers.
 
     Returns:
-        keys (end - start,) int64, values (end - start, D) float32, count 0-d int64; entries past count are zero.
+        keys (end - start,) int64, values (end - start, W) the stored rows (values' dtype and width; decode them
+        with hps_core.storage.decode_rows), count 0-d int64; entries past count are zero.
     """
     return torch.ops.hps.cache_export_batch.default(slot_keys, digests, values, start, end)
 
@@ -309,9 +314,12 @@ def _hash_keys_fake(keys: Tensor, num_buckets: int) -> tuple[Tensor, Tensor]:
 
 @torch.library.register_fake("hps::cache_find")
 def _cache_find_fake(slot_keys, digests, scores, values, clock, keys, policy):
+    from hps_core.storage import dim_of_stored
+
     _fake_check_keys(keys)
     n = keys.shape[0]
-    return values.new_empty((n, values.shape[1])), keys.new_empty((n,), dtype=torch.bool)
+    return (values.new_empty((n, dim_of_stored(values)), dtype=torch.float32),
+            keys.new_empty((n,), dtype=torch.bool))
 
 
 @torch.library.register_fake("hps::cache_contains")
@@ -362,7 +370,7 @@ def _cache_export_batch_fake(slot_keys, digests, values, start, end):
     cap = end - start
     return (
         slot_keys.new_empty((cap,), dtype=torch.int64),
-        values.new_empty((cap, values.shape[1])),
+        values.new_empty((cap, values.shape[1])),  # stored rows, as `values`
         slot_keys.new_empty((), dtype=torch.int64),
     )
 
@@ -390,14 +398,18 @@ def _find_outputs_fake(keys: Tensor, dim: int, like: Tensor) -> tuple[Tensor, Te
 
 @torch.library.register_fake("hps::cache_find_misses")
 def _cache_find_misses_fake(slot_keys, digests, scores, values, clock, keys, policy, default_value):
+    from hps_core.storage import dim_of_stored
+
     _fake_check_keys(keys)
-    return _find_outputs_fake(keys, values.shape[1], values)
+    return _find_outputs_fake(keys, dim_of_stored(values), keys.new_empty((0,), dtype=torch.float32))
 
 
 @torch.library.register_fake("hps::resident_find")
 def _resident_find_fake(index_keys, index_digests, index_rows, index_spill, rows, keys, default_value):
+    from hps_core.storage import dim_of_stored
+
     _fake_check_keys(keys)
-    return _find_outputs_fake(keys, rows.shape[1], keys.new_empty((0,), dtype=torch.float32))
+    return _find_outputs_fake(keys, dim_of_stored(rows), keys.new_empty((0,), dtype=torch.float32))
 
 
 @torch.library.register_fake("hps::gather_rows")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from hps_core import ops
+from hps_core.storage import STORAGE_NAMES, check_encodable, storage_code
 
 __all__ = ["TablePipeline", "STAGES", "summarize_latencies"]
 
@@ -86,7 +87,7 @@ class TablePipeline:
 
     @classmethod
     def dynamic_cache(cls, device: str | torch.device, *, dim: int, capacity: int, policy: str, default_value: float,
-                      max_keys: int, tag: str, admission: str = "none") -> "TablePipeline":
+                      max_keys: int, tag: str, admission: str = "none", storage: str = "float32") -> "TablePipeline":
         """A set-associative cache of `capacity` rows (rounded up to whole buckets) that learns its misses.
         admission "tinylfu" (LFU only): a frequency sketch of the misses decides which keys may evict
         (hps_core.cache.EmbeddingCache documents the rule; ageing every ADMISSION_WINDOW x slots keys)."""
@@ -95,7 +96,8 @@ class TablePipeline:
         if admission not in ("none", "tinylfu"):
             raise ValueError(f"admission must be 'none' or 'tinylfu', found {admission!r}")
         native = torch.classes.hps.LookupPipeline(_KIND_DYNAMIC, str(device), dim, capacity, ops.POLICIES[policy],
-                                                  float(default_value), max_keys, True, False, tag)
+                                                  float(default_value), max_keys, True, False, tag,
+                                                  storage_code(storage))
         if admission == "tinylfu":
             from hps_core.cache import ADMISSION_WINDOW
 
@@ -104,12 +106,16 @@ class TablePipeline:
 
     @classmethod
     def resident(cls, device: str | torch.device, *, dim: int, capacity: int, default_value: float, max_keys: int,
-                 tag: str, mode: str, misses_to_tiers: bool, rows_on_host: bool = False) -> "TablePipeline":
+                 tag: str, mode: str, misses_to_tiers: bool, rows_on_host: bool = False,
+                 storage: str = "float32") -> "TablePipeline":
         """A resident table of up to `capacity` rows (fill it with load()). misses_to_tiers=False: a key it lacks
         gets the default vector (HPS static); True: the tiers are asked (and the row kept while capacity lasts).
-        rows_on_host: the rows stay in pinned host memory, read by the GPU over the bus (HPS uvm)."""
+        rows_on_host: the rows stay in pinned host memory, read by the GPU over the bus (HPS uvm).
+        storage (hps_core.storage): how the rows are kept - encoded once as they are loaded or fetched, decoded by
+        every lookup into its output."""
         native = torch.classes.hps.LookupPipeline(_KIND_RESIDENT, str(device), dim, capacity, ops.POLICY_LRU,
-                                                  float(default_value), max_keys, misses_to_tiers, rows_on_host, tag)
+                                                  float(default_value), max_keys, misses_to_tiers, rows_on_host, tag,
+                                                  storage_code(storage))
         return cls(native, mode)
 
     @classmethod
@@ -117,7 +123,7 @@ class TablePipeline:
         """A CPU table without a cache (HPS gpucache false): every key position from the host map, the lower tiers
         or the default vector, natively - nothing stored, no de-duplication."""
         native = torch.classes.hps.LookupPipeline(_KIND_PASS_THROUGH, "cpu", dim, 0, ops.POLICY_LRU,
-                                                  float(default_value), max_keys, True, False, tag)
+                                                  float(default_value), max_keys, True, False, tag, 0)
         return cls(native, "uncached")
 
     def connect(self, *, source: int = -1, lower_tiers: int = 0, token: int = 0, hit_rate_threshold: float = 2.0,
@@ -145,9 +151,21 @@ class TablePipeline:
 
     # ------------------------------------------------------------------ state
 
+    @property
+    def storage(self) -> str:
+        """How this table keeps its rows (hps_core.storage)."""
+        return STORAGE_NAMES[int(self.native.storage())]
+
+    def _encodable(self, rows: torch.Tensor) -> torch.Tensor:
+        # Rows a compact storage cannot keep (inf / NaN under a row-wise scale, float16 overflow) raise here, naming
+        # the table, before any is written.
+        if self.storage != "float32" and isinstance(rows, torch.Tensor) and rows.dtype == torch.float32:
+            check_encodable(rows, self.storage, field=f"{self.native.tag()} rows")
+        return rows
+
     def load(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
         """Resident: append rows (keys int64 (k,) CPU, rows float32 (k, dim) CPU). Dynamic: insert them."""
-        self.native.load(keys, rows)
+        self.native.load(keys, self._encodable(rows))
 
     def load_like(self, other: "TablePipeline") -> None:
         """Resident: take the index and rows of the same table on another device (host rows are shared)."""
@@ -155,11 +173,11 @@ class TablePipeline:
 
     def insert(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
         """Store rows (cache warm-up)."""
-        self.native.insert(keys, rows)
+        self.native.insert(keys, self._encodable(rows))
 
     def update(self, keys: torch.Tensor, rows: torch.Tensor) -> int:
         """New rows for distinct keys (int64 (k,) CPU, float32 (k, dim) CPU); returns how many were present."""
-        return int(self.native.update(keys, rows))
+        return int(self.native.update(keys, self._encodable(rows)))
 
     def export_keys(self, start: int, end: int) -> tuple[torch.Tensor, int]:
         """Keys in slots [start, end) (int64 CPU) and the version they were read at (for assign_if_version)."""
@@ -168,7 +186,7 @@ class TablePipeline:
 
     def assign_if_version(self, keys: torch.Tensor, rows: torch.Tensor, version: int) -> int:
         """Overwrite present keys' rows unless an update came since `version` (then -1)."""
-        return int(self.native.assign_if_version(keys, rows, version))
+        return int(self.native.assign_if_version(keys, self._encodable(rows), version))
 
     def export_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored (key, row): int64 (m,), float32 (m, dim) on this device."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hps_core import ops  # noqa: F401  (loads the extension: torch.ops.hps)
+from hps_core.config import STORAGES
 
 __all__ = [
     "STORAGE_NAMES",
@@ -48,17 +48,6 @@ STORAGE_DTYPES = {
     "fp8_e4m3": torch.float8_e4m3fn,
 }
 _TAIL_BYTES = {"float32": 0, "float16": 0, "bfloat16": 0, "int8": 8, "fp8_e4m3": 4}
-_ALIASES = {
-    "fp32": "float32",
-    "float": "float32",
-    "fp16": "float16",
-    "half": "float16",
-    "bf16": "bfloat16",
-    "fp8": "fp8_e4m3",
-    "e4m3": "fp8_e4m3",
-    "float8_e4m3fn": "fp8_e4m3",
-    "uint8": "int8",
-}
 _FP16_MAX = 65504.0
 
 
@@ -71,9 +60,8 @@ def storage_name(value, field: str = "storage") -> str:
         raise ValueError(f"{field}: no storage keeps rows as {value}; choose one of {', '.join(STORAGE_NAMES)}")
     if not isinstance(value, str):
         raise ValueError(f"{field} must be one of {', '.join(STORAGE_NAMES)}, found {value!r}")
-    key = value.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in STORAGE_DTYPES:
+    key = STORAGES.get(value.strip().lower())
+    if key is None:
         raise ValueError(f"{field} must be one of {', '.join(STORAGE_NAMES)}, found {value!r}")
     return key
 
@@ -132,11 +120,15 @@ def check_encodable(rows: Tensor, storage, field: str = "rows") -> None:
 
 def encode_rows(rows: Tensor, storage) -> Tensor:
     """float32 rows (n, D) -> stored rows (n, stored_width) on the same device (``hps::encode_rows``)."""
+    from hps_core import ops  # noqa: F401  (loads the extension: torch.ops.hps)
+
     return torch.ops.hps.encode_rows.default(rows, storage_code(storage))
 
 
 def decode_rows(stored: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """Stored rows -> (n, D) float32 (or bfloat16 / float16, rounded to nearest even) (``hps::decode_rows``)."""
+    from hps_core import ops  # noqa: F401
+
     return torch.ops.hps.decode_rows.default(stored, dtype)
 
 

@@ -113,6 +113,12 @@ class HitRateBench(Common):
     batch_keys: int = 256  # keys per find call of the real cache
     dim: int = 1  # row width in the cache: values do not matter here, only which keys are resident
     fully_associative_lru: bool = True  # also simulate an exact LRU of the same capacity (a reference)
+    # Issue 16: at equal HBM bytes, a cache of compact rows holds more slots. For these alphas, each storage's
+    # cache of the bytes the float32 cache of the point takes (rows of equal_bytes_dim plus the 13 bytes of a slot's
+    # key, digest and score) is replayed too (policies lru and tinylfu).
+    equal_bytes_storages: List[str] = field(default_factory=lambda: ["float16", "int8"])
+    equal_bytes_alphas: List[float] = field(default_factory=lambda: [1.05])
+    equal_bytes_dim: int = 128
 
     def check(self) -> None:
         super().check()
@@ -123,6 +129,11 @@ class HitRateBench(Common):
         _list_of("policies", self.policies, lambda v: v in HIT_RATE_POLICIES, f"names in {HIT_RATE_POLICIES}")
         _int_at_least("batch_keys", self.batch_keys, 1)
         _int_at_least("dim", self.dim, 1)
+        from hps_core.config import STORAGES
+
+        _list_of("equal_bytes_storages", self.equal_bytes_storages, lambda v: v in STORAGES, "storage names")
+        _list_of("equal_bytes_alphas", self.equal_bytes_alphas, lambda v: v > 0, "numbers > 0")
+        _int_at_least("equal_bytes_dim", self.equal_bytes_dim, 4)
 
 
 @dataclass

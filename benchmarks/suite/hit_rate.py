@@ -120,6 +120,28 @@ def cache_hits(trace: np.ndarray, capacity: int, policy: str, batch: int, dim: i
     return hits, cache.num_slots, counts
 
 
+SLOT_OVERHEAD_BYTES = 13  # a slot's key (8), digest (1) and score (4), beside its row
+
+
+def equal_bytes_hit_rates(trace: np.ndarray, capacity: int, cfg: HitRateBench) -> dict[str, Any]:
+    """Hit rates (lru, tinylfu) of caches that take the bytes of a float32 cache of `capacity` rows of
+    cfg.equal_bytes_dim, one per storage: the slots those bytes buy. Which keys stay cached does not depend on the
+    rows' values, so each is replayed with the same EmbeddingCache ops at its slot count."""
+    from hps_core.storage import bytes_per_row
+
+    dim = cfg.equal_bytes_dim
+    budget = capacity * (bytes_per_row("float32", dim) + SLOT_OVERHEAD_BYTES)
+    out: dict[str, Any] = {"dim": dim, "bytes": budget}
+    for storage in ["float32"] + [s for s in cfg.equal_bytes_storages if s != "float32"]:
+        cap = budget // (bytes_per_row(storage, dim) + SLOT_OVERHEAD_BYTES)
+        out[storage] = {"capacity": int(cap)}
+        for policy in ("lru", "tinylfu"):
+            hits, slots, _ = cache_hits(trace, int(cap), policy, cfg.batch_keys, cfg.dim)
+            out[storage][policy] = hits / trace.size
+            out[storage]["slots"] = slots
+    return out
+
+
 def run(cfg: HitRateBench, device: torch.device, out_dir: str) -> dict[str, Any]:
     # The real cache is driven on the CPU: hit rates do not depend on the device (CPU and CUDA ops are twins,
     # checked bit for bit by the parity tests).
@@ -151,11 +173,25 @@ def run(cfg: HitRateBench, device: torch.device, out_dir: str) -> dict[str, Any]
                 p["seconds"]["exact_lru"] = time.perf_counter() - t0
             # The best any cache of this size could do with unlimited size: every key but its first use hits.
             p["hit_rate"]["infinite_cache"] = 1 - distinct / trace.size
+            if any(abs(alpha - a) < 1e-9 for a in cfg.equal_bytes_alphas):
+                p["equal_bytes"] = equal_bytes_hit_rates(trace, capacity, cfg)
             points.append(p)
             log.info("hit_rate alpha %g ratio %g: %s", alpha, ratio,
                      ", ".join(f"{k} {v:.4f}" for k, v in p["hit_rate"].items()))
+    tables = [_table(points, cfg)]
+    eq = [p for p in points if "equal_bytes" in p]
+    if eq:
+        storages = [k for k in eq[0]["equal_bytes"] if k not in ("dim", "bytes")]
+        tables.append({
+            "title": f"Equal HBM bytes: caches of float32 vs compact rows (dim {cfg.equal_bytes_dim})",
+            "columns": ["zipf alpha", "float32 cache ratio", "bytes"] + [
+                f"{s} {pol} (slots)" for s in storages for pol in ("lru", "tinylfu")],
+            "rows": [[f"{p['zipf_alpha']:g}", f"{p['cache_ratio']:g}", f"{p['equal_bytes']['bytes']:,}"] + [
+                f"{p['equal_bytes'][s][pol]:.4f} ({p['equal_bytes'][s]['slots']:,})" for s in storages
+                for pol in ("lru", "tinylfu")] for p in eq],
+        })
     return {"results": {"points": points, "rows": cfg.rows, "batch_keys": cfg.batch_keys},
-            "tables": [_table(points, cfg)],
+            "tables": tables,
             "notes": [
                 f"Trace: {cfg.trace_keys:,} keys per alpha over {cfg.rows:,} keys (Zipf, random rank -> key); the "
                 f"cache finds {cfg.batch_keys} keys per call, then inserts the call's distinct misses.",

@@ -4,7 +4,8 @@
 //   slot_keys (S,)   int64    key stored in each slot (meaningless where the digest is empty)
 //   digests   (S,)   uint8    0 = empty slot, else digest_of(hash(key))
 //   scores    (S,)   int32    LRU: clock value of the last touch; LFU: hit count
-//   values    (S, D) float32  the cached rows
+//   values    (S, W) stored   the cached rows as stored rows (row_codec.h): any storage dtype, W its stored width
+//                             for D; inserts copy new_values' stored bytes, finds decode to float32
 //   clock     (1,)   int64    LRU logical clock, bumped once per non-empty find call
 #pragma once
 
@@ -14,6 +15,7 @@
 
 #include "cache_layout.h"
 #include "checks.h"
+#include "stored_rows.h"
 
 namespace hps {
 
@@ -22,10 +24,9 @@ inline int64_t check_cache_state(const at::Tensor& slot_keys, const at::Tensor& 
   HPS_CHECK_DTYPE(slot_keys, at::kLong);
   HPS_CHECK_DTYPE(digests, at::kByte);
   HPS_CHECK_DTYPE(scores, at::kInt);
-  HPS_CHECK_DTYPE(values, at::kFloat);
+  check_stored(values, "values");
   HPS_CHECK_DTYPE(clock, at::kLong);
   HPS_CHECK_DIM(slot_keys, 1);
-  HPS_CHECK_DIM(values, 2);
   const int64_t slots = slot_keys.size(0);
   TORCH_CHECK_VALUE(slots > 0 && slots % kBucketSize == 0, "cache slot count must be a positive multiple of ",
                     kBucketSize, ", found ", slots);
@@ -67,9 +68,7 @@ inline int64_t check_keys_digests(const at::Tensor& slot_keys, const at::Tensor&
 }
 
 inline void check_values(const at::Tensor& values, const at::Tensor& slot_keys) {
-  HPS_CHECK_DTYPE(values, at::kFloat);
-  HPS_CHECK_DIM(values, 2);
-  HPS_CHECK_CONTIGUOUS(values);
+  check_stored(values, "values");
   HPS_CHECK_SAME_DEVICE(values, slot_keys);
   TORCH_CHECK_VALUE(values.size(0) == slot_keys.size(0), "values must have ", slot_keys.size(0), " rows, found ",
                     values.size(0));
@@ -137,15 +136,19 @@ inline void check_admission(const std::optional<at::Tensor>& sketch, const at::T
                     policy);
 }
 
+// new_values are stored rows of the cache's own storage (checked `values`): the caller encodes, the ops only copy
+// bytes, so a row of another dtype or width would be copied as garbage.
 inline void check_new_values(const at::Tensor& new_values, const at::Tensor& keys, const at::Tensor& values) {
-  HPS_CHECK_DTYPE(new_values, at::kFloat);
+  TORCH_CHECK_TYPE(new_values.scalar_type() == values.scalar_type(), "new_values must have dtype ",
+                   values.scalar_type(), " (the cache's stored rows), found ", new_values.scalar_type());
   HPS_CHECK_DIM(new_values, 2);
   HPS_CHECK_CONTIGUOUS(new_values);
   HPS_CHECK_SAME_DEVICE(new_values, values);
   TORCH_CHECK_VALUE(new_values.size(0) == keys.size(0), "new_values must have one row per key (", keys.size(0),
                     "), found ", new_values.size(0));
-  TORCH_CHECK_VALUE(new_values.size(1) == values.size(1), "new_values dim must equal the cache dim ",
-                    values.size(1), ", found ", new_values.size(1));
+  TORCH_CHECK_VALUE(new_values.size(1) == values.size(1), "new_values must have width ", values.size(1),
+                    " (the cache's stored rows of dim ", dim_of_width(storage_of(values, "values"), values.size(1)),
+                    "), found ", new_values.size(1));
 }
 
 }  // namespace hps

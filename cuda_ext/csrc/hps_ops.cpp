@@ -4,8 +4,12 @@
 //
 // The cache op contract (identical results on CPU and CUDA), state as in cache_state.h:
 //  * A key lives in bucket bucket_of(mix64(key)) of kBucketSize slots; a bucket is searched whole.
-//  * find:  hits copied out (misses -> 0), found mask. If n > 0 the clock is bumped by one first; LRU hits get
-//           score = the new clock, LFU hits get +1 per occurrence (saturating). Duplicates are all served.
+//  * values are stored rows of any storage (row_codec.h; (S, W) for dim D). new_values (insert_or_assign,
+//           insert_grouped, assign) are stored rows of values' dtype and width, encoded by the caller and copied as
+//           they are; rows never enter the key / score / eviction decisions.
+//  * find:  hits decoded out as float32 (n, D) (misses -> 0), found mask. If n > 0 the clock is bumped by one
+//           first; LRU hits get score = the new clock, LFU hits get +1 per occurrence (saturating). Duplicates are
+//           all served.
 //  * insert_or_assign: keys are applied in input order as if one at a time (the CUDA twin sorts by bucket,
 //           stably, and walks each bucket's keys in order, so the result is the same). A present key gets the
 //           new value (score untouched). A new key takes the lowest free slot of its bucket; in a full bucket it
@@ -24,7 +28,8 @@
 //  * assign: only present keys change value (last duplicate wins); scores untouched. Returns count (0-d int64).
 //  * erase: present keys' slots freed. Returns count of keys erased (0-d int64).
 //  * contains: found mask, no score change.
-//  * export_batch: occupied slots of [start, end) in slot order, as fixed-capacity (end - start) buffers + count.
+//  * export_batch: occupied slots of [start, end) in slot order, as fixed-capacity (end - start) buffers + count;
+//           the rows as stored (values' dtype and width).
 //  * clear: every slot empty, scores and clock zero.  size: occupied slot count (0-d int64).
 //  * decay: scores halved (LFU ageing; for LRU the clock is halved too, which keeps the recency order).
 //

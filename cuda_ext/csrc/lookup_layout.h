@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "cache_layout.h"
+#include "row_codec.h"
 
 namespace hps {
 
@@ -53,9 +54,9 @@ HPS_HD int64_t secondary_bucket_of(uint64_t h, int64_t num_buckets, int64_t prim
 constexpr double kResidentLoad = 0.8;
 
 // ---------------------------------------------------------------------------------------------------------------
-// The element type a lookup writes its output in. The table keeps float32 rows; a lower-precision output is
-// rounded (to nearest even) as each row is written - the same on both devices - so a bf16 model gets its
-// embeddings without a separate conversion pass over the output.
+// The element type a lookup writes its output in. The table keeps stored rows (row_codec.h); each is decoded to
+// float32 and, for a lower-precision output, rounded (to nearest even) as it is written - the same on both devices
+// - so a bf16 model gets its embeddings without a separate conversion pass over the output.
 enum OutDtype : int32_t { kOutFloat32 = 0, kOutBFloat16 = 1, kOutFloat16 = 2 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -69,13 +70,15 @@ struct FindArgs {
   const int64_t* slot_keys = nullptr;
   const uint8_t* digests = nullptr;
   int32_t* scores = nullptr;
-  const float* values = nullptr;  // cache: (S, D) rows by slot; resident: (R, D) dense rows
-  int64_t* clock = nullptr;       // cache only: bumped once per find by the last block
+  const void* values = nullptr;  // stored rows: cache (S, W) by slot; resident (R, W) dense rows
+  int64_t* clock = nullptr;      // cache only: bumped once per find by the last block
   // resident index
   const int32_t* slot_rows = nullptr;
   const uint8_t* spill = nullptr;
   int64_t num_buckets = 0;
   int64_t dim = 0;
+  int32_t storage = kStoreFloat32;  // of `values`
+  bool vec4 = false;                // set by the CUDA launcher: rows move 4 elements per access
   // query
   const void* keys = nullptr;  // (n,) int32 or int64 (key_is_int64)
   bool key_is_int64 = true;
@@ -91,25 +94,26 @@ struct FindArgs {
   int64_t seq = 0;
 };
 
-// Kernel arguments of one miss application: the fetched rows of the u distinct missed keys scattered into the
-// output, then stored in the table - inserted into the cache (keys grouped by bucket) or, for a resident table,
+// Kernel arguments of one miss application: the fetched rows of the u distinct missed keys (stored rows, encoded
+// on the host) decoded into the output, then stored in the table as they are - inserted into the cache (keys grouped by bucket) or, for a resident table,
 // written to the rows the host index gave them, with the index buckets that changed copied over. Every pointer is
 // device memory or pinned host memory the kernel reads through the bus; unused parts are null / zero.
 struct ApplyArgs {
   void* out = nullptr;  // (n, D) of out_dtype
   int32_t out_dtype = kOutFloat32;
   int64_t dim = 0;
+  int32_t storage = kStoreFloat32;  // of rows, values and table_rows
   const int32_t* pos = nullptr;  // (m,) positions in out
   const int32_t* inv = nullptr;  // (m,) row of each position in `rows`
   int64_t m = 0;
-  const float* rows = nullptr;  // (u, D)
+  const void* rows = nullptr;  // (u, W) stored rows
   int64_t u = 0;
   // dynamic cache: insert ukeys[k] -> rows[k] (keys in non-decreasing bucket order)
   const int64_t* ukeys = nullptr;
   int64_t* slot_keys = nullptr;
   uint8_t* digests = nullptr;
   int32_t* scores = nullptr;
-  float* values = nullptr;
+  void* values = nullptr;
   const int64_t* clock = nullptr;
   int64_t num_buckets = 0;
   bool lru = true;
@@ -118,7 +122,7 @@ struct ApplyArgs {
   int64_t sketch_width = 0;
   // resident table: table_rows[row_ids[k]] = rows[k] where row_ids[k] >= 0
   const int32_t* row_ids = nullptr;
-  float* table_rows = nullptr;
+  void* table_rows = nullptr;
   // resident index buckets to overwrite: push_buckets (k,), and their slots (k * kBucketSize each) and spill flags
   int64_t num_push = 0;
   const int64_t* push_buckets = nullptr;
@@ -158,27 +162,29 @@ struct SecondLevelArgs {
   const int64_t* order = nullptr;       // (n,) gather in: sorted_row[q] = stage_row[order[q]]
 };
 
-// The insert of staged rows in (bucket, key) order: keys[perm[q]] -> rows + perm[q] * dim for q < n, runs of one
-// bucket each; entries whose bucket is num_buckets are skipped. Counts added to counts[kInserted..kRefused].
+// The insert of staged rows in (bucket, key) order: keys[perm[q]] -> the stored row rows + perm[q] * row_bytes for
+// q < n, runs of one bucket each; entries whose bucket is num_buckets are skipped. Counts added to
+// counts[kInserted..kRefused].
 struct InsertSortedArgs {
   int64_t* slot_keys = nullptr;
   uint8_t* digests = nullptr;
   int32_t* scores = nullptr;
-  float* values = nullptr;
+  void* values = nullptr;
   const int64_t* clock = nullptr;
   const void* keys = nullptr;  // int32 or int64 (key_is_int64)
   bool key_is_int64 = true;
-  const float* rows = nullptr;
+  const void* rows = nullptr;
   const int64_t* sorted_bucket = nullptr;
   const int64_t* perm = nullptr;
   int64_t n = 0;
-  int64_t dim = 0;
+  int64_t row_bytes = 0;  // of a stored row
+  int32_t storage = kStoreFloat32;
   bool lru = true;
   int64_t num_buckets = 0;
   int64_t* counts = nullptr;
-  // optional: entry i's row is rows + row_of[i] * dim, or fill_value everywhere when row_of[i] is kNoRow
+  // optional: entry i's row is rows + row_of[i] * row_bytes, or the stored row fill_row when row_of[i] is kNoRow
   const int64_t* row_of = nullptr;
-  float fill_value = 0.f;
+  const void* fill_row = nullptr;
   const int32_t* sketch = nullptr;  // admission sketch (LFU caches), or null
   int64_t sketch_width = 0;
 };

@@ -9,6 +9,7 @@
 #include "cache_state.h"
 #include "lookup_layout.h"
 #include "resident_index.h"
+#include "stored_rows.h"
 
 namespace hps {
 
@@ -26,9 +27,10 @@ void set_cache_state(Args& a, const at::Tensor& slot_keys, const at::Tensor& dig
   a.slot_keys = slot_keys.data_ptr<int64_t>();
   a.digests = digests.data_ptr<uint8_t>();
   a.scores = scores.data_ptr<int32_t>();
-  a.values = values.data_ptr<float>();
+  a.values = values.data_ptr();
   a.clock = clock.data_ptr<int64_t>();
   a.num_buckets = slot_keys.size(0) / kBucketSize;
+  a.storage = storage_of(values, "values");
 }
 
 // Checked cache state -> FindArgs (and the mode of its policy).
@@ -40,7 +42,7 @@ inline FindArgs cache_find_args(const at::Tensor& slot_keys, const at::Tensor& d
   check_find_keys(keys, slot_keys);
   FindArgs a;
   set_cache_state(a, slot_keys, digests, scores, values, clock);
-  a.dim = values.size(1);
+  a.dim = dim_of_width(a.storage, values.size(1));
   a.default_value = static_cast<float>(default_value);
   return a;
 }
@@ -56,9 +58,10 @@ inline FindArgs resident_find_args(const at::Tensor& index_keys, const at::Tenso
   a.digests = index_digests.data_ptr<uint8_t>();
   a.slot_rows = index_rows.data_ptr<int32_t>();
   a.spill = index_spill.data_ptr<uint8_t>();
-  a.values = rows.data_ptr<float>();
+  a.values = rows.data_ptr();
   a.num_buckets = num_buckets;
-  a.dim = rows.size(1);
+  a.storage = storage_of(rows, "rows");
+  a.dim = dim_of_width(a.storage, rows.size(1));
   a.default_value = static_cast<float>(default_value);
   return a;
 }

@@ -25,6 +25,7 @@
 #include "cache_state.h"
 #include "checks.h"
 #include "cpu/lookup_cpu.h"
+#include "cpu/stored_row_copy.h"
 #include "lookup_ops.h"
 #include "stored_rows.h"
 
@@ -75,17 +76,34 @@ constexpr int64_t kClockResyncEvery = int64_t{1} << 16;
 
 int64_t align64(int64_t bytes) { return (bytes + 63) & ~int64_t{63}; }
 
+// The default vector's value as a table of `storage` keeps it (a row of one value encodes to one value): a key no
+// tier holds reads the same whether its default row was written by a find or cached and decoded later.
+float stored_value(int32_t storage, int64_t dim, float value) {
+  if (storage < 0 || storage >= kNumStorages || dim < 1) return value;  // the constructor raises
+  std::vector<float> row(static_cast<size_t>(dim), value);
+  std::vector<uint8_t> stored(static_cast<size_t>(stored_row_bytes(storage, dim)));
+  float out = value;
+  with_storage(storage, [&](auto st) {
+    constexpr int32_t S = decltype(st)::value;
+    encode_row<S>(row.data(), dim, stored.data());
+    const float scale = storage_tail_bytes(S) > 0 ? row_tail_float(stored.data(), dim, 0) : 0.f;
+    const float bias = S == kStoreInt8 ? row_tail_float(stored.data(), dim, 1) : 0.f;
+    out = decode_elem<S>(stored.data(), 0, scale, bias);
+  });
+  return out;
+}
+
 // hps::cache_insert_or_assign as the dispatcher calls it (the last argument: an admission sketch, none here).
 using CacheInsertFn = at::Tensor(at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&,
                                  const at::Tensor&, const at::Tensor&, int64_t, const std::optional<at::Tensor>&);
 
-// Byte offsets of one plan in a plan buffer: [pos m int32][inv m int32][ukeys u int64][rows u*D float]
+// Byte offsets of one plan in a plan buffer: [pos m int32][inv m int32][ukeys u int64][rows: u stored rows]
 // [row_ids u int32][push_buckets p int64][push_keys 32p int64][push_rows 32p int32][push_digests 32p][spill p].
 struct PlanLayout {
   int64_t pos = 0, inv = 0, ukeys = 0, rows = 0, row_ids = 0, push_buckets = 0, push_keys = 0, push_rows = 0,
           push_digests = 0, push_spill = 0, bytes = 0;
 
-  static PlanLayout make(int64_t m, int64_t u, int64_t dim, int64_t pushes) {
+  static PlanLayout make(int64_t m, int64_t u, int64_t row_bytes, int64_t pushes) {
     PlanLayout l;
     int64_t at = 0;
     const auto take = [&](int64_t bytes) {
@@ -96,7 +114,7 @@ struct PlanLayout {
     l.pos = take(m * 4);
     l.inv = take(m * 4);
     l.ukeys = take(u * 8);
-    l.rows = take(u * dim * 4);
+    l.rows = take(u * row_bytes);
     l.row_ids = take(u * 4);
     l.push_buckets = take(pushes * 8);
     l.push_keys = take(pushes * kBucketSize * 8);
@@ -170,6 +188,7 @@ struct LookupPipeline::Workspace {
   std::vector<int64_t> first, order, bucket, touched;
   std::vector<int32_t> rank, new_rank, row_ids;
   std::vector<uint8_t> found;
+  std::vector<float> fetched;  // compact storage: the fetched float32 rows, encoded into the plan after
 
   at::Tensor host_bytes(int64_t bytes) const {
     return at::empty({std::max<int64_t>(bytes, 64)}, at::TensorOptions().dtype(at::kByte).pinned_memory(pinned));
@@ -201,16 +220,18 @@ struct LookupPipeline::Workspace {
 
 LookupPipeline::LookupPipeline(int64_t kind, const std::string& device, int64_t dim, int64_t capacity,
                                int64_t policy, double default_value, int64_t max_keys, bool misses_to_tiers,
-                               bool rows_on_host, const std::string& tag)
+                               bool rows_on_host, const std::string& tag, int64_t storage)
     : kind_(kind),
       device_(normalise_device(device)),
       dim_(dim),
       policy_(policy),
-      default_value_(static_cast<float>(default_value)),
+      default_value_(stored_value(static_cast<int32_t>(storage), dim, static_cast<float>(default_value))),
       max_keys_(max_keys),
       misses_to_tiers_(kind == kDynamicCache || misses_to_tiers),
       rows_on_host_(rows_on_host),
       tag_(tag),
+      storage_(static_cast<int32_t>(storage)),
+      row_bytes_(stored_row_bytes(static_cast<int32_t>(storage), dim)),
       capacity_(capacity) {
   TORCH_CHECK_VALUE(kind == kDynamicCache || kind == kResident || kind == kPassThrough,
                     "LookupPipeline: kind must be 0 (dynamic cache), 1 (resident) or 2 (pass-through), found ", kind);
@@ -223,6 +244,8 @@ LookupPipeline::LookupPipeline(int64_t kind, const std::string& device, int64_t 
   TORCH_CHECK_VALUE(device_.is_cpu(), "LookupPipeline: ", device, " needs the CUDA build of hps_core._C");
 #endif
   TORCH_CHECK_VALUE(dim >= 1, "LookupPipeline: dim must be >= 1, found ", dim);
+  check_storage_code(storage);
+  check_storage_dim(storage_, dim);
   TORCH_CHECK_VALUE(capacity >= 0, "LookupPipeline: capacity must be >= 0, found ", capacity);
   TORCH_CHECK_VALUE(max_keys >= 0, "LookupPipeline: max_keys must be >= 0, found ", max_keys);
   check_policy(policy);
@@ -236,6 +259,10 @@ LookupPipeline::LookupPipeline(int64_t kind, const std::string& device, int64_t 
   ws_->pinned = device_.is_cuda();
   ws_->flag = at::zeros({kFlagSize}, at::TensorOptions().dtype(at::kLong).pinned_memory(ws_->pinned));
   if (kind_ == kPassThrough) return;  // no table: the host map and the lower tiers answer every key
+  // The default vector as a stored row (encoded from the configured value, so it decodes to default_value_): what
+  // a cache stores for a key no tier holds.
+  default_row_ = encode(at::full({1, dim}, static_cast<float>(default_value), at::kFloat)).to(device_);
+  default_row_host_ = default_row_.cpu();
   if (kind_ == kDynamicCache) {
     const int64_t buckets = std::max<int64_t>(1, (capacity + kBucketSize - 1) / kBucketSize);
     TORCH_CHECK_VALUE(buckets < (int64_t{1} << 32), "LookupPipeline: capacity ", capacity, " is too large");
@@ -243,7 +270,7 @@ LookupPipeline::LookupPipeline(int64_t kind, const std::string& device, int64_t 
     slot_keys_ = at::zeros({slots}, on_device.dtype(at::kLong));
     digests_ = at::zeros({slots}, on_device.dtype(at::kByte));
     scores_ = at::zeros({slots}, on_device.dtype(at::kInt));
-    values_ = at::zeros({slots, dim}, on_device.dtype(at::kFloat));
+    values_ = at::zeros({slots, row_bytes_}, on_device.dtype(at::kByte)).view(storage_dtype(storage_));
     clock_ = at::zeros({1}, on_device.dtype(at::kLong));
     capacity_ = slots;
   } else {
@@ -251,7 +278,7 @@ LookupPipeline::LookupPipeline(int64_t kind, const std::string& device, int64_t 
                       capacity);
     index_ = std::make_unique<ResidentIndex>(capacity);
     const auto rows_options = rows_on_host_ ? at::TensorOptions().pinned_memory(true) : on_device;
-    rows_ = at::empty({capacity, dim}, rows_options.dtype(at::kFloat));
+    rows_ = at::empty({capacity, stored_width(storage_, dim)}, rows_options.dtype(storage_dtype(storage_)));
     resident_upload_index();
   }
 }
@@ -291,6 +318,8 @@ void LookupPipeline::set_second_level(const c10::intrusive_ptr<LookupPipeline>& 
                     ": the second level must be a resident table, found kind ", second->kind_);
   TORCH_CHECK_VALUE(second->dim_ == dim_, tag_, ": the second level holds rows of dim ", second->dim_,
                     ", the table has dim ", dim_);
+  TORCH_CHECK_VALUE(second->storage_ == storage_, tag_, ": the second level stores rows as storage ",
+                    second->storage_, ", the table as ", storage_, " (rows move between them as they are)");
   TORCH_CHECK_VALUE(second->device_.is_cpu() || second->rows_on_host_, tag_,
                     ": the second level's rows must be readable by the host (a CPU table, or host-mapped rows); ",
                     second->tag_, " on ", second->device_, " keeps them in device memory");
@@ -316,7 +345,7 @@ void LookupPipeline::second_level_direct(const at::Tensor& flat, at::Tensor& out
   s.stage_bucket = bucket.data_ptr<int64_t>();
   s.stage_key = key.data_ptr<int64_t>();
   s.stage_pos = pos.data_ptr<int64_t>();
-  const float* l2_rows = nullptr;
+  const void* l2_rows = nullptr;
   {
     // The second level's device index is read under its lock, after its own earlier work (an index upload by
     // update()); its next update waits for this stream's work (order_stream records this stream as its last).
@@ -342,23 +371,24 @@ void LookupPipeline::second_level_direct(const at::Tensor& flat, at::Tensor& out
   std::tie(sorted_bucket, by_bucket) = at::sort(bucket.index_select(0, by_key), /*stable=*/true, 0, false);
   const at::Tensor entries = by_key.index_select(0, by_bucket);
   at::Tensor perm;
-  if (out.scalar_type() == at::kFloat) {  // each key's row as the gather (or the find's default) wrote it
+  if (out.scalar_type() == at::kFloat && storage_ == kStoreFloat32) {
+    // each key's row as the gather (or the find's default) wrote it
     perm = pos.index_select(0, entries);
     ins.keys = flat.data_ptr();
     ins.key_is_int64 = flat.scalar_type() == at::kLong;
     ins.rows = out.data_ptr<float>();
-  } else {  // a rounded output: the cache stores the float32 rows, read again from the second level
+  } else {  // a rounded output or compact rows: the stored rows, read again from the second level
     perm = entries;
     ins.keys = key.data_ptr<int64_t>();
     ins.key_is_int64 = true;
     ins.rows = l2_rows;
     ins.row_of = row.data_ptr<int64_t>();
-    ins.fill_value = default_value_;
+    ins.fill_row = default_row_.data_ptr();
   }
   ins.sorted_bucket = sorted_bucket.data_ptr<int64_t>();
   ins.perm = perm.data_ptr<int64_t>();
   ins.n = n;
-  ins.dim = dim_;
+  ins.row_bytes = row_bytes_;
   ins.lru = policy_ == kPolicyLRU;
   ins.counts = ctrl_.data_ptr<int64_t>() + kCtrlInserted;
   if (sketch_.defined()) {
@@ -375,20 +405,26 @@ void LookupPipeline::second_level_direct(const at::Tensor& flat, at::Tensor& out
 #endif
 }
 
-int64_t LookupPipeline::read_rows(const int64_t* keys, int64_t u, float* rows, bool* found) {
+int64_t LookupPipeline::read_rows(const int64_t* keys, int64_t u, void* rows, bool* found, bool as_stored) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   TORCH_CHECK(kind_ == kResident && (device_.is_cpu() || rows_on_host_), tag_, ": read_rows needs host-readable rows");
-  const float* src = rows_.data_ptr<float>();
-  const size_t row_bytes = static_cast<size_t>(dim_) * sizeof(float);
+  const uint8_t* src = static_cast<const uint8_t*>(rows_.data_ptr());
   int64_t hits = 0;
-  for (int64_t k = 0; k < u; ++k) {
-    const int64_t r = index_->row_of(keys[k]);
-    if (r < 0) continue;
-    std::memcpy(rows + k * dim_, src + r * dim_, row_bytes);
-    found[k] = true;
-    ++hits;
-  }
+  with_storage(storage_, [&](auto st) {
+    constexpr int32_t S = decltype(st)::value;
+    for (int64_t k = 0; k < u; ++k) {
+      const int64_t r = index_->row_of(keys[k]);
+      if (r < 0) continue;
+      if (as_stored) {
+        std::memcpy(static_cast<uint8_t*>(rows) + k * row_bytes_, src + r * row_bytes_, row_bytes_);
+      } else {
+        cpu::decode_row<S>(static_cast<float*>(rows) + k * dim_, src + r * row_bytes_, dim_, /*streaming=*/false);
+      }
+      found[k] = true;
+      ++hits;
+    }
+  });
   return hits;
 }
 
@@ -505,6 +541,7 @@ FindMode LookupPipeline::find_mode() const {
 FindArgs LookupPipeline::table_args() const {
   FindArgs a;
   a.dim = dim_;
+  a.storage = storage_;
   a.default_value = default_value_;
   a.ctrl = ctrl_.data_ptr<int64_t>();
   if (kind_ == kDynamicCache) {
@@ -514,14 +551,14 @@ FindArgs LookupPipeline::table_args() const {
     a.digests = index_->digests();
     a.slot_rows = index_->rows();
     a.spill = index_->spill();
-    a.values = rows_.data_ptr<float>();
+    a.values = rows_.data_ptr();
     a.num_buckets = index_->num_buckets();
   } else {
     a.slot_keys = dindex_keys_.data_ptr<int64_t>();
     a.digests = dindex_digests_.data_ptr<uint8_t>();
     a.slot_rows = dindex_rows_.data_ptr<int32_t>();
     a.spill = dindex_spill_.data_ptr<uint8_t>();
-    a.values = rows_.data_ptr<float>();
+    a.values = rows_.data_ptr();
     a.num_buckets = dindex_spill_.size(0);
   }
   return a;
@@ -777,7 +814,7 @@ void LookupPipeline::resolve_misses(int64_t m, int64_t n, const OutRows& out, bo
     const int64_t* sk = w.miss_keys_h.data_ptr<int64_t>();
     const int32_t* sp = w.miss_pos_h.data_ptr<int32_t>();
     for (int64_t k = 0; k < m; ++k) u += (k == 0 || sk[k] != sk[k - 1]);
-    L = PlanLayout::make(m, u, dim_, pushes_max ? 2 * u : 0);
+    L = PlanLayout::make(m, u, row_bytes_, pushes_max ? 2 * u : 0);
     plan = w.plan(L.bytes);
     int32_t* pos = reinterpret_cast<int32_t*>(plan + L.pos);
     int32_t* inv = reinterpret_cast<int32_t*>(plan + L.inv);
@@ -824,7 +861,7 @@ void LookupPipeline::resolve_misses(int64_t m, int64_t n, const OutRows& out, bo
     } else {
       std::sort(w.order.begin(), w.order.end(), [&](int64_t x, int64_t y) { return first[x] < first[y]; });
     }
-    L = PlanLayout::make(m, u, dim_, pushes_max ? 2 * u : 0);
+    L = PlanLayout::make(m, u, row_bytes_, pushes_max ? 2 * u : 0);
     plan = w.plan(L.bytes);
     int32_t* pos = reinterpret_cast<int32_t*>(plan + L.pos);
     int32_t* inv = reinterpret_cast<int32_t*>(plan + L.inv);
@@ -846,7 +883,7 @@ void LookupPipeline::resolve_misses(int64_t m, int64_t n, const OutRows& out, bo
   record_latency(kStagePlan, std::chrono::duration<double>(t_fetch - t_plan).count());
 
   int64_t* ukeys = reinterpret_cast<int64_t*>(plan + L.ukeys);
-  float* rows = reinterpret_cast<float*>(plan + L.rows);
+  uint8_t* rows = plan + L.rows;
   const bool async = cache && async_thread_.joinable() && 1.0 - static_cast<double>(m) / static_cast<double>(n) >=
                                                                     async_threshold_;
   if (async) {
@@ -862,7 +899,7 @@ void LookupPipeline::resolve_misses(int64_t m, int64_t n, const OutRows& out, bo
     }
   }
   w.found.resize(u);
-  fetch_rows(ukeys, u, rows, reinterpret_cast<bool*>(w.found.data()));
+  fetch_stored(ukeys, u, rows, reinterpret_cast<bool*>(w.found.data()), &w.fetched);
   // Positions served the default vector (keys no tier holds).
   bool any_default = false;
   for (int64_t k = 0; k < u && !any_default; ++k) any_default = !w.found[k];
@@ -879,13 +916,69 @@ void LookupPipeline::resolve_misses(int64_t m, int64_t n, const OutRows& out, bo
   record_latency(kStageApply, seconds_since(t_apply));
 }
 
+// Rows of u distinct keys as this table stores them: fetched as float32 (the tiers keep float32 rows), then, for
+// compact storage, encoded - once, on the host - before they travel to the table.
+void LookupPipeline::fetch_stored(const int64_t* keys, int64_t u, uint8_t* stored, bool* found,
+                                  std::vector<float>* scratch) {
+  if (storage_ == kStoreFloat32) return fetch_rows(keys, u, reinterpret_cast<float*>(stored), found);
+  if (u == 0) return;
+  std::fill(found, found + u, false);
+  const uint8_t* def = static_cast<const uint8_t*>(default_row_host_.data_ptr());
+  int64_t hits = 0;
+  if (second_level_) {
+    // The second level keeps the same stored rows: copied as they are (decoding and encoding again would not
+    // give the same bytes for a scaled storage).
+    hits = second_level_->read_rows(keys, u, stored, found, /*as_stored=*/true);
+    stats_[kStatSecondLevelHits] += hits;
+    if (hits == u) return;
+    if (second_level_->answers_all()) {
+      for (int64_t k = 0; k < u; ++k) {
+        if (!found[k]) std::memcpy(stored + k * row_bytes_, def, row_bytes_);
+      }
+      return;
+    }
+  }
+  std::vector<int64_t> rest, rest_keys;
+  for (int64_t k = 0; k < u; ++k) {
+    if (!found[k]) {
+      rest.push_back(k);
+      rest_keys.push_back(keys[k]);
+    }
+  }
+  const int64_t q = static_cast<int64_t>(rest.size());
+  scratch->resize(static_cast<size_t>(q * dim_));
+  std::unique_ptr<bool[]> rest_found(new bool[q]);
+  fetch_rows(rest_keys.data(), q, scratch->data(), rest_found.get(), /*use_second_level=*/false);
+  std::vector<uint8_t> encoded(static_cast<size_t>(q * row_bytes_));
+  encode_rows_into(storage_, scratch->data(), q, dim_, encoded.data());
+  for (int64_t i = 0; i < q; ++i) {
+    const int64_t k = rest[i];
+    found[k] = rest_found[i];
+    std::memcpy(stored + k * row_bytes_, found[k] ? encoded.data() + i * row_bytes_ : def, row_bytes_);
+  }
+}
+
+at::Tensor LookupPipeline::encode(const at::Tensor& rows) const {
+  if (storage_ == kStoreFloat32) return rows;
+  using EncodeFn = at::Tensor(const at::Tensor&, int64_t);
+  static auto encode_op = op<EncodeFn>("hps::encode_rows");
+  return encode_op.call(rows, storage_);
+}
+
+at::Tensor LookupPipeline::decode(const at::Tensor& stored) const {
+  if (storage_ == kStoreFloat32) return stored;
+  using DecodeFn = at::Tensor(const at::Tensor&, std::optional<at::ScalarType>);
+  static auto decode_op = op<DecodeFn>("hps::decode_rows");
+  return decode_op.call(stored.contiguous(), std::nullopt);
+}
+
 // Rows of u distinct keys: the host-memory map, then the lower tiers for what it lacks, then the default vector.
-void LookupPipeline::fetch_rows(const int64_t* keys, int64_t u, float* rows, bool* found) {
+void LookupPipeline::fetch_rows(const int64_t* keys, int64_t u, float* rows, bool* found, bool use_second_level) {
   if (u == 0) return;
   std::fill(found, found + u, false);
   int64_t hits = 0;
-  if (second_level_) {
-    hits = second_level_->read_rows(keys, u, rows, found);
+  if (second_level_ && use_second_level) {
+    hits = second_level_->read_rows(keys, u, rows, found, /*as_stored=*/false);
     stats_[kStatSecondLevelHits] += hits;
     if (hits < u && second_level_->answers_all()) {
       // The second level holds every key any tier holds: the rest get the default vector.
@@ -996,7 +1089,7 @@ void LookupPipeline::grow_rows(int64_t needed) {
     TORCH_WARN(tag_, " on ", device_, ": the resident table grows from ", capacity_, " to ", cap,
                " rows; CUDA graphs captured over it must be captured again");
   }
-  at::Tensor bigger = at::empty({cap, dim_}, rows_.options());
+  at::Tensor bigger = at::empty({cap, rows_.size(1)}, rows_.options());
   bigger.narrow(0, 0, next_row_).copy_(rows_.narrow(0, 0, next_row_));
   rows_ = bigger;
   capacity_ = cap;
@@ -1013,12 +1106,13 @@ void LookupPipeline::resident_upload_index() {
 
 // Scatter m positions from u fetched rows and store the rows (insert: cache insert, or resident rows + index).
 void LookupPipeline::apply_plan(const OutRows& out, const int32_t* pos, const int32_t* inv, int64_t m, const int64_t* ukeys,
-                                const float* rows, int64_t u, bool grouped, bool insert) {
+                                const void* rows, int64_t u, bool grouped, bool insert) {
   Workspace& w = *ws_;
   ApplyArgs a;
   a.out = out.data;
   a.out_dtype = out.dtype;
   a.dim = dim_;
+  a.storage = storage_;
   a.pos = pos;
   a.inv = inv;
   a.m = m;
@@ -1049,12 +1143,12 @@ void LookupPipeline::apply_plan(const OutRows& out, const int32_t* pos, const in
   if (device_.is_cpu()) {
     if (insert && !cache) {
       a.row_ids = row_ids.data();
-      a.table_rows = rows_.data_ptr<float>();
+      a.table_rows = rows_.data_ptr();
     }
     cpu::apply(a);
     if (insert && cache && !grouped && u > 0) {
       insert_sorted_keys(at::from_blob(const_cast<int64_t*>(ukeys), {u}, at::kLong),
-                         at::from_blob(const_cast<float*>(rows), {u, dim_}, at::kFloat));
+                         at::from_blob(const_cast<void*>(rows), {u, values_.size(1)}, values_.scalar_type()));
     }
     return;
   }
@@ -1063,7 +1157,7 @@ void LookupPipeline::apply_plan(const OutRows& out, const int32_t* pos, const in
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(device_.index()).stream();
   // The plan this call built lives in w.plan_h as [pos][inv][ukeys][rows]...; lay out the resident extras after it.
   const int64_t pushes = rebuilt ? 0 : static_cast<int64_t>(touched.size());
-  const PlanLayout L = PlanLayout::make(m, u, dim_, pushes);
+  const PlanLayout L = PlanLayout::make(m, u, row_bytes_, pushes);
   uint8_t* base = w.plan_h.defined() ? w.plan_h.data_ptr<uint8_t>() : nullptr;
   const bool in_plan = base != nullptr && reinterpret_cast<const uint8_t*>(rows) == base + L.rows &&
                        w.plan_h.size(0) >= L.bytes;
@@ -1074,7 +1168,7 @@ void LookupPipeline::apply_plan(const OutRows& out, const int32_t* pos, const in
       std::memcpy(p + L.inv, inv, m * 4);
     }
     std::memcpy(p + L.ukeys, ukeys, u * 8);
-    std::memcpy(p + L.rows, rows, u * dim_ * 4);
+    std::memcpy(p + L.rows, rows, u * row_bytes_);
     base = p;
   }
   if (insert && !cache) {
@@ -1102,11 +1196,11 @@ void LookupPipeline::apply_plan(const OutRows& out, const int32_t* pos, const in
   }
   a.pos = reinterpret_cast<const int32_t*>(src + L.pos);
   a.inv = reinterpret_cast<const int32_t*>(src + L.inv);
-  a.rows = reinterpret_cast<const float*>(src + L.rows);
+  a.rows = src + L.rows;
   if (a.ukeys != nullptr) a.ukeys = reinterpret_cast<const int64_t*>(src + L.ukeys);
   if (insert && !cache) {
     a.row_ids = reinterpret_cast<const int32_t*>(src + L.row_ids);
-    a.table_rows = rows_.data_ptr<float>();
+    a.table_rows = rows_.data_ptr();
     a.num_push = pushes;
     a.push_buckets = reinterpret_cast<const int64_t*>(src + L.push_buckets);
     a.push_keys = reinterpret_cast<const int64_t*>(src + L.push_keys);
@@ -1122,7 +1216,8 @@ void LookupPipeline::apply_plan(const OutRows& out, const int32_t* pos, const in
   if (insert && cache && !grouped && u > 0) {
     const auto opts = at::TensorOptions().device(device_);
     insert_sorted_keys(at::from_blob(const_cast<uint8_t*>(src + L.ukeys), {u}, opts.dtype(at::kLong)),
-                       at::from_blob(const_cast<uint8_t*>(src + L.rows), {u, dim_}, opts.dtype(at::kFloat)));
+                       at::from_blob(const_cast<uint8_t*>(src + L.rows), {u, values_.size(1)},
+                                     opts.dtype(values_.scalar_type())));
   }
 #endif
 }
@@ -1149,13 +1244,13 @@ void LookupPipeline::async_loop() {
     }
     try {
       const int64_t u = static_cast<int64_t>(job.keys.size());
-      const PlanLayout L = PlanLayout::make(0, u, dim_, 0);
+      const PlanLayout L = PlanLayout::make(0, u, row_bytes_, 0);
       uint8_t* plan = own.plan(L.bytes);
       int64_t* ukeys = reinterpret_cast<int64_t*>(plan + L.ukeys);
-      float* rows = reinterpret_cast<float*>(plan + L.rows);
+      uint8_t* rows = plan + L.rows;
       std::memcpy(ukeys, job.keys.data(), u * 8);
       own.found.resize(u);
-      fetch_rows(ukeys, u, rows, reinterpret_cast<bool*>(own.found.data()));
+      fetch_stored(ukeys, u, rows, reinterpret_cast<bool*>(own.found.data()), &own.fetched);
       {
         std::lock_guard<std::mutex> lock(mu_);
         if (closed_) {
@@ -1207,15 +1302,15 @@ void LookupPipeline::load(const at::Tensor& keys, const at::Tensor& rows) {
   const at::Tensor kc = keys.contiguous();
   const int64_t* kp = kc.data_ptr<int64_t>();
   for (int64_t i = 0; i < k; ++i) index_->put(kp[i], static_cast<int32_t>(next_row_ + i), nullptr, nullptr);
-  rows_.narrow(0, next_row_, k).copy_(rows);
+  rows_.narrow(0, next_row_, k).copy_(encode(rows.contiguous()));
   next_row_ += k;
   index_dirty_ = !device_.is_cpu();
 }
 
 void LookupPipeline::load_like(const c10::intrusive_ptr<LookupPipeline>& other) {
   TORCH_CHECK_VALUE(kind_ == kResident && other->kind_ == kResident && other->dim_ == dim_ &&
-                        other->rows_on_host_ == rows_on_host_,
-                    tag_, ": load_like needs a resident table of the same dim and row placement");
+                        other->storage_ == storage_ && other->rows_on_host_ == rows_on_host_,
+                    tag_, ": load_like needs a resident table of the same dim, storage and row placement");
   GilRelease nogil;
   std::lock_guard<std::mutex> lock(mu_);
   std::lock_guard<std::mutex> other_lock(other->mu_);
@@ -1241,7 +1336,7 @@ void LookupPipeline::insert(const at::Tensor& keys, const at::Tensor& rows) {
   if (device_.is_cuda()) order_stream();
   static auto insert_op = op<CacheInsertFn>("hps::cache_insert_or_assign");
   at::Tensor counts = insert_op.call(slot_keys_, digests_, scores_, values_, clock_, keys.to(device_),
-                                     rows.to(device_), policy_, sketch_arg());
+                                     encode(rows.to(device_).contiguous()), policy_, sketch_arg());
   ctrl_.narrow(0, kCtrlInserted, 4).add_(counts);
 }
 
@@ -1264,12 +1359,13 @@ int64_t LookupPipeline::update(const at::Tensor& keys, const at::Tensor& rows) {
     using AssignFn = at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&, const at::Tensor&,
                                 const at::Tensor&);
     static auto assign = op<AssignFn>("hps::cache_assign");
-    return assign.call(slot_keys_, digests_, values_, keys.to(device_), rows.to(device_)).item<int64_t>();
+    return assign.call(slot_keys_, digests_, values_, keys.to(device_), encode(rows.to(device_).contiguous()))
+        .item<int64_t>();
   }
   sync_index();
   quiesce();
   const at::Tensor kc = keys.contiguous();
-  const at::Tensor rc = rows.contiguous();
+  const at::Tensor rc = encode(rows.contiguous());
   const int64_t* kp = kc.data_ptr<int64_t>();
   int64_t present = 0;
   for (int64_t k = 0; k < u; ++k) present += index_->row_of(kp[k]) >= 0;
@@ -1282,15 +1378,16 @@ int64_t LookupPipeline::update(const at::Tensor& keys, const at::Tensor& rows) {
     std::vector<int64_t> touched;
     bool rebuilt = false;
     resident_put(kp, u, false, &row_ids, &touched, &rebuilt);
-    float* dst = rows_.data_ptr<float>();
+    uint8_t* dst = static_cast<uint8_t*>(rows_.data_ptr());
+    const uint8_t* src = static_cast<const uint8_t*>(rc.data_ptr());
     for (int64_t k = 0; k < u; ++k) {
-      if (row_ids[k] >= 0) std::memcpy(dst + static_cast<int64_t>(row_ids[k]) * dim_, rc.data_ptr<float>() + k * dim_, dim_ * 4);
+      if (row_ids[k] >= 0) std::memcpy(dst + row_ids[k] * row_bytes_, src + k * row_bytes_, row_bytes_);
     }
     if (!touched.empty() || rebuilt) resident_upload_index();
     return present;
   }
   // Through the apply path: rows to their (new or existing) rows, index buckets pushed.
-  apply_plan(OutRows{}, nullptr, nullptr, 0, kp, rc.data_ptr<float>(), u, false, /*insert=*/true);
+  apply_plan(OutRows{}, nullptr, nullptr, 0, kp, rc.data_ptr(), u, false, /*insert=*/true);
   return present;
 }
 
@@ -1334,7 +1431,8 @@ int64_t LookupPipeline::assign_if_version(const at::Tensor& keys, const at::Tens
     using AssignFn = at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&, const at::Tensor&,
                                 const at::Tensor&);
     static auto assign = op<AssignFn>("hps::cache_assign");
-    assigned = assign.call(slot_keys_, digests_, values_, keys.to(device_), rows.to(device_)).item<int64_t>();
+    assigned = assign.call(slot_keys_, digests_, values_, keys.to(device_), encode(rows.to(device_).contiguous()))
+                   .item<int64_t>();
   } else {
     const at::Tensor kc = keys.contiguous();
     std::vector<int64_t> row_of(u);
@@ -1344,8 +1442,9 @@ int64_t LookupPipeline::assign_if_version(const at::Tensor& keys, const at::Tens
     }
     at::Tensor ids = at::tensor(row_of, at::kLong);
     at::Tensor keep = ids.ge(0);
-    rows_.index_copy_(0, ids.masked_select(keep).to(rows_.device()),
-                      rows.index_select(0, keep.nonzero().squeeze(1)).to(rows_.device()));
+    rows_.view(at::kByte).index_copy_(
+        0, ids.masked_select(keep).to(rows_.device()),
+        encode(rows.index_select(0, keep.nonzero().squeeze(1)).contiguous()).view(at::kByte).to(rows_.device()));
   }
   stats_[kStatRefreshedKeys] += assigned;
   return assigned;
@@ -1363,7 +1462,7 @@ std::tuple<at::Tensor, at::Tensor> LookupPipeline::export_all() {
     static auto export_op = op<ExportFn>("hps::cache_export_batch");
     auto [k, v, count] = export_op.call(slot_keys_, digests_, values_, 0, slot_keys_.size(0));
     const int64_t c = count.item<int64_t>();
-    return {k.narrow(0, 0, c), v.narrow(0, 0, c)};
+    return {k.narrow(0, 0, c), decode(v.narrow(0, 0, c))};
   }
   std::vector<int64_t> keys, row_ids;
   for (int64_t s = 0; s < index_->num_slots(); ++s) {
@@ -1373,7 +1472,8 @@ std::tuple<at::Tensor, at::Tensor> LookupPipeline::export_all() {
     }
   }
   at::Tensor ids = at::tensor(row_ids, at::kLong).to(rows_.device());
-  return {at::tensor(keys, at::kLong).to(device_), rows_.index_select(0, ids).to(device_)};
+  return {at::tensor(keys, at::kLong).to(device_),
+          decode(rows_.view(at::kByte).index_select(0, ids).view(rows_.scalar_type()).to(device_))};
 }
 
 at::Tensor LookupPipeline::contains(const at::Tensor& keys) {
@@ -1466,8 +1566,10 @@ void register_pipeline(torch::Library& m) {
   using P = LookupPipeline;
   using Ptr = c10::intrusive_ptr<P>;
   m.class_<P>("LookupPipeline")
-      .def(torch::init<int64_t, std::string, int64_t, int64_t, int64_t, double, int64_t, bool, bool, std::string>())
+      .def(torch::init<int64_t, std::string, int64_t, int64_t, int64_t, double, int64_t, bool, bool, std::string,
+                       int64_t>())
       .def("set_source", &P::set_source)
+      .def("storage", &P::storage)
       .def("set_lower_tiers", &P::set_lower_tiers)
       .def("set_async", &P::set_async)
       .def("set_admission", &P::set_admission)

@@ -79,9 +79,11 @@ class LookupPipeline : public torch::CustomClassHolder {
   //   vector, no de-duplication, nothing stored). misses_to_tiers (resident only): false = a key the table
   //   lacks gets the default vector (HPS static tables), true = it is looked up in the tiers (and stored while
   //   the capacity lasts). rows_on_host (resident, CUDA only): rows in pinned host memory (HPS uvm) instead of HBM.
+  //   storage (row_codec.h): how the table keeps its rows; rows arrive as float32 and are encoded once on the way
+  //   in, lookups decode them into their output.
   LookupPipeline(int64_t kind, const std::string& device, int64_t dim, int64_t capacity, int64_t policy,
                  double default_value, int64_t max_keys, bool misses_to_tiers, bool rows_on_host,
-                 const std::string& tag);
+                 const std::string& tag, int64_t storage);
   ~LookupPipeline() override;
   void release_resources() override;
 
@@ -143,6 +145,7 @@ class LookupPipeline : public torch::CustomClassHolder {
   int64_t dim() const { return dim_; }
   std::string device() const { return device_.str(); }
   int64_t kind() const { return kind_; }
+  int64_t storage() const { return storage_; }
   // A resident table that answers every key itself: built so (misses_to_tiers false), and no update() has brought a
   // key it could not hold (host-mapped rows cannot grow: such a key lives in the tiers only).
   bool answers_all() const { return kind_ == kResident && !misses_to_tiers_ && !overflowed_.load(); }
@@ -169,18 +172,24 @@ class LookupPipeline : public torch::CustomClassHolder {
   // Plan the misses of the call just found (host or device planner), fetch their rows, then apply or queue.
   void resolve_misses(int64_t misses, int64_t n, const OutRows& out, bool big);
   // Rows of `u` distinct keys into `rows` (host memory): second level, host map, lower tiers, default.
-  void fetch_rows(const int64_t* keys, int64_t u, float* rows, bool* found);
+  void fetch_rows(const int64_t* keys, int64_t u, float* rows, bool* found, bool use_second_level = true);
+  // The same rows as stored rows (encoded through `scratch` for compact storage).
+  void fetch_stored(const int64_t* keys, int64_t u, uint8_t* stored, bool* found, std::vector<float>* scratch);
+  // float32 rows (any device) -> stored rows, and back (identity for float32 storage).
+  at::Tensor encode(const at::Tensor& rows) const;
+  at::Tensor decode(const at::Tensor& stored) const;
   // kPassThrough's lookup: every position through fetch_rows (under the lock).
   void pass_through(const at::Tensor& flat, at::Tensor& out);
   // Raises for the state-changing calls a pass-through pipeline has no state for.
   void check_has_table(const char* what) const;
   // Resident tables with host-readable rows: copy the rows of the keys present into `rows`, set found; returns
   // how many were present. Takes this pipeline's lock (a second level is read under its own lock).
-  int64_t read_rows(const int64_t* keys, int64_t u, float* rows, bool* found);
+  // as_stored: the rows as this table stores them (the caller has the same storage), else decoded to float32.
+  int64_t read_rows(const int64_t* keys, int64_t u, void* rows, bool* found, bool as_stored);
   // Store u rows for keys (grouped by bucket for a cache when `grouped`) and scatter m positions; host pointers
   // `pos`, `inv`, `ukeys`, `rows` in the pinned plan buffer (or any host memory on the CPU).
   void apply_plan(const OutRows& out, const int32_t* pos, const int32_t* inv, int64_t m, const int64_t* ukeys,
-                  const float* rows, int64_t u, bool grouped, bool insert);
+                  const void* rows, int64_t u, bool grouped, bool insert);
   // Resident: give new keys rows (while capacity allows), collect the touched buckets; returns row ids (u,).
   void resident_put(const int64_t* keys, int64_t u, bool may_grow, std::vector<int32_t>* row_ids,
                     std::vector<int64_t>* touched, bool* rebuilt);
@@ -209,6 +218,8 @@ class LookupPipeline : public torch::CustomClassHolder {
   const bool misses_to_tiers_;
   const bool rows_on_host_;
   const std::string tag_;
+  const int32_t storage_;
+  const int64_t row_bytes_;  // of a stored row
   int64_t capacity_;
   c10::intrusive_ptr<HostHashMap> source_;
   c10::intrusive_ptr<LookupPipeline> second_level_;
@@ -221,7 +232,9 @@ class LookupPipeline : public torch::CustomClassHolder {
   at::Tensor slot_keys_, digests_, scores_, values_, clock_;  // dynamic cache
   std::unique_ptr<ResidentIndex> index_;                      // resident: the host index (the CPU's own index)
   at::Tensor dindex_keys_, dindex_digests_, dindex_rows_, dindex_spill_;  // resident on a GPU: its copy
-  at::Tensor rows_;                                           // resident: (capacity, dim) rows
+  at::Tensor rows_;                                           // resident: (capacity, W) stored rows
+  at::Tensor default_row_;                                    // (1, W): the default vector, stored
+  at::Tensor default_row_host_;                               // ... and its CPU copy
   int64_t next_row_ = 0;
   bool index_dirty_ = false;  // the host index changed since it was copied to the device
   std::atomic<bool> overflowed_{false};  // answers_all() no more: a key did not fit

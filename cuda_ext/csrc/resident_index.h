@@ -10,12 +10,13 @@
 
 #include "checks.h"
 #include "lookup_layout.h"
+#include "stored_rows.h"
 
 namespace hps {
 
 // Checks of a resident index's tensors as the find ops take them: index_keys (S,) int64, index_digests (S,) uint8,
-// index_rows (S,) int32, index_spill (S / kBucketSize,) uint8 on one device, and rows (R, D) float32 on that
-// device or, for an index on a GPU, in pinned host memory. Returns the number of buckets.
+// index_rows (S,) int32, index_spill (S / kBucketSize,) uint8 on one device, and rows (R, W) stored rows
+// (stored_rows.h) on that device or, for an index on a GPU, in pinned host memory. Returns the number of buckets.
 inline int64_t check_resident_index(const at::Tensor& index_keys, const at::Tensor& index_digests,
                                     const at::Tensor& index_rows, const at::Tensor& index_spill,
                                     const at::Tensor& rows) {
@@ -23,9 +24,8 @@ inline int64_t check_resident_index(const at::Tensor& index_keys, const at::Tens
   HPS_CHECK_DTYPE(index_digests, at::kByte);
   HPS_CHECK_DTYPE(index_rows, at::kInt);
   HPS_CHECK_DTYPE(index_spill, at::kByte);
-  HPS_CHECK_DTYPE(rows, at::kFloat);
+  check_stored(rows, "rows");
   HPS_CHECK_DIM(index_keys, 1);
-  HPS_CHECK_DIM(rows, 2);
   const int64_t slots = index_keys.size(0);
   TORCH_CHECK_VALUE(slots > 0 && slots % kBucketSize == 0, "index slot count must be a positive multiple of ",
                     kBucketSize, ", found ", slots);

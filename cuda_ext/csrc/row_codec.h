@@ -41,14 +41,14 @@ enum Storage : int32_t {
 constexpr int32_t kNumStorages = 5;
 
 // Bytes of one element of the stored tensor, and of the per-row tail (scale / bias) after the D elements.
-HPS_HD int64_t storage_elem_bytes(int32_t s) {
+HPS_HD constexpr int64_t storage_elem_bytes(int32_t s) {
   return s == kStoreFloat32 ? 4 : (s == kStoreFloat16 || s == kStoreBFloat16) ? 2 : 1;
 }
-HPS_HD int64_t storage_tail_bytes(int32_t s) { return s == kStoreInt8 ? 8 : s == kStoreFp8E4M3 ? 4 : 0; }
+HPS_HD constexpr int64_t storage_tail_bytes(int32_t s) { return s == kStoreInt8 ? 8 : s == kStoreFp8E4M3 ? 4 : 0; }
 // Elements per stored row (the stored tensor's second dimension) and bytes per stored row, for embedding dim D.
-HPS_HD int64_t stored_width(int32_t s, int64_t dim) { return dim + storage_tail_bytes(s) / storage_elem_bytes(s); }
-HPS_HD int64_t stored_row_bytes(int32_t s, int64_t dim) { return stored_width(s, dim) * storage_elem_bytes(s); }
-HPS_HD int64_t dim_of_width(int32_t s, int64_t width) { return width - storage_tail_bytes(s) / storage_elem_bytes(s); }
+HPS_HD constexpr int64_t stored_width(int32_t s, int64_t dim) { return dim + storage_tail_bytes(s) / storage_elem_bytes(s); }
+HPS_HD constexpr int64_t stored_row_bytes(int32_t s, int64_t dim) { return stored_width(s, dim) * storage_elem_bytes(s); }
+HPS_HD constexpr int64_t dim_of_width(int32_t s, int64_t width) { return width - storage_tail_bytes(s) / storage_elem_bytes(s); }
 
 // ------------------------------------------------------------------------------------------------ exact arithmetic
 // Correctly rounded single operations. nvcc contracts a * b + c into an FMA unless told not to; the intrinsics are

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include "checks.h"
 #include "lookup_layout.h"
@@ -67,6 +68,22 @@ inline int64_t check_stored(const at::Tensor& stored, const char* name) {
                     storage_tail_bytes(s), " tail bytes, found width ", stored.size(1));
   check_storage_dim(s, dim);
   return dim;
+}
+
+// Bytes of one row of a checked stored tensor: stored_row_bytes of its storage and dim, what moving a stored row
+// as it is copies.
+inline int64_t stored_row_bytes_of(const at::Tensor& stored) { return stored.size(1) * stored.element_size(); }
+
+// n float32 rows (host memory) encoded into n stored rows at dst (host memory), a task per block of rows.
+inline void encode_rows_into(int32_t storage, const float* src, int64_t n, int64_t dim, void* dst) {
+  uint8_t* out = static_cast<uint8_t*>(dst);
+  const int64_t row_bytes = stored_row_bytes(storage, dim);
+  with_storage(storage, [&](auto s) {
+    constexpr int32_t S = decltype(s)::value;
+    at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) encode_row<S>(src + i * dim, dim, out + i * row_bytes);
+    });
+  });
 }
 
 // The OutDtype of a lookup's (or a decode's) output tensor (lookup_layout.h); TypeError for a dtype it cannot be.

@@ -396,7 +396,7 @@ def test_ops_reject_bad_input_and_change_nothing(device):
         (ValueError, "policy must be 0", lambda: ops.cache_find(sk, dg, sc, val, clk, k, 3)),
         (ValueError, "new_values must have one row per key",
          lambda: ops.cache_insert_or_assign(sk, dg, sc, val, clk, k, nv[:1], 0)),
-        (ValueError, "new_values dim must equal the cache dim 4, found 3",
+        (ValueError, "new_values must have width 4 \\(the cache's stored rows of dim 4\\), found 3",
          lambda: ops.cache_assign(sk, dg, val, k, nv[:, :3].contiguous())),
         (TypeError, "new_values must have dtype Float",
          lambda: ops.cache_insert_or_assign(sk, dg, sc, val, clk, k, nv.double(), 0)),

@@ -7,6 +7,9 @@
 //
 // assign: slots are resolved in parallel (read-only probes), then rows are copied in input order so the last
 // duplicate of a key wins.
+//
+// Rows are stored rows (cache_state.h): new_values already hold the cache's storage, so both ops copy
+// stored_row_bytes per row and never re-encode.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -59,13 +62,12 @@ at::Tensor insert_hashed(at::Tensor& slot_keys, at::Tensor& digests, at::Tensor&
   const int64_t num_groups = static_cast<int64_t>(group_start.size()) - 1;
 
   const int32_t new_score = policy == kPolicyLRU ? cpu::score_from_clock(clock.data_ptr<int64_t>()[0]) : 1;
-  const int64_t dim = values.size(1);
-  const size_t row_bytes = static_cast<size_t>(dim) * sizeof(float);
+  const size_t row_bytes = static_cast<size_t>(stored_row_bytes_of(values));
   int64_t* sk = slot_keys.data_ptr<int64_t>();
   uint8_t* dg = digests.data_ptr<uint8_t>();
   int32_t* sc = scores.data_ptr<int32_t>();
-  float* val = values.data_ptr<float>();
-  const float* nv = new_values.data_ptr<float>();
+  uint8_t* val = static_cast<uint8_t*>(values.data_ptr());
+  const uint8_t* nv = static_cast<const uint8_t*>(new_values.data_ptr());
   const int32_t* sketch_p = sketch != nullptr ? sketch->data_ptr<int32_t>() : nullptr;
   const int64_t width = sketch != nullptr ? sketch->size(0) / kSketchDepth : 0;
   std::atomic<int64_t> total[4] = {{0}, {0}, {0}, {0}};
@@ -79,7 +81,7 @@ at::Tensor insert_hashed(at::Tensor& slot_keys, at::Tensor& digests, at::Tensor&
         const cpu::KeyHash& k = hk[i];
         int64_t s = cpu::probe(sk, dg, k);
         if (s >= 0) {  // present (before this call or inserted earlier in it): assign, score untouched
-          std::memcpy(val + s * dim, nv + i * dim, row_bytes);
+          std::memcpy(val + s * row_bytes, nv + i * row_bytes, row_bytes);
           written |= uint32_t(1) << (s - k.base);
           ++local[kAssigned];
           continue;
@@ -105,7 +107,7 @@ at::Tensor insert_hashed(at::Tensor& slot_keys, at::Tensor& digests, at::Tensor&
         sk[s] = k.key;
         dg[s] = k.digest;
         sc[s] = sketch_p != nullptr && estimate > new_score ? estimate : new_score;
-        std::memcpy(val + s * dim, nv + i * dim, row_bytes);
+        std::memcpy(val + s * row_bytes, nv + i * row_bytes, row_bytes);
         written |= uint32_t(1) << (s - k.base);
         ++local[kInserted];
       }
@@ -120,10 +122,10 @@ at::Tensor insert_hashed(at::Tensor& slot_keys, at::Tensor& digests, at::Tensor&
 at::Tensor cache_insert_or_assign_cpu(at::Tensor& slot_keys,          // (S,) int64
                                       at::Tensor& digests,            // (S,) uint8
                                       at::Tensor& scores,             // (S,) int32
-                                      at::Tensor& values,             // (S, D) float32
+                                      at::Tensor& values,             // (S, W) stored rows
                                       const at::Tensor& clock,        // (1,) int64, read only
                                       const at::Tensor& keys,         // (n,) int32|int64
-                                      const at::Tensor& new_values,   // (n, D) float32
+                                      const at::Tensor& new_values,   // (n, W) stored rows, values' dtype
                                       int64_t policy,
                                       const std::optional<at::Tensor>& sketch) {  // admission, or none
   const int64_t num_buckets = cpu::check_cpu_state(slot_keys, digests, scores, values, clock);
@@ -137,9 +139,9 @@ at::Tensor cache_insert_or_assign_cpu(at::Tensor& slot_keys,          // (S,) in
 
 at::Tensor cache_assign_cpu(const at::Tensor& slot_keys,   // (S,) int64
                             const at::Tensor& digests,     // (S,) uint8
-                            at::Tensor& values,            // (S, D) float32
+                            at::Tensor& values,            // (S, W) stored rows
                             const at::Tensor& keys,        // (n,) int32|int64
-                            const at::Tensor& new_values)  // (n, D) float32
+                            const at::Tensor& new_values)  // (n, W) stored rows, values' dtype
 {
   const int64_t num_buckets = cpu::check_cpu_keys_digests(slot_keys, digests);
   check_values(values, slot_keys);
@@ -156,14 +158,13 @@ at::Tensor cache_assign_cpu(const at::Tensor& slot_keys,   // (S,) int64
   at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) slot[i] = cpu::probe(sk, dg, hk[i]);
   });
-  const int64_t dim = values.size(1);
-  const size_t row_bytes = static_cast<size_t>(dim) * sizeof(float);
-  float* val = values.data_ptr<float>();
-  const float* nv = new_values.data_ptr<float>();
+  const size_t row_bytes = static_cast<size_t>(stored_row_bytes_of(values));
+  uint8_t* val = static_cast<uint8_t*>(values.data_ptr());
+  const uint8_t* nv = static_cast<const uint8_t*>(new_values.data_ptr());
   int64_t assigned = 0;
   for (int64_t i = 0; i < n; ++i) {  // input order: the last duplicate's row is the one left
     if (slot[i] < 0) continue;
-    std::memcpy(val + slot[i] * dim, nv + i * dim, row_bytes);
+    std::memcpy(val + slot[i] * row_bytes, nv + i * row_bytes, row_bytes);
     ++assigned;
   }
   count.fill_(assigned);

@@ -49,10 +49,11 @@ at::Tensor cache_size_cpu(const at::Tensor& digests) {
 }
 
 // export_batch: occupied slots of [start, end) in slot order, packed at the front of (end - start)-capacity
-// buffers; the tail past `count` is zero. Sequential scan (slot order is the contract).
+// buffers; the tail past `count` is zero. Rows leave as the cache's stored rows (bytes copied, not decoded).
+// Sequential scan (slot order is the contract).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_export_batch_cpu(const at::Tensor& slot_keys,  // (S,) int64
                                                                       const at::Tensor& digests,    // (S,) uint8
-                                                                      const at::Tensor& values,     // (S, D) f32
+                                                                      const at::Tensor& values,     // (S, W) stored
                                                                       int64_t start, int64_t end) {
   cpu::check_cpu_keys_digests(slot_keys, digests);
   check_values(values, slot_keys);
@@ -60,20 +61,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_export_batch_cpu(const at::
   TORCH_CHECK_VALUE(0 <= start && start <= end && end <= slots, "export_batch needs 0 <= start <= end <= slots (",
                     slots, "), found start=", start, ", end=", end);
   const int64_t cap = end - start;
-  const int64_t dim = values.size(1);
-  at::Tensor out_keys = at::zeros({cap}, slot_keys.options());         // (end - start,) int64
-  at::Tensor out_values = at::zeros({cap, dim}, values.options());     // (end - start, D) float32
+  at::Tensor out_keys = at::zeros({cap}, slot_keys.options());                 // (end - start,) int64
+  at::Tensor out_values = at::zeros({cap, values.size(1)}, values.options());  // (end - start, W) stored
   const int64_t* sk = slot_keys.data_ptr<int64_t>();
   const uint8_t* dg = digests.data_ptr<uint8_t>();
-  const float* val = values.data_ptr<float>();
+  const uint8_t* val = static_cast<const uint8_t*>(values.data_ptr());
   int64_t* ok = out_keys.data_ptr<int64_t>();
-  float* ov = out_values.data_ptr<float>();
-  const size_t row_bytes = static_cast<size_t>(dim) * sizeof(float);
+  uint8_t* ov = static_cast<uint8_t*>(out_values.data_ptr());
+  const size_t row_bytes = static_cast<size_t>(stored_row_bytes_of(values));
   int64_t count = 0;
   for (int64_t s = start; s < end; ++s) {
     if (dg[s] == kEmptyDigest) continue;
     ok[count] = sk[s];
-    std::memcpy(ov + count * dim, val + s * dim, row_bytes);
+    std::memcpy(ov + count * row_bytes, val + s * row_bytes, row_bytes);
     ++count;
   }
   return {out_keys, out_values, at::full({}, count, slot_keys.options())};

@@ -14,15 +14,7 @@ at::Tensor encode_rows_cpu(const at::Tensor& rows, int64_t storage) {
   at::Tensor out = encoded_output(rows, storage);
   const int64_t n = rows.size(0), dim = rows.size(1);
   if (n == 0) return out;
-  const float* src = rows.data_ptr<float>();
-  uint8_t* dst = static_cast<uint8_t*>(out.data_ptr());
-  const int64_t row_bytes = stored_row_bytes(static_cast<int32_t>(storage), dim);
-  with_storage(static_cast<int32_t>(storage), [&](auto s) {
-    constexpr int32_t S = decltype(s)::value;
-    at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) encode_row<S>(src + i * dim, dim, dst + i * row_bytes);
-    });
-  });
+  encode_rows_into(static_cast<int32_t>(storage), rows.data_ptr<float>(), n, dim, out.data_ptr());
   return out;
 }
 

@@ -23,6 +23,7 @@
 #include "cpu/cache_cpu_common.h"
 #include "cpu/lookup_cpu.h"
 #include "cpu/row_copy.h"
+#include "cpu/stored_row_copy.h"
 #include "lookup_ops.h"
 #include "resident_index.h"
 
@@ -42,41 +43,15 @@ struct Pending {
   uint8_t digest;
 };
 
-// Output rows: float32 as stored, or rounded to nearest even into bfloat16 / float16 (c10's conversions - the
-// CUDA twin's __float2bfloat16_rn / __float2half_rn give the same bits).
-template <typename OutT>
-void fill_row(OutT* dst, float value, int64_t dim) { std::fill(dst, dst + dim, static_cast<OutT>(value)); }
-
-template <typename OutT>
-void store_row(OutT* dst, const float* src, int64_t dim, bool streaming) {
-  if constexpr (std::is_same<OutT, float>::value) {
-    copy_row_out(dst, src, dim, streaming);
-  } else {
-    for (int64_t c = 0; c < dim; ++c) dst[c] = static_cast<OutT>(src[c]);
-  }
-}
-
-template <typename F>
-void with_out_type(int32_t out_dtype, F&& f) {
-  switch (out_dtype) {
-    case kOutBFloat16:
-      return f(c10::BFloat16{});
-    case kOutFloat16:
-      return f(c10::Half{});
-    default:
-      return f(float{});
-  }
-}
-
-template <typename key_t, int kMode, typename OutT>
+template <typename key_t, int kMode, int32_t S, typename OutT>
 void find_impl(const FindArgs& a) {
   const key_t* kp = static_cast<const key_t*>(a.keys);
   const int64_t n = a.n, dim = a.dim, num_buckets = a.num_buckets;
   const int64_t* sk = a.slot_keys;
   const uint8_t* dg = a.digests;
-  const float* val = a.values;
+  const uint8_t* val = static_cast<const uint8_t*>(a.values);
   OutT* o = static_cast<OutT*>(a.out);
-  const size_t row_bytes = static_cast<size_t>(dim) * sizeof(float);
+  const size_t row_bytes = static_cast<size_t>(stored_row_bytes(S, dim));
   const bool streaming = std::is_same<OutT, float>::value && use_streaming_stores(static_cast<const float*>(a.out), n, dim);
   // The clock is bumped after the find (as the CUDA last block does); hits get the bumped value.
   const int32_t lru_score = kMode == kFindCacheLRU ? score_from_clock(a.clock[0] + 1) : 0;
@@ -112,7 +87,7 @@ void find_impl(const FindArgs& a) {
           if (kMode == kFindResident) {
             __builtin_prefetch(a.slot_rows + s, 0, 3);
           } else {
-            const char* row = reinterpret_cast<const char*>(val + s * dim);
+            const uint8_t* row = val + s * static_cast<int64_t>(row_bytes);
             for (size_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + off, 0, 3);
             __builtin_prefetch(row + row_bytes - 1, 0, 3);
             __builtin_prefetch(a.scores + s, 1, 3);
@@ -125,8 +100,8 @@ void find_impl(const FindArgs& a) {
         if (r >= begin && r < end) {
           const Pending& p = ring[r & (kRing - 1)];
           if (p.mask != 0) {
-            const char* row = reinterpret_cast<const char*>(
-                val + static_cast<int64_t>(a.slot_rows[p.base + __builtin_ctz(p.mask)]) * dim);
+            const uint8_t* row =
+                val + static_cast<int64_t>(a.slot_rows[p.base + __builtin_ctz(p.mask)]) * static_cast<int64_t>(row_bytes);
             for (size_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + off, 0, 3);
           }
         }
@@ -150,9 +125,10 @@ void find_impl(const FindArgs& a) {
         continue;
       }
       if (kMode == kFindResident) {
-        store_row(dst, val + static_cast<int64_t>(a.slot_rows[s]) * dim, dim, streaming);
+        decode_row<S>(dst, val + static_cast<int64_t>(a.slot_rows[s]) * static_cast<int64_t>(row_bytes), dim,
+                      streaming);
       } else {
-        store_row(dst, val + s * dim, dim, streaming);
+        decode_row<S>(dst, val + s * static_cast<int64_t>(row_bytes), dim, streaming);
         if (kMode == kFindCacheLRU) {
           __atomic_store_n(a.scores + s, lru_score, __ATOMIC_RELAXED);
         } else {
@@ -182,42 +158,49 @@ void find_impl(const FindArgs& a) {
   }
 }
 
-template <typename key_t, typename OutT>
+template <typename key_t, int32_t S, typename OutT>
 void find_mode(const FindArgs& a, FindMode mode) {
   switch (mode) {
     case kFindCacheLRU:
-      return find_impl<key_t, kFindCacheLRU, OutT>(a);
+      return find_impl<key_t, kFindCacheLRU, S, OutT>(a);
     case kFindCacheLFU:
-      return find_impl<key_t, kFindCacheLFU, OutT>(a);
+      return find_impl<key_t, kFindCacheLFU, S, OutT>(a);
     default:
-      return find_impl<key_t, kFindResident, OutT>(a);
+      return find_impl<key_t, kFindResident, S, OutT>(a);
   }
 }
 
 }  // namespace
 
 void find(const FindArgs& a, FindMode mode) {
-  with_out_type(a.out_dtype, [&](auto t) {
-    using OutT = decltype(t);
-    if (a.key_is_int64) {
-      find_mode<int64_t, OutT>(a, mode);
-    } else {
-      find_mode<int32_t, OutT>(a, mode);
-    }
+  with_storage(a.storage, [&](auto st) {
+    constexpr int32_t S = decltype(st)::value;
+    with_out_type(a.out_dtype, [&](auto t) {
+      using OutT = decltype(t);
+      if (a.key_is_int64) {
+        find_mode<int64_t, S, OutT>(a, mode);
+      } else {
+        find_mode<int32_t, S, OutT>(a, mode);
+      }
+    });
   });
 }
 
 void apply(const ApplyArgs& a) {
   const int64_t dim = a.dim;
-  const size_t row_bytes = static_cast<size_t>(dim) * sizeof(float);
-  with_out_type(a.out_dtype, [&](auto t) {
-    using OutT = decltype(t);
-    OutT* out = static_cast<OutT*>(a.out);
-    at::parallel_for(0, a.m, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        store_row(out + static_cast<int64_t>(a.pos[j]) * dim, a.rows + static_cast<int64_t>(a.inv[j]) * dim, dim,
-                  /*streaming=*/false);
-      }
+  const int64_t row_bytes = stored_row_bytes(a.storage, dim);
+  const uint8_t* rows = static_cast<const uint8_t*>(a.rows);
+  with_storage(a.storage, [&](auto st) {
+    constexpr int32_t S = decltype(st)::value;
+    with_out_type(a.out_dtype, [&](auto t) {
+      using OutT = decltype(t);
+      OutT* out = static_cast<OutT*>(a.out);
+      at::parallel_for(0, a.m, 4096, [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) {
+          decode_row<S>(out + static_cast<int64_t>(a.pos[j]) * dim, rows + static_cast<int64_t>(a.inv[j]) * row_bytes,
+                        dim, /*streaming=*/false);
+        }
+      });
     });
   });
   if (a.ukeys != nullptr && a.u > 0) {
@@ -226,24 +209,29 @@ void apply(const ApplyArgs& a) {
     static auto insert =
         c10::Dispatcher::singleton().findSchemaOrThrow("hps::cache_insert_grouped", "").typed<InsertFn>();
     const int64_t slots = a.num_buckets * kBucketSize;
+    const int64_t width = stored_width(a.storage, dim);
+    const at::ScalarType stored = storage_dtype(a.storage);
     at::Tensor slot_keys = at::from_blob(a.slot_keys, {slots}, at::kLong);
     at::Tensor digests = at::from_blob(a.digests, {slots}, at::kByte);
     at::Tensor scores = at::from_blob(a.scores, {slots}, at::kInt);
-    at::Tensor values = at::from_blob(a.values, {slots, dim}, at::kFloat);
+    at::Tensor values = at::from_blob(a.values, {slots, width}, stored);
     at::Tensor clock = at::from_blob(const_cast<int64_t*>(a.clock), {1}, at::kLong);
     at::Tensor keys = at::from_blob(const_cast<int64_t*>(a.ukeys), {a.u}, at::kLong);
-    at::Tensor rows = at::from_blob(const_cast<float*>(a.rows), {a.u, dim}, at::kFloat);
+    at::Tensor new_rows = at::from_blob(const_cast<uint8_t*>(rows), {a.u, width}, stored);
     at::Tensor counts = at::from_blob(a.counts, {4}, at::kLong);
     std::optional<at::Tensor> sketch;
     if (a.sketch != nullptr) {
       sketch = at::from_blob(const_cast<int32_t*>(a.sketch), {kSketchDepth * a.sketch_width}, at::kInt);
     }
-    insert.call(slot_keys, digests, scores, values, clock, keys, rows, counts, a.lru ? kPolicyLRU : kPolicyLFU,
+    insert.call(slot_keys, digests, scores, values, clock, keys, new_rows, counts, a.lru ? kPolicyLRU : kPolicyLFU,
                 sketch);
   }
   if (a.row_ids != nullptr) {
+    uint8_t* table = static_cast<uint8_t*>(a.table_rows);
     for (int64_t k = 0; k < a.u; ++k) {
-      if (a.row_ids[k] >= 0) std::memcpy(a.table_rows + static_cast<int64_t>(a.row_ids[k]) * dim, a.rows + k * dim, row_bytes);
+      if (a.row_ids[k] >= 0) {
+        std::memcpy(table + static_cast<int64_t>(a.row_ids[k]) * row_bytes, rows + k * row_bytes, row_bytes);
+      }
     }
   }
 }

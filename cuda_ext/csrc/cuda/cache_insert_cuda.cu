@@ -2,6 +2,8 @@
 // identical to cpu/cache_insert_cpu.cpp). The insert walk itself - one warp per run of one bucket's keys, in input
 // order - is in cache_insert_run.cuh (shared with the lookup pipeline's apply kernel); insert_or_assign and assign
 // first group the keys by bucket with a STABLE sort (at::sort, no host sync).
+// Rows are the cache's stored rows (cache_state.h): new_values already hold its storage and are copied as bytes,
+// kUnit bytes per lane access (copy_unit), never re-encoded.
 // Counts: per block in shared memory, one global atomicAdd per block and counter.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -15,12 +17,12 @@ namespace {
 using namespace hps::cuda;
 
 // assign: the same run walk without any slot changes; rows are copied in input order so the last duplicate wins.
-template <typename key_t, bool kVec4>
+template <typename key_t, int kUnit>
 __global__ void __launch_bounds__(kThreads)
     cache_assign_kernel(const int64_t* __restrict__ slot_keys, const uint8_t* __restrict__ digests,
-                        float* __restrict__ values, const key_t* __restrict__ keys,
-                        const float* __restrict__ new_values, const int64_t* __restrict__ sorted_bucket,
-                        const int64_t* __restrict__ perm, int64_t n, int64_t dim, int64_t* __restrict__ count) {
+                        uint8_t* __restrict__ values, const key_t* __restrict__ keys,
+                        const uint8_t* __restrict__ new_values, const int64_t* __restrict__ sorted_bucket,
+                        const int64_t* __restrict__ perm, int64_t n, int64_t row_bytes, int64_t* __restrict__ count) {
   __shared__ unsigned long long block_count;
   if (threadIdx.x == 0) block_count = 0;
   __syncthreads();
@@ -41,7 +43,7 @@ __global__ void __launch_bounds__(kThreads)
       const unsigned present = __ballot_sync(kFullMask, my_digest == digest && my_key == key);
       if (!present) continue;
       const int slot = __ffs(present) - 1;
-      warp_copy_row<kVec4>(values + (base + slot) * dim, new_values + i * dim, dim, lane);
+      group_copy_bytes<kWarp, kUnit>(values + (base + slot) * row_bytes, new_values + i * row_bytes, row_bytes, lane);
       ++assigned;
     }
     if (lane == 0 && assigned) atomicAdd(&block_count, assigned);
@@ -54,10 +56,10 @@ __global__ void __launch_bounds__(kThreads)
 at::Tensor cache_insert_or_assign_cuda(at::Tensor& slot_keys,         // (S,) int64
                                        at::Tensor& digests,           // (S,) uint8
                                        at::Tensor& scores,            // (S,) int32
-                                       at::Tensor& values,            // (S, D) float32
+                                       at::Tensor& values,            // (S, W) stored rows
                                        const at::Tensor& clock,       // (1,) int64, read only
                                        const at::Tensor& keys,        // (n,) int32|int64
-                                       const at::Tensor& new_values,  // (n, D) float32
+                                       const at::Tensor& new_values,  // (n, W) stored rows, values' dtype
                                        int64_t policy, const std::optional<at::Tensor>& sketch) {
   const int64_t num_buckets = check_cuda_state(slot_keys, digests, scores, values, clock);
   check_policy(policy);
@@ -73,19 +75,19 @@ at::Tensor cache_insert_or_assign_cuda(at::Tensor& slot_keys,         // (S,) in
 
   at::Tensor sorted_bucket, perm;  // (n,) int64 each
   std::tie(sorted_bucket, perm) = sort_keys_by_bucket(keys, num_buckets);
-  const int64_t dim = values.size(1);
-  const bool vec4 = rows_vec4(dim, {values.data_ptr(), new_values.data_ptr()});
+  const int64_t row_bytes = stored_row_bytes_of(values);
+  const int unit = copy_unit(row_bytes, {values.data_ptr(), new_values.data_ptr()});
   const bool lru = policy == kPolicyLRU;
   const unsigned grid = warp_grid(n);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "cache_insert_or_assign_cuda", [&] {
-    auto kernel = vec4 ? insert_runs_kernel<index_t, true> : insert_runs_kernel<index_t, false>;
-    kernel<<<grid, kThreads, 0, stream>>>(slot_keys.data_ptr<int64_t>(), digests.data_ptr<uint8_t>(),
-                                          scores.data_ptr<int32_t>(), values.data_ptr<float>(),
-                                          clock.data_ptr<int64_t>(), keys.data_ptr<index_t>(),
-                                          new_values.data_ptr<float>(), sorted_bucket.data_ptr<int64_t>(),
-                                          perm.data_ptr<int64_t>(), n, dim, lru, counts.data_ptr<int64_t>(),
-                                          num_buckets, nullptr, 0.f, sketch_p, sketch_width);
+    with_copy_unit(unit, [&](auto unit_c) {
+      insert_runs_kernel<index_t, decltype(unit_c)::value><<<grid, kThreads, 0, stream>>>(
+          slot_keys.data_ptr<int64_t>(), digests.data_ptr<uint8_t>(), scores.data_ptr<int32_t>(), values.data_ptr(),
+          clock.data_ptr<int64_t>(), keys.data_ptr<index_t>(), new_values.data_ptr(),
+          sorted_bucket.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), n, row_bytes, lru, counts.data_ptr<int64_t>(),
+          num_buckets, nullptr, nullptr, sketch_p, sketch_width);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return counts;
@@ -111,26 +113,25 @@ void cache_insert_grouped_cuda(at::Tensor& slot_keys, at::Tensor& digests, at::T
   const c10::cuda::CUDAGuard guard(slot_keys.device());
   const int64_t n = keys.size(0);
   if (n == 0) return;
-  const int64_t dim = values.size(1);
-  const bool vec4 = rows_vec4(dim, {values.data_ptr(), new_values.data_ptr()});
+  const int64_t row_bytes = stored_row_bytes_of(values);
+  const int unit = copy_unit(row_bytes, {values.data_ptr(), new_values.data_ptr()});
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "cache_insert_grouped_cuda", [&] {
-    auto kernel = vec4 ? insert_runs_kernel<index_t, true> : insert_runs_kernel<index_t, false>;
-    kernel<<<warp_grid(n), kThreads, 0, stream>>>(slot_keys.data_ptr<int64_t>(), digests.data_ptr<uint8_t>(),
-                                                  scores.data_ptr<int32_t>(), values.data_ptr<float>(),
-                                                  clock.data_ptr<int64_t>(), keys.data_ptr<index_t>(),
-                                                  new_values.data_ptr<float>(), nullptr, nullptr, n, dim,
-                                                  policy == kPolicyLRU, counts.data_ptr<int64_t>(), num_buckets,
-                                                  nullptr, 0.f, sketch_p, sketch_width);
+    with_copy_unit(unit, [&](auto unit_c) {
+      insert_runs_kernel<index_t, decltype(unit_c)::value><<<warp_grid(n), kThreads, 0, stream>>>(
+          slot_keys.data_ptr<int64_t>(), digests.data_ptr<uint8_t>(), scores.data_ptr<int32_t>(), values.data_ptr(),
+          clock.data_ptr<int64_t>(), keys.data_ptr<index_t>(), new_values.data_ptr(), nullptr, nullptr, n, row_bytes,
+          policy == kPolicyLRU, counts.data_ptr<int64_t>(), num_buckets, nullptr, nullptr, sketch_p, sketch_width);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 at::Tensor cache_assign_cuda(const at::Tensor& slot_keys,   // (S,) int64
                              const at::Tensor& digests,     // (S,) uint8
-                             at::Tensor& values,            // (S, D) float32
+                             at::Tensor& values,            // (S, W) stored rows
                              const at::Tensor& keys,        // (n,) int32|int64
-                             const at::Tensor& new_values)  // (n, D) float32
+                             const at::Tensor& new_values)  // (n, W) stored rows, values' dtype
 {
   const int64_t num_buckets = check_cuda_keys_digests(slot_keys, digests);
   check_values(values, slot_keys);
@@ -143,16 +144,17 @@ at::Tensor cache_assign_cuda(const at::Tensor& slot_keys,   // (S,) int64
 
   at::Tensor sorted_bucket, perm;  // (n,) int64 each
   std::tie(sorted_bucket, perm) = sort_keys_by_bucket(keys, num_buckets);
-  const int64_t dim = values.size(1);
-  const bool vec4 = rows_vec4(dim, {values.data_ptr(), new_values.data_ptr()});
+  const int64_t row_bytes = stored_row_bytes_of(values);
+  const int unit = copy_unit(row_bytes, {values.data_ptr(), new_values.data_ptr()});
   const unsigned grid = warp_grid(n);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "cache_assign_cuda", [&] {
-    auto kernel = vec4 ? cache_assign_kernel<index_t, true> : cache_assign_kernel<index_t, false>;
-    kernel<<<grid, kThreads, 0, stream>>>(slot_keys.data_ptr<int64_t>(), digests.data_ptr<uint8_t>(),
-                                          values.data_ptr<float>(), keys.data_ptr<index_t>(),
-                                          new_values.data_ptr<float>(), sorted_bucket.data_ptr<int64_t>(),
-                                          perm.data_ptr<int64_t>(), n, dim, count.data_ptr<int64_t>());
+    with_copy_unit(unit, [&](auto unit_c) {
+      cache_assign_kernel<index_t, decltype(unit_c)::value><<<grid, kThreads, 0, stream>>>(
+          slot_keys.data_ptr<int64_t>(), digests.data_ptr<uint8_t>(), static_cast<uint8_t*>(values.data_ptr()),
+          keys.data_ptr<index_t>(), static_cast<const uint8_t*>(new_values.data_ptr()),
+          sorted_bucket.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), n, row_bytes, count.data_ptr<int64_t>());
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return count;

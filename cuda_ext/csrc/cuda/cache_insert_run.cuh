@@ -7,20 +7,22 @@
 //   lane j holds slot j of the bucket (digest, key, score) in registers; for each key a ballot answers "present?",
 //   another "lowest free slot", and a warp min over (score, lane) of the slots not yet written by this call (a
 //   32-bit mask the warp holds) picks the eviction victim, ties to the lowest slot index. The warp copies each row
-//   with 16-byte accesses when possible. Buckets are independent, so runs need no ordering between them.
+//   as stored bytes (the cache's storage, never re-encoded), kUnit bytes per lane access (copy_unit: 16 when
+//   every row allows it). Buckets are independent, so runs need no ordering between them.
 // At the end of a run the rows are already written; a fence then publishes the slot keys/scores and finally the
 // digests, so a concurrent find never sees a new key before its row (an evicted slot is hidden - digest 0 - before
 // its row is overwritten).
 #pragma once
 
 #include "cuda/cache_cuda_common.cuh"
+#include "cuda/stored_row_copy.cuh"
 
 namespace hps {
 namespace cuda {
 
 enum InsertCount { kInserted = 0, kAssigned = 1, kEvicted = 2, kRefused = 3 };
 
-// row_of[i] == kFillRow: entry i's row is fill_value in every element (a key the source lacks).
+// row_of[i] == kFillRow: entry i's row is fill_row, one stored row (a key the source lacks).
 constexpr int64_t kFillRow = INT64_MAX;
 
 // Orders (score, lane) so that an unsigned minimum is "lowest score, then lowest slot index".
@@ -31,19 +33,20 @@ __device__ __forceinline__ uint64_t victim_order(int32_t score, int lane) {
 
 // The insert of n keys by `num_warps` warps of a launch, this one being number `warp` among them; the
 // block's counts are added to block_counts (shared, zeroed by the caller) and later to `counts` by the caller.
-// Entry i (= perm[q], or q) is keys[i] -> new_values + i * dim, or, with row_of, new_values + row_of[i] * dim
-// (kFillRow: fill_value) - the GPU-direct second level inserts from the host-mapped table's rows that way when
-// the lookup's output is not float32.
-template <typename key_t, bool kVec4>
+// Entry i (= perm[q], or q) is keys[i] -> the stored row at new_values + i * row_bytes, or, with row_of,
+// new_values + row_of[i] * row_bytes (kFillRow: fill_row, one stored row in device memory) - the GPU-direct second
+// level inserts from the host-mapped table's rows that way. values, new_values and fill_row hold rows of one
+// storage, row_bytes each; kUnit is copy_unit(row_bytes, {values, new_values, fill_row}).
+template <typename key_t, int kUnit>
 __device__ __forceinline__ void insert_runs(int64_t* __restrict__ slot_keys, uint8_t* __restrict__ digests,
-                                            int32_t* __restrict__ scores, float* __restrict__ values,
+                                            int32_t* __restrict__ scores, void* __restrict__ values,
                                             const int64_t* __restrict__ clock, const key_t* __restrict__ keys,
-                                            const float* __restrict__ new_values,
+                                            const void* __restrict__ new_values,
                                             const int64_t* __restrict__ sorted_bucket,
-                                            const int64_t* __restrict__ perm, int64_t n, int64_t dim, bool lru,
+                                            const int64_t* __restrict__ perm, int64_t n, int64_t row_bytes, bool lru,
                                             int64_t num_buckets, int64_t warp, int64_t num_warps,
                                             unsigned long long* block_counts, const int64_t* __restrict__ row_of,
-                                            float fill_value, const int32_t* __restrict__ sketch,
+                                            const void* __restrict__ fill_row, const int32_t* __restrict__ sketch,
                                             int64_t sketch_width) {
   const int lane = lane_id();
   const int32_t new_score = lru ? score_from_clock(clock[0]) : 1;
@@ -93,14 +96,10 @@ __device__ __forceinline__ void insert_runs(int64_t* __restrict__ slot_keys, uin
         const int64_t key = __shfl_sync(kFullMask, lane_key, t);
         const int32_t estimate = __shfl_sync(kFullMask, lane_estimate, t);
         const uint8_t digest = static_cast<uint8_t>(__shfl_sync(kFullMask, static_cast<int>(lane_digest), t));
-        const float* src = r == kFillRow ? nullptr : new_values + r * dim;
+        const void* src = r == kFillRow ? fill_row : static_cast<const uint8_t*>(new_values) + r * row_bytes;
         const auto put_row = [&](int slot) {
-          float* dst = values + (base + slot) * dim;
-          if (src != nullptr) {
-            warp_copy_row<kVec4>(dst, src, dim, lane);
-          } else {
-            for (int64_t c = lane; c < dim; c += kWarp) dst[c] = fill_value;
-          }
+          group_copy_bytes<kWarp, kUnit>(static_cast<uint8_t*>(values) + (base + slot) * row_bytes, src, row_bytes,
+                                         lane);
         };
         const unsigned present = __ballot_sync(kFullMask, my_digest == digest && my_key == key);
         if (present) {  // present before this call or inserted earlier in it: assign, score untouched
@@ -161,20 +160,20 @@ __device__ __forceinline__ void insert_runs(int64_t* __restrict__ slot_keys, uin
 }
 
 // A launch of the walk over n keys (grid: warp_grid(n)); block counts added to counts[kInserted..kRefused].
-template <typename key_t, bool kVec4>
+template <typename key_t, int kUnit>
 __global__ void __launch_bounds__(kThreads)
     insert_runs_kernel(int64_t* __restrict__ slot_keys, uint8_t* __restrict__ digests, int32_t* __restrict__ scores,
-                       float* __restrict__ values, const int64_t* __restrict__ clock, const key_t* __restrict__ keys,
-                       const float* __restrict__ new_values, const int64_t* __restrict__ sorted_bucket,
-                       const int64_t* __restrict__ perm, int64_t n, int64_t dim, bool lru,
+                       void* __restrict__ values, const int64_t* __restrict__ clock, const key_t* __restrict__ keys,
+                       const void* __restrict__ new_values, const int64_t* __restrict__ sorted_bucket,
+                       const int64_t* __restrict__ perm, int64_t n, int64_t row_bytes, bool lru,
                        int64_t* __restrict__ counts, int64_t num_buckets, const int64_t* __restrict__ row_of,
-                       float fill_value, const int32_t* __restrict__ sketch, int64_t sketch_width) {
+                       const void* __restrict__ fill_row, const int32_t* __restrict__ sketch, int64_t sketch_width) {
   __shared__ unsigned long long block_counts[4];
   if (threadIdx.x < 4) block_counts[threadIdx.x] = 0;
   __syncthreads();
-  insert_runs<key_t, kVec4>(slot_keys, digests, scores, values, clock, keys, new_values, sorted_bucket, perm, n, dim,
-                            lru, num_buckets, global_warp_id(), total_warps(), block_counts, row_of, fill_value,
-                            sketch, sketch_width);
+  insert_runs<key_t, kUnit>(slot_keys, digests, scores, values, clock, keys, new_values, sorted_bucket, perm, n,
+                            row_bytes, lru, num_buckets, global_warp_id(), total_warps(), block_counts, row_of,
+                            fill_row, sketch, sketch_width);
   __syncthreads();
   if (threadIdx.x < 4 && block_counts[threadIdx.x]) {
     atomic_add_i64(counts + threadIdx.x, static_cast<int64_t>(block_counts[threadIdx.x]));

@@ -5,13 +5,15 @@
 // key of digest matches) without scores.
 // size: grid-stride count of non-empty digests; per warp a ballot popcount, per block one global atomic.
 // export_batch: slot order is kept without a host sync: an inclusive scan (at::cumsum) of the occupancy flags of
-// [start, end) gives each occupied slot its output position; one warp per slot then moves key and row. The
-// count is the scan's last element, written on the device. Tails past count are zero, as on the CPU.
+// [start, end) gives each occupied slot its output position; one warp per slot then moves key and stored row (its
+// bytes as they are, kUnit per lane access). The count is the scan's last element, written on the device. Tails
+// past count are zero, as on the CPU.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include "cuda/cache_cuda_common.cuh"
+#include "cuda/stored_row_copy.cuh"
 
 namespace hps {
 namespace {
@@ -99,12 +101,12 @@ at::Tensor cache_size_cuda(const at::Tensor& digests) {
   return out;
 }
 
-template <bool kVec4>
+template <int kUnit>
 __global__ void __launch_bounds__(kThreads)
     cache_export_kernel(const int64_t* __restrict__ slot_keys, const uint8_t* __restrict__ digests,
-                        const float* __restrict__ values, const int64_t* __restrict__ scan, int64_t start,
-                        int64_t cap, int64_t dim, int64_t* __restrict__ out_keys, float* __restrict__ out_values,
-                        int64_t* __restrict__ count) {
+                        const uint8_t* __restrict__ values, const int64_t* __restrict__ scan, int64_t start,
+                        int64_t cap, int64_t row_bytes, int64_t* __restrict__ out_keys,
+                        uint8_t* __restrict__ out_values, int64_t* __restrict__ count) {
   const int lane = lane_id();
   const int64_t stride = total_warps();
   if (global_warp_id() == 0 && lane == 0) *count = scan[cap - 1];
@@ -113,13 +115,13 @@ __global__ void __launch_bounds__(kThreads)
     if (digests[s] == kEmptyDigest) continue;  // warp-uniform: the whole warp works on slot s
     const int64_t pos = scan[j] - 1;
     if (lane == 0) out_keys[pos] = slot_keys[s];
-    warp_copy_row<kVec4>(out_values + pos * dim, values + s * dim, dim, lane);
+    group_copy_bytes<kWarp, kUnit>(out_values + pos * row_bytes, values + s * row_bytes, row_bytes, lane);
   }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_export_batch_cuda(const at::Tensor& slot_keys,  // (S,) int64
                                                                        const at::Tensor& digests,    // (S,) uint8
-                                                                       const at::Tensor& values,     // (S, D) f32
+                                                                       const at::Tensor& values,     // (S, W) stored
                                                                        int64_t start, int64_t end) {
   check_cuda_keys_digests(slot_keys, digests);
   check_values(values, slot_keys);
@@ -128,20 +130,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_export_batch_cuda(const at:
                     slots, "), found start=", start, ", end=", end);
   const c10::cuda::CUDAGuard guard(slot_keys.device());
   const int64_t cap = end - start;
-  const int64_t dim = values.size(1);
-  at::Tensor out_keys = at::zeros({cap}, slot_keys.options());      // (end - start,) int64
-  at::Tensor out_values = at::zeros({cap, dim}, values.options());  // (end - start, D) float32
-  at::Tensor count = at::zeros({}, slot_keys.options());            // 0-d int64
+  at::Tensor out_keys = at::zeros({cap}, slot_keys.options());                 // (end - start,) int64
+  at::Tensor out_values = at::zeros({cap, values.size(1)}, values.options());  // (end - start, W) stored
+  at::Tensor count = at::zeros({}, slot_keys.options());                       // 0-d int64
   if (cap == 0) return {out_keys, out_values, count};
   // Inclusive scan of the occupancy flags: output position + 1 of each occupied slot (no host sync).
   const at::Tensor scan = at::cumsum(digests.narrow(0, start, cap).ne(0), 0, at::kLong);
-  const bool vec4 = rows_vec4(dim, {values.data_ptr(), out_values.data_ptr()});
+  const int64_t row_bytes = stored_row_bytes_of(values);
   auto stream = at::cuda::getCurrentCUDAStream();
-  auto kernel = vec4 ? cache_export_kernel<true> : cache_export_kernel<false>;
-  kernel<<<warp_grid(cap), kThreads, 0, stream>>>(slot_keys.data_ptr<int64_t>(), digests.data_ptr<uint8_t>(),
-                                                 values.data_ptr<float>(), scan.data_ptr<int64_t>(), start, cap, dim,
-                                                 out_keys.data_ptr<int64_t>(), out_values.data_ptr<float>(),
-                                                 count.data_ptr<int64_t>());
+  with_copy_unit(copy_unit(row_bytes, {values.data_ptr(), out_values.data_ptr()}), [&](auto unit_c) {
+    cache_export_kernel<decltype(unit_c)::value><<<warp_grid(cap), kThreads, 0, stream>>>(
+        slot_keys.data_ptr<int64_t>(), digests.data_ptr<uint8_t>(), static_cast<const uint8_t*>(values.data_ptr()),
+        scan.data_ptr<int64_t>(), start, cap, row_bytes, out_keys.data_ptr<int64_t>(),
+        static_cast<uint8_t*>(out_values.data_ptr()), count.data_ptr<int64_t>());
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out_keys, out_values, count};
 }

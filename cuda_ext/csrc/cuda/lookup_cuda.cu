@@ -29,6 +29,7 @@
 #include <type_traits>
 
 #include "cuda/cache_insert_run.cuh"
+#include "cuda/stored_row_copy.cuh"
 #include "cuda/lookup_cuda.h"
 #include "lookup_layout.h"
 #include "lookup_ops.h"
@@ -36,101 +37,6 @@
 namespace hps {
 namespace cuda {
 namespace {
-
-// ------------------------------------------------------------------------------------------------ output rows
-// A lookup writes float32 rows as OutT (float, __nv_bfloat16 or __half), rounded to nearest even - the CPU twin
-// (cpu/lookup_cpu.cpp) rounds the same way. With kVec4 a lane reads 16 bytes of the float row and writes
-// 4 x sizeof(OutT) bytes.
-template <typename OutT>
-__device__ __forceinline__ OutT to_out(float v) {
-  if constexpr (std::is_same<OutT, __nv_bfloat16>::value) {
-    return __float2bfloat16_rn(v);
-  } else if constexpr (std::is_same<OutT, __half>::value) {
-    return __float2half_rn(v);
-  } else {
-    return v;
-  }
-}
-
-// Four floats as four 16-bit values in one 8-byte word (OutT is a 16-bit type).
-template <typename OutT>
-__device__ __forceinline__ uint2 pack4(float4 v) {
-  const OutT q[4] = {to_out<OutT>(v.x), to_out<OutT>(v.y), to_out<OutT>(v.z), to_out<OutT>(v.w)};
-  uint2 r;
-  memcpy(&r, q, sizeof(r));
-  return r;
-}
-
-template <int G, bool kVec4, typename OutT>
-__device__ __forceinline__ void group_fill_row(OutT* __restrict__ dst, float value, int64_t dim, int glane) {
-  if constexpr (std::is_same<OutT, float>::value) {
-    if (kVec4) {
-      float4* d = reinterpret_cast<float4*>(dst);
-      const int64_t n4 = dim >> 2;
-      for (int64_t c = glane; c < n4; c += G) d[c] = make_float4(value, value, value, value);
-      return;
-    }
-  } else {
-    if (kVec4) {
-      uint2* d = reinterpret_cast<uint2*>(dst);
-      const uint2 w = pack4<OutT>(make_float4(value, value, value, value));
-      const int64_t n4 = dim >> 2;
-      for (int64_t c = glane; c < n4; c += G) d[c] = w;
-      return;
-    }
-  }
-  const OutT v = to_out<OutT>(value);
-  for (int64_t c = glane; c < dim; c += G) dst[c] = v;
-}
-
-// One float32 row into the output as OutT by a group of G lanes (float: the cache's 16-byte row copy).
-template <int G, bool kVec4, typename OutT>
-__device__ __forceinline__ void group_store_row(OutT* __restrict__ dst, const float* __restrict__ src, int64_t dim,
-                                                int glane) {
-  if constexpr (std::is_same<OutT, float>::value) {
-    group_copy_row<G, kVec4>(dst, src, dim, glane);
-  } else {
-    constexpr int kUnroll = 4;
-    if (kVec4) {
-      const float4* s = reinterpret_cast<const float4*>(src);
-      uint2* d = reinterpret_cast<uint2*>(dst);
-      const int64_t n4 = dim >> 2;
-      for (int64_t c = glane; c < n4; c += kUnroll * G) {
-        float4 r[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          if (c + u * G < n4) r[u] = s[c + u * G];
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          if (c + u * G < n4) d[c + u * G] = pack4<OutT>(r[u]);
-        }
-      }
-    } else {
-      for (int64_t c = glane; c < dim; c += G) dst[c] = to_out<OutT>(src[c]);
-    }
-  }
-}
-
-// Whether a lookup's rows move with 16-byte reads: the float32 sources as rows_vec4, the output row starts
-// (dim x sizeof(OutT) apart) aligned to the 4 x sizeof(OutT) bytes a lane writes.
-inline bool out_vec4(int64_t dim, const void* out, int32_t out_dtype, std::initializer_list<const void*> sources) {
-  const uintptr_t align = out_dtype == kOutFloat32 ? 16 : 8;
-  return rows_vec4(dim, sources) && reinterpret_cast<uintptr_t>(out) % align == 0;
-}
-
-// Calls f(OutT{}) for the output dtype.
-template <typename F>
-void with_out_type(int32_t out_dtype, F&& f) {
-  switch (out_dtype) {
-    case kOutBFloat16:
-      return f(__nv_bfloat16{});
-    case kOutFloat16:
-      return f(__half{});
-    default:
-      return f(float{});
-  }
-}
 
 // The resident index's probe: as group_probe, but a digest match reads the slot's key and its row id together, so
 // the row copy waits on one dependent load after the digests instead of two (measured on an H100 at 3.4 M keys x
@@ -167,7 +73,20 @@ __device__ __forceinline__ int32_t resident_lookup(const FindArgs& a, uint64_t h
   return row;
 }
 
-template <typename key_t, int G, bool kVec4, int kMode, typename OutT>
+// A stored row into the output: float32 rows with the vector width fixed at compile time (the common case, kept
+// as lean as before storage dtypes), compact rows with it chosen at run time (half the instantiations).
+template <int G, bool kVec4, int32_t S, typename OutT>
+__device__ __forceinline__ void group_out_row(OutT* dst, const void* src, int64_t dim, int glane, bool vec4) {
+  if constexpr (S == kStoreFloat32) {
+    group_decode_row<G, kVec4, S, OutT>(dst, src, dim, glane);
+  } else if (vec4) {
+    group_decode_row<G, true, S, OutT>(dst, src, dim, glane);
+  } else {
+    group_decode_row<G, false, S, OutT>(dst, src, dim, glane);
+  }
+}
+
+template <typename key_t, int G, bool kVec4, int kMode, int32_t S, typename OutT>
 __global__ void __launch_bounds__(kThreads, 4) find_kernel(const FindArgs a) {
   constexpr int kKeysPerWarp = kWarp / G;
   const int lane = lane_id();
@@ -176,6 +95,9 @@ __global__ void __launch_bounds__(kThreads, 4) find_kernel(const FindArgs a) {
   // The clock is bumped by the last block; every hit of this call gets the bumped value.
   const int32_t lru_score = kMode == kFindCacheLRU ? score_from_clock(a.clock[0] + 1) : 0;
   const int64_t dim = a.dim;
+  constexpr int64_t kElem = storage_elem_bytes(S);
+  const int64_t row_bytes = stored_width(S, dim) * kElem;
+  const uint8_t* __restrict__ values = static_cast<const uint8_t*>(a.values);
   const int64_t stride = total_warps() * kKeysPerWarp;
   // Warp-uniform loop: every lane reaches the shuffles and ballots; groups past n only take part in them.
   for (int64_t i0 = global_warp_id() * kKeysPerWarp; i0 < a.n; i0 += stride) {
@@ -219,7 +141,11 @@ __global__ void __launch_bounds__(kThreads, 4) find_kernel(const FindArgs a) {
     if (!valid) continue;
     OutT* dst = static_cast<OutT*>(a.out) + i * dim;
     if (miss) {
-      group_fill_row<G, kVec4, OutT>(dst, a.default_value, dim, glane);
+      if (kVec4 || a.vec4) {
+        group_fill_row<G, true, OutT>(dst, a.default_value, dim, glane);
+      } else {
+        group_fill_row<G, false, OutT>(dst, a.default_value, dim, glane);
+      }
       continue;
     }
     if (kMode != kFindResident && glane == 0) {
@@ -229,7 +155,7 @@ __global__ void __launch_bounds__(kThreads, 4) find_kernel(const FindArgs a) {
         lfu_bump_atomic(a.scores + slot);
       }
     }
-    group_store_row<G, kVec4, OutT>(dst, a.values + row * dim, dim, glane);
+    group_out_row<G, kVec4, S, OutT>(dst, values + row * row_bytes, dim, glane, a.vec4);
   }
 
   __syncthreads();
@@ -258,33 +184,32 @@ __global__ void __launch_bounds__(kThreads, 4) find_kernel(const FindArgs a) {
   }
 }
 
-template <typename key_t, int G, bool kVec4, typename OutT>
+template <typename key_t, int G, bool kVec4, int32_t S, typename OutT>
 void launch_find_mode(const FindArgs& a, FindMode mode, cudaStream_t stream) {
   const unsigned grid = warp_grid((a.n + kWarp / G - 1) / (kWarp / G));
   switch (mode) {
     case kFindCacheLRU:
-      find_kernel<key_t, G, kVec4, kFindCacheLRU, OutT><<<grid, kThreads, 0, stream>>>(a);
+      find_kernel<key_t, G, kVec4, kFindCacheLRU, S, OutT><<<grid, kThreads, 0, stream>>>(a);
       break;
     case kFindCacheLFU:
-      find_kernel<key_t, G, kVec4, kFindCacheLFU, OutT><<<grid, kThreads, 0, stream>>>(a);
+      find_kernel<key_t, G, kVec4, kFindCacheLFU, S, OutT><<<grid, kThreads, 0, stream>>>(a);
       break;
     default:
-      find_kernel<key_t, G, kVec4, kFindResident, OutT><<<grid, kThreads, 0, stream>>>(a);
+      find_kernel<key_t, G, kVec4, kFindResident, S, OutT><<<grid, kThreads, 0, stream>>>(a);
       break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename key_t, bool kVec4, typename OutT>
+// float32 rows: 4, 8 or 32 lanes per key and the vector width as template arguments; compact rows (a quarter to a
+// half of the bytes per row): 8 lanes (32 where the digests are not aligned for 8), vector width at run time.
+template <typename key_t, bool kVec4, int32_t S, typename OutT>
 void launch_find_group(int group, const FindArgs& a, FindMode mode, cudaStream_t stream) {
-  switch (group) {
-    case 4:
-      return launch_find_mode<key_t, 4, kVec4, OutT>(a, mode, stream);
-    case 8:
-      return launch_find_mode<key_t, 8, kVec4, OutT>(a, mode, stream);
-    default:
-      return launch_find_mode<key_t, 32, kVec4, OutT>(a, mode, stream);
+  if constexpr (S == kStoreFloat32) {
+    if (group == 4) return launch_find_mode<key_t, 4, kVec4, S, OutT>(a, mode, stream);
   }
+  if (group == 32) return launch_find_mode<key_t, 32, kVec4, S, OutT>(a, mode, stream);
+  return launch_find_mode<key_t, 8, kVec4, S, OutT>(a, mode, stream);
 }
 
 // ------------------------------------------------------------------------------------------ second level
@@ -335,18 +260,20 @@ __global__ void __launch_bounds__(kThreads) second_level_probe_kernel(const Seco
 constexpr int kGatherGroup = 8;
 static_assert(kNoRow == kFillRow, "a staged entry without a row is inserted as the default row");
 
-template <bool kVec4, typename OutT>
+template <bool kVec4, int32_t S, typename OutT>
 __global__ void __launch_bounds__(kThreads) second_level_gather_kernel(const SecondLevelArgs a) {
   constexpr int kRowsPerWarp = kWarp / kGatherGroup;
   const int glane = lane_id() % kGatherGroup;
   const int64_t dim = a.index.dim;
+  const int64_t row_bytes = stored_row_bytes(S, dim);
+  const uint8_t* values = static_cast<const uint8_t*>(a.index.values);
   const int64_t stride = total_warps() * kRowsPerWarp;
   for (int64_t q = global_warp_id() * kRowsPerWarp + lane_id() / kGatherGroup; q < a.n; q += stride) {
     const int64_t row = a.sorted_row[q];
     if (row == kNoRow) continue;  // sorted last: a key the second level lacks, or an entry past the misses
     const int64_t pos = a.stage_pos[a.order[q]];
-    group_store_row<kGatherGroup, kVec4, OutT>(static_cast<OutT*>(a.out) + pos * dim, a.index.values + row * dim,
-                                               dim, glane);
+    group_out_row<kGatherGroup, kVec4, S, OutT>(static_cast<OutT*>(a.out) + pos * dim, values + row * row_bytes, dim,
+                                                glane, a.index.vec4);
   }
 }
 
@@ -354,17 +281,26 @@ __global__ void __launch_bounds__(kThreads) second_level_gather_kernel(const Sec
 
 constexpr int kApplyGroup = 8;  // lanes per row copied by the scatter and resident-write roles
 
-template <bool kVec4, typename OutT>
-__global__ void __launch_bounds__(kThreads) apply_kernel(const ApplyArgs a, int64_t scatter_blocks,
+// kUnit: bytes per lane access of the stored-row copies (insert, resident writes); vec4: the scatter's decode
+// moves 4 elements per access.
+template <int32_t S, typename OutT, int kUnit>
+__global__ void __launch_bounds__(kThreads) apply_kernel(const ApplyArgs a, bool vec4, int64_t scatter_blocks,
                                                          int64_t insert_blocks, int64_t resident_blocks) {
   constexpr int kGroupsPerBlock = kThreads / kApplyGroup;
   const int glane = static_cast<int>(threadIdx.x) % kApplyGroup;
+  const int64_t row_bytes = stored_row_bytes(S, a.dim);
+  const uint8_t* rows = static_cast<const uint8_t*>(a.rows);
   int64_t block = blockIdx.x;
   if (block < scatter_blocks) {
     const int64_t stride = scatter_blocks * kGroupsPerBlock;
     for (int64_t j = block * kGroupsPerBlock + threadIdx.x / kApplyGroup; j < a.m; j += stride) {
-      group_store_row<kApplyGroup, kVec4, OutT>(static_cast<OutT*>(a.out) + static_cast<int64_t>(a.pos[j]) * a.dim,
-                                                a.rows + static_cast<int64_t>(a.inv[j]) * a.dim, a.dim, glane);
+      OutT* dst = static_cast<OutT*>(a.out) + static_cast<int64_t>(a.pos[j]) * a.dim;
+      const uint8_t* src = rows + static_cast<int64_t>(a.inv[j]) * row_bytes;
+      if (vec4) {
+        group_decode_row<kApplyGroup, true, S, OutT>(dst, src, a.dim, glane);
+      } else {
+        group_decode_row<kApplyGroup, false, S, OutT>(dst, src, a.dim, glane);
+      }
     }
     return;
   }
@@ -373,10 +309,10 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const ApplyArgs a, int6
     __shared__ unsigned long long block_counts[4];
     if (threadIdx.x < 4) block_counts[threadIdx.x] = 0;
     __syncthreads();
-    insert_runs<int64_t, kVec4>(a.slot_keys, a.digests, a.scores, a.values, a.clock, a.ukeys, a.rows, nullptr,
-                                nullptr, a.u, a.dim, a.lru, a.num_buckets,
+    insert_runs<int64_t, kUnit>(a.slot_keys, a.digests, a.scores, a.values, a.clock, a.ukeys, a.rows, nullptr,
+                                nullptr, a.u, row_bytes, a.lru, a.num_buckets,
                                 (block * kThreads + threadIdx.x) / kWarp, insert_blocks * kWarpsPerBlock,
-                                block_counts, nullptr, 0.f, a.sketch, a.sketch_width);
+                                block_counts, nullptr, nullptr, a.sketch, a.sketch_width);
     __syncthreads();
     if (threadIdx.x < 4 && block_counts[threadIdx.x]) {
       atomic_add_i64(a.counts + threadIdx.x, static_cast<int64_t>(block_counts[threadIdx.x]));
@@ -392,8 +328,8 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const ApplyArgs a, int6
       if (k < writes) {
         const int32_t r = a.row_ids[k];
         if (r >= 0) {
-          group_copy_row<kApplyGroup, kVec4>(a.table_rows + static_cast<int64_t>(r) * a.dim, a.rows + k * a.dim,
-                                             a.dim, glane);
+          group_copy_bytes<kApplyGroup, kUnit>(static_cast<uint8_t*>(a.table_rows) + static_cast<int64_t>(r) * row_bytes,
+                                               rows + k * row_bytes, row_bytes, glane);
         }
         continue;
       }
@@ -439,51 +375,64 @@ void launch_second_level_probe(const SecondLevelArgs& a, cudaStream_t stream) {
 void launch_second_level_gather(const SecondLevelArgs& a, cudaStream_t stream) {
   if (a.n == 0) return;
   const unsigned grid = warp_grid((a.n + kWarp / kGatherGroup - 1) / (kWarp / kGatherGroup));
-  const bool vec4 = out_vec4(a.index.dim, a.out, a.out_dtype, {a.index.values});
-  with_out_type(a.out_dtype, [&](auto t) {
-    using OutT = decltype(t);
-    auto kernel = vec4 ? second_level_gather_kernel<true, OutT> : second_level_gather_kernel<false, OutT>;
-    kernel<<<grid, kThreads, 0, stream>>>(a);
+  SecondLevelArgs args = a;
+  args.index.vec4 = stored_vec4(a.index.storage, a.index.dim, {a.index.values}, a.out, a.out_dtype);
+  with_storage(a.index.storage, [&](auto st) {
+    constexpr int32_t S = decltype(st)::value;
+    with_out_type(a.out_dtype, [&](auto t) {
+      using OutT = decltype(t);
+      auto kernel = S == kStoreFloat32 && args.index.vec4 ? second_level_gather_kernel<true, S, OutT>
+                                                          : second_level_gather_kernel<false, S, OutT>;
+      kernel<<<grid, kThreads, 0, stream>>>(args);
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void launch_insert_sorted(const InsertSortedArgs& a, cudaStream_t stream) {
   if (a.n == 0) return;
-  const bool vec4 = rows_vec4(a.dim, {a.values, a.rows});
   const unsigned grid = warp_grid(a.n);
-  const auto go = [&](auto kernel, const auto* keys) {
-    kernel<<<grid, kThreads, 0, stream>>>(a.slot_keys, a.digests, a.scores, a.values, a.clock, keys, a.rows,
-                                          a.sorted_bucket, a.perm, a.n, a.dim, a.lru, a.counts, a.num_buckets,
-                                          a.row_of, a.fill_value, a.sketch, a.sketch_width);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  if (a.key_is_int64) {
-    const auto* k = static_cast<const int64_t*>(a.keys);
-    return vec4 ? go(insert_runs_kernel<int64_t, true>, k) : go(insert_runs_kernel<int64_t, false>, k);
-  }
-  const auto* k = static_cast<const int32_t*>(a.keys);
-  return vec4 ? go(insert_runs_kernel<int32_t, true>, k) : go(insert_runs_kernel<int32_t, false>, k);
+  const int unit = copy_unit(a.row_bytes, {a.values, a.rows, a.fill_row});
+  with_copy_unit(unit, [&](auto u) {
+    constexpr int kUnit = decltype(u)::value;
+    const auto go = [&](auto kernel, const auto* keys) {
+      kernel<<<grid, kThreads, 0, stream>>>(a.slot_keys, a.digests, a.scores, a.values, a.clock, keys, a.rows,
+                                            a.sorted_bucket, a.perm, a.n, a.row_bytes, a.lru, a.counts,
+                                            a.num_buckets, a.row_of, a.fill_row, a.sketch, a.sketch_width);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (a.key_is_int64) {
+      go(insert_runs_kernel<int64_t, kUnit>, static_cast<const int64_t*>(a.keys));
+    } else {
+      go(insert_runs_kernel<int32_t, kUnit>, static_cast<const int32_t*>(a.keys));
+    }
+  });
 }
 
 void launch_find(const FindArgs& a, FindMode mode, cudaStream_t stream) {
-  const bool vec4 = out_vec4(a.dim, a.out, a.out_dtype, {a.values});
+  FindArgs args = a;
+  args.vec4 = stored_vec4(a.storage, a.dim, {a.values}, a.out, a.out_dtype);
   const int group = find_group(a.n, a.dim, a.digests);
-  with_out_type(a.out_dtype, [&](auto t) {
-    using OutT = decltype(t);
-    if (a.key_is_int64) {
-      if (vec4) {
-        launch_find_group<int64_t, true, OutT>(group, a, mode, stream);
+  with_storage(a.storage, [&](auto st) {
+    constexpr int32_t S = decltype(st)::value;
+    with_out_type(a.out_dtype, [&](auto t) {
+      using OutT = decltype(t);
+      // Compact rows take the vector width from args.vec4 at run time (kVec4 false: one instantiation).
+      const bool vec4 = S == kStoreFloat32 && args.vec4;
+      if (a.key_is_int64) {
+        if (vec4) {
+          launch_find_group<int64_t, true, S, OutT>(group, args, mode, stream);
+        } else {
+          launch_find_group<int64_t, false, S, OutT>(group, args, mode, stream);
+        }
       } else {
-        launch_find_group<int64_t, false, OutT>(group, a, mode, stream);
+        if (vec4) {
+          launch_find_group<int32_t, true, S, OutT>(group, args, mode, stream);
+        } else {
+          launch_find_group<int32_t, false, S, OutT>(group, args, mode, stream);
+        }
       }
-    } else {
-      if (vec4) {
-        launch_find_group<int32_t, true, OutT>(group, a, mode, stream);
-      } else {
-        launch_find_group<int32_t, false, OutT>(group, a, mode, stream);
-      }
-    }
+    });
   });
 }
 
@@ -494,11 +443,18 @@ void launch_apply(const ApplyArgs& a, cudaStream_t stream) {
   const int64_t resident_blocks = resident_items > 0 ? blocks_for_groups(resident_items) : 0;
   const int64_t grid = scatter_blocks + insert_blocks + resident_blocks;
   if (grid == 0) return;
-  const bool vec4 = out_vec4(a.dim, a.out, a.out_dtype, {a.rows, a.values, a.table_rows});
-  with_out_type(a.out_dtype, [&](auto t) {
-    using OutT = decltype(t);
-    auto kernel = vec4 ? apply_kernel<true, OutT> : apply_kernel<false, OutT>;
-    kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, scatter_blocks, insert_blocks, resident_blocks);
+  const bool vec4 = stored_vec4(a.storage, a.dim, {a.rows}, a.out, a.out_dtype);
+  const int unit = copy_unit(stored_row_bytes(a.storage, a.dim), {a.rows, a.values, a.table_rows});
+  with_storage(a.storage, [&](auto st) {
+    constexpr int32_t S = decltype(st)::value;
+    with_out_type(a.out_dtype, [&](auto t) {
+      using OutT = decltype(t);
+      with_row_unit<S>(unit, [&](auto u) {
+        constexpr int kUnit = decltype(u)::value;
+        apply_kernel<S, OutT, kUnit><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+            a, vec4, scatter_blocks, insert_blocks, resident_blocks);
+      });
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
