@@ -190,6 +190,10 @@ class DlrmBench(Common):
     batch_budget_s: float = 2.0  # per (variant, batch size)
     host_partitions: int = 16
     published: Dict[str, Any] = field(default_factory=dict)  # HPS's published numbers (conf/bench/dlrm.yaml)
+    # Issue 16: the model's outputs with the table kept in each of these storages (an engine per storage, a static
+    # table, the same batch) against float32 storage: max / mean abs difference. [] skips it.
+    storage_error: List[str] = field(default_factory=lambda: ["float16", "bfloat16", "int8", "fp8_e4m3"])
+    storage_error_batch: int = 4096
 
     def check(self) -> None:
         super().check()
@@ -213,6 +217,10 @@ class DlrmBench(Common):
             raise BenchConfigError("rows", self.rows, "int32 keys address at most 2^31 - 1 rows")
         _list_of("variants", self.variants, lambda v: v in DLRM_VARIANTS, f"names in {DLRM_VARIANTS}")
         _one_of("precision", self.precision, PRECISIONS)
+        from hps_core.config import STORAGES
+
+        _list_of("storage_error", self.storage_error, lambda v: v in STORAGES, "storage names")
+        _int_at_least("storage_error_batch", self.storage_error_batch, 1)
         if self.min_repeats > self.repeats:
             raise BenchConfigError("min_repeats", self.min_repeats, f"must be <= repeats ({self.repeats})")
         _positive("batch_budget_s", self.batch_budget_s)

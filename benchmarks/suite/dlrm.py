@@ -267,10 +267,42 @@ def run(cfg: DlrmBench, device: torch.device, out_dir: str) -> dict[str, Any]:
                 results["batches"].append(entry)
             if setup.server is not None:  # counters and per-stage latency of the whole run (all batch sizes)
                 results["engine_stats"] = _engine_stats(setup)
+            if cfg.storage_error:
+                results["storage_error"] = _storage_error(setup, sampler, order, amp)
         finally:
             setup.close()
     results["targets"] = _targets(cfg, results, device)
     return {"results": results, "tables": [_table(cfg, results)], "notes": _notes(cfg, results)}
+
+
+def _storage_error(setup: _Setup, sampler: ZipfSampler, order: np.ndarray, amp) -> dict[str, Any]:
+    """The model's outputs for one batch when the table is kept in each storage of cfg.storage_error (an engine
+    each, the table static: every row as the storage keeps it) vs float32 storage: max / mean abs difference."""
+    from hps_core.engine import HierarchicalParameterServer
+
+    cfg, dev = setup.cfg, setup.device
+    rng = np.random.default_rng([cfg.seed, 16])
+    batch = cfg.storage_error_batch
+    keys = torch.from_numpy(order[sampler.sample(rng, batch * cfg.slots)].reshape(batch, cfg.slots)).to(dev)
+    dense = torch.from_numpy(rng.standard_normal((batch, cfg.dense_features), dtype=np.float32)).to(dev)
+    outs = {}
+    for storage in ["float32"] + [s for s in cfg.storage_error if s != "float32"]:
+        deployment = _deployment(cfg, str(setup.files.path))
+        deployment["models"][MODEL]["cache"] = {"type": "static", "storage": storage}
+        deployment["models"][MODEL]["max_batch_size"] = max(batch, deployment["models"][MODEL]["max_batch_size"])
+        deployment["tiers"]["host_memory"]["enabled"] = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            server = HierarchicalParameterServer(deployment, progress=False)
+        try:
+            with torch.no_grad(), amp():
+                outs[storage] = setup.model(dense, server.lookup(MODEL, 0, keys)).float().cpu()
+        finally:
+            server.close()
+    ref = outs["float32"]
+    return {s: {"max_abs": float((o - ref).abs().max()), "mean_abs": float((o - ref).abs().mean()),
+                "output_mean_abs": float(ref.abs().mean()), "batch": batch}
+            for s, o in outs.items() if s != "float32"}
 
 
 def _p50(results: dict, batch: int, variant: str) -> float | None:
@@ -349,6 +381,9 @@ def _notes(cfg: DlrmBench, results: dict) -> list[str]:
     ]
     for k, v in results.get("skipped", {}).items():
         notes.append(f"skipped {k}: {v}")
+    for k, v in results.get("storage_error", {}).items():
+        notes.append(f"storage {k} vs float32 (static table, one batch of {v['batch']}): model output max abs diff "
+                     f"{v['max_abs']:.3g}, mean {v['mean_abs']:.3g} (mean |output| {v['output_mean_abs']:.3g})")
     if results.get("batches_not_run"):
         notes.append(f"**stopped early**: max_wall_s = {cfg.max_wall_s} s reached; batches not run: "
                      f"{results['batches_not_run']}")
