@@ -1,9 +1,11 @@
-"""Typed Python wrappers over the embedding-cache ops `torch.ops.hps.*`, each with its fake (meta) kernel.
+"""Typed Python wrappers over the embedding-cache ops `torch.ops.hps.*`, and the fake (meta) kernel of every op.
 
 The ops and their contract are declared once in cuda_ext/csrc/hps_ops.cpp; the state tensors are described in
 cuda_ext/csrc/cache_state.h. The fake kernels below give shapes and dtypes only, so the ops work under
 `torch.compile`, `torch.export` and FakeTensor tracing: every data-dependent size comes back as a fixed-capacity
-buffer plus a count tensor.
+buffer plus a count tensor. The lookup-pipeline ops (compact_misses, scatter_rows, bag_reduce) have their wrappers
+in hps_core.pipeline_ops but their fakes here: torch accepts a fake only from the module hps_ops.cpp names with
+m.set_python_module.
 
 Importing this module loads the native extension (hps_core._C); it raises ImportError with the reason if the
 extension cannot be used.
@@ -390,6 +392,38 @@ def _cache_decay_fake(scores, clock, policy):
     return None
 
 
+@torch.library.register_fake("hps::compact_misses")
+def _compact_misses_fake(keys: Tensor, found: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _fake_check_keys(keys)
+    torch._check(found.dtype == torch.bool, lambda: f"found must have dtype torch.bool, found {found.dtype}")
+    torch._check(
+        found.dim() == 1 and found.shape[0] == keys.shape[0],
+        lambda: f"found must have shape ({keys.shape[0]},), found {tuple(found.shape)}",
+    )
+    n = keys.shape[0]
+    return (
+        keys.new_empty((n,), dtype=torch.int64),
+        keys.new_empty((n,), dtype=torch.int64),
+        keys.new_empty((n,), dtype=torch.int64),
+        keys.new_empty((2,), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("hps::scatter_rows")
+def _scatter_rows_fake(out: Tensor, positions: Tensor, inverse: Tensor, rows: Tensor, counts: Tensor) -> None:
+    torch._check(out.dim() == 2, lambda: f"out must be 2-D, found shape {tuple(out.shape)}")
+    torch._check(rows.dim() == 2, lambda: f"rows must be 2-D, found shape {tuple(rows.shape)}")
+    return None
+
+
+@torch.library.register_fake("hps::bag_reduce")
+def _bag_reduce_fake(values: Tensor, offsets: Tensor, weights: Tensor | None, mode: int) -> Tensor:
+    torch._check(values.dim() == 2, lambda: f"values must be 2-D, found shape {tuple(values.shape)}")
+    torch._check(offsets.dim() == 1, lambda: f"offsets must be 1-D, found shape {tuple(offsets.shape)}")
+    torch._check(0 <= mode <= 2, lambda: f"mode must be 0 (sum), 1 (mean) or 2 (sqrtn), found {mode}")
+    return values.new_empty((offsets.shape[0] - 1, values.shape[1]))
+
+
 def _find_outputs_fake(keys: Tensor, dim: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n = keys.shape[0]
     return (like.new_empty((n, dim)), keys.new_empty((n,), dtype=torch.int32), keys.new_empty((n,), dtype=torch.int64),
@@ -410,6 +444,16 @@ def _resident_find_fake(index_keys, index_digests, index_rows, index_spill, rows
 
     _fake_check_keys(keys)
     return _find_outputs_fake(keys, dim_of_stored(rows), keys.new_empty((0,), dtype=torch.float32))
+
+
+@torch.library.register_fake("hps::resident_index_build")
+def _resident_index_build_fake(keys: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    torch._check(keys.dim() == 1, lambda: f"keys must be 1-D, found shape {tuple(keys.shape)}")
+    torch._check(keys.dtype == torch.int64, lambda: f"keys must be int64, found {keys.dtype}")
+    # The index grows when a key finds no room (resident_index.cpp), so its bucket count is known only after the build.
+    slots = torch.library.get_ctx().new_dynamic_size() * bucket_size()
+    return (keys.new_empty((slots,)), keys.new_empty((slots,), dtype=torch.uint8),
+            keys.new_empty((slots,), dtype=torch.int32), keys.new_empty((slots // bucket_size(),), dtype=torch.uint8))
 
 
 @torch.library.register_fake("hps::gather_rows")
@@ -438,11 +482,3 @@ def _lookup_fake(handle, keys, dtype=None):
     dim = _PIPELINE_DIMS.get(handle)
     torch._check(dim is not None, lambda: f"no lookup pipeline has handle {handle} in this process")
     return keys.new_empty((*keys.shape, dim), dtype=dtype if dtype is not None else torch.float32)
-
-
-# The lookup-pipeline ops keep their wrappers and fake kernels in pipeline_ops, but the fakes must be registered
-# from this module (the extension's m.set_python_module): torch checks the registering module.
-from hps_core import pipeline_ops as _pipeline_ops  # noqa: E402
-
-for _name, _fake in _pipeline_ops.FAKE_KERNELS.items():
-    torch.library.register_fake(f"hps::{_name}", _fake)

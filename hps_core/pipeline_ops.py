@@ -1,7 +1,7 @@
-"""Typed Python wrappers over the lookup-pipeline ops `torch.ops.hps.{compact_misses, scatter_rows, bag_reduce}`,
-each with its fake (meta) kernel.
+"""Typed Python wrappers over the lookup-pipeline ops `torch.ops.hps.{compact_misses, scatter_rows, bag_reduce}`.
 
-The ops and their contract are declared in cuda_ext/csrc/hps_ops.cpp; the CPU twins live in
+The ops and their contract are declared in cuda_ext/csrc/hps_ops.cpp, their fake kernels in hps_core.ops (with
+every other op's); the CPU twins live in
 cuda_ext/csrc/cpu/pipeline_cpu.cpp, the CUDA ones in cuda_ext/csrc/cuda/pipeline_cuda.cu, and both give identical
 results (bag_reduce included, bit for bit). None of them synchronises the host on CUDA: data-dependent sizes come
 back as fixed-capacity buffers plus a `counts` tensor that stays on the device, so a lookup can run
@@ -25,9 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hps_core._loader import load_extension
-
-load_extension()
+from hps_core import ops as _ops  # noqa: F401  (loads the extension and registers these ops' fake kernels)
 
 __all__ = ["BAG_MODES", "compact_misses", "scatter_rows", "bag_reduce"]
 
@@ -111,49 +109,3 @@ def bag_reduce(values: Tensor, offsets: Tensor, weights: Tensor | None = None, m
     else:
         raise TypeError(f"mode must be a str or an int, found {type(mode).__name__}")
     return torch.ops.hps.bag_reduce.default(values, offsets, weights, code)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Fake kernels: shapes and dtypes only (no data is read). They are registered by hps_core.ops (the module the
-# extension names with m.set_python_module: torch requires the registration to come from there); the import at the
-# end of this file makes sure that has happened whichever module is imported first.
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _compact_misses_fake(keys: Tensor, found: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    torch._check(keys.dim() == 1, lambda: f"keys must be 1-D, found shape {tuple(keys.shape)}")
-    torch._check(keys.dtype in (torch.int32, torch.int64), lambda: f"keys must be int64 or int32, found {keys.dtype}")
-    torch._check(found.dtype == torch.bool, lambda: f"found must have dtype torch.bool, found {found.dtype}")
-    torch._check(
-        found.dim() == 1 and found.shape[0] == keys.shape[0],
-        lambda: f"found must have shape ({keys.shape[0]},), found {tuple(found.shape)}",
-    )
-    n = keys.shape[0]
-    return (
-        keys.new_empty((n,), dtype=torch.int64),
-        keys.new_empty((n,), dtype=torch.int64),
-        keys.new_empty((n,), dtype=torch.int64),
-        keys.new_empty((2,), dtype=torch.int64),
-    )
-
-
-def _scatter_rows_fake(out: Tensor, positions: Tensor, inverse: Tensor, rows: Tensor, counts: Tensor) -> None:
-    torch._check(out.dim() == 2, lambda: f"out must be 2-D, found shape {tuple(out.shape)}")
-    torch._check(rows.dim() == 2, lambda: f"rows must be 2-D, found shape {tuple(rows.shape)}")
-    return None
-
-
-def _bag_reduce_fake(values: Tensor, offsets: Tensor, weights: Tensor | None, mode: int) -> Tensor:
-    torch._check(values.dim() == 2, lambda: f"values must be 2-D, found shape {tuple(values.shape)}")
-    torch._check(offsets.dim() == 1, lambda: f"offsets must be 1-D, found shape {tuple(offsets.shape)}")
-    torch._check(0 <= mode <= 2, lambda: f"mode must be 0 (sum), 1 (mean) or 2 (sqrtn), found {mode}")
-    return values.new_empty((offsets.shape[0] - 1, values.shape[1]))
-
-
-FAKE_KERNELS = {
-    "compact_misses": _compact_misses_fake,
-    "scatter_rows": _scatter_rows_fake,
-    "bag_reduce": _bag_reduce_fake,
-}
-
-from hps_core import ops as _ops  # noqa: E402,F401  (registers FAKE_KERNELS; see above)

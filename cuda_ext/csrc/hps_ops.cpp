@@ -76,8 +76,8 @@ void register_host_map_class(torch::Library& m);
 }  // namespace hps
 
 TORCH_LIBRARY(hps, m) {
-  // Where the fake (meta) kernels live: tracing imports it on demand, so FakeTensor/compile work without a
-  // prior `import hps_core.ops`.
+  // Where the fake (meta) kernels live: torch accepts their registration from this module only, and names it when
+  // a fake is missing (it does not import it itself: Python code loads the ops through hps_core.ops).
   m.set_python_module("hps_core.ops");
   // Constants shared with Python come from here, not copied.
   m.def("bucket_size() -> int", []() -> int64_t { return hps::kBucketSize; });
@@ -122,6 +122,9 @@ TORCH_LIBRARY(hps, m) {
       "resident_find(Tensor index_keys, Tensor index_digests, Tensor index_rows, Tensor index_spill, Tensor rows, "
       "Tensor keys, float default_value) -> (Tensor out, Tensor miss_positions, Tensor miss_keys, Tensor miss_count)");
   m.def("resident_index_build(Tensor keys) -> (Tensor keys, Tensor digests, Tensor rows, Tensor spill)");
+  // A pipeline by handle, not by object: an int passes the dispatcher for nothing, the object itself costs more.
+  // Kernels in pipeline.cpp; the class is registered by register_pipeline below.
+  m.def("lookup(int handle, Tensor keys, ScalarType? dtype=None) -> Tensor");
 
   m.def("encode_rows(Tensor rows, int storage) -> Tensor");
   m.def("decode_rows(Tensor stored, ScalarType? dtype=None) -> Tensor");

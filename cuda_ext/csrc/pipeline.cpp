@@ -1599,12 +1599,10 @@ void register_pipeline(torch::Library& m) {
       .def("rows_ptr", [](const Ptr& self) { return self->rows_ptr(); })
       .def("answers_all", &P::answers_all)
       .def("close", &P::close);
-  // The hot call: a pipeline by handle (an int passes the dispatcher for nothing; the object itself costs more).
-  // Kernels per backend below; the fake kernel (shape only) is hps_core/ops.py's.
-  m.def("lookup(int handle, Tensor keys, ScalarType? dtype=None) -> Tensor");
 }
 
 namespace {
+// hps::lookup (schema in hps_ops.cpp), registered for both backends below.
 at::Tensor lookup_by_handle(int64_t handle, const at::Tensor& keys, std::optional<at::ScalarType> dtype) {
   return find_pipeline(handle)->lookup(keys, dtype);
 }

@@ -272,7 +272,7 @@ class LookupPipeline : public torch::CustomClassHolder {
 // The live pipeline with this handle; ValueError if there is none (never registered, or closed).
 c10::intrusive_ptr<LookupPipeline> find_pipeline(int64_t handle);
 
-// Registers torch.classes.hps.LookupPipeline and the op hps::lookup(int handle, Tensor keys).
+// Registers torch.classes.hps.LookupPipeline (the op hps::lookup is declared with the others in hps_ops.cpp).
 void register_pipeline(torch::Library& m);
 
 }  // namespace hps

@@ -22,6 +22,8 @@ from hps_core.testing import (
     hash_key,
 )
 
+from op_builders import filled, rows
+
 DEVICES = device_params()
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
@@ -34,11 +36,6 @@ def extremes(dtype: torch.dtype) -> list[int]:
     return [I64_MIN, I64_MAX, I32_MIN, I32_MAX, 0, -1, 1, I64_MIN + 1, I64_MAX - 1]
 
 
-def rows(n: int, dim: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, dim, generator=g)
-
-
 def keys_of_bucket(bucket: int, num_buckets: int, count: int, start: int = 0) -> list[int]:
     """`count` distinct keys that hash to `bucket` (searched with the Python hash)."""
     out, k = [], start
@@ -47,13 +44,6 @@ def keys_of_bucket(bucket: int, num_buckets: int, count: int, start: int = 0) ->
             out.append(k)
         k += 1
     return out
-
-
-def filled(device: str, policy: str = "lru", dim: int = 4, num_buckets: int = 2, n: int = 40) -> CheckedCache:
-    """A checked cache holding keys 0..n-1 (rows from seed 0)."""
-    c = CheckedCache(num_buckets, dim, device, policy)
-    c.insert_or_assign(list(range(n)), rows(n, dim))
-    return c
 
 
 # ------------------------------------------------------------------------------------------------ constants, hash
@@ -91,50 +81,7 @@ def test_int32_keys_are_sign_extended(device):
     assert torch.equal(b32, b64) and torch.equal(d32, d64)
 
 
-# ------------------------------------------------------------------------------------------------ opcheck
-
-
-def _opcheck_cases(device: str, dtype: torch.dtype) -> dict:
-    """Non-trivial inputs per op: a cache holding some keys, queried with hits, misses and duplicates."""
-    c = filled(device, "lru", dim=4, num_buckets=2, n=40)
-    s = c.state()
-    q = torch.tensor([1, 2, 1, 1000, -5, 39, 2], dtype=dtype, device=device)
-    nv = rows(q.numel(), 4, seed=1).to(device)
-    sk, dg, sc, val, clk = s["slot_keys"], s["digests"], s["scores"], s["values"], s["clock"]
-    sketch = torch.arange(ops.SKETCH_DEPTH * 16, dtype=torch.int32, device=device) % 5  # an admission sketch
-    return {
-        "hash_keys": (torch.ops.hps.hash_keys.default, (q, 2)),
-        "cache_find_lru": (torch.ops.hps.cache_find.default, (sk, dg, sc, val, clk, q, ops.POLICY_LRU)),
-        "cache_find_lfu": (torch.ops.hps.cache_find.default, (sk, dg, sc, val, clk, q, ops.POLICY_LFU)),
-        "cache_contains": (torch.ops.hps.cache_contains.default, (sk, dg, q)),
-        "cache_insert_or_assign": (
-            torch.ops.hps.cache_insert_or_assign.default,
-            (sk, dg, sc, val, clk, q, nv, ops.POLICY_LRU),
-        ),
-        "cache_insert_or_assign_admission": (
-            torch.ops.hps.cache_insert_or_assign.default,
-            (sk, dg, sc, val, clk, q, nv, ops.POLICY_LFU, sketch),
-        ),
-        "sketch_add": (torch.ops.hps.sketch_add.default, (sketch, q, q > 1)),
-        "cache_assign": (torch.ops.hps.cache_assign.default, (sk, dg, val, q, nv)),
-        "cache_erase": (torch.ops.hps.cache_erase.default, (sk, dg, sc, q)),
-        "cache_export_batch": (torch.ops.hps.cache_export_batch.default, (sk, dg, val, 3, 45)),
-        "cache_clear": (torch.ops.hps.cache_clear.default, (dg, sc, clk)),
-        "cache_size": (torch.ops.hps.cache_size.default, (dg,)),
-        "cache_decay_lru": (torch.ops.hps.cache_decay.default, (sc, clk, ops.POLICY_LRU)),
-        "cache_decay_lfu": (torch.ops.hps.cache_decay.default, (sc, clk, ops.POLICY_LFU)),
-    }
-
-
-OPCHECK_NAMES = list(_opcheck_cases("cpu", torch.int64))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", KEY_DTYPES)
-@pytest.mark.parametrize("name", OPCHECK_NAMES)
-def test_opcheck(device, dtype, name):
-    op, args = _opcheck_cases(device, dtype)[name]
-    torch.library.opcheck(op, args)
+# ------------------------------------------------------------------------------------------------ torch.compile
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,6 +12,8 @@ from hps_core import ops
 from hps_core.cache import EmbeddingCache
 from hps_core.testing import KEY_DTYPES, device_params
 
+from op_builders import resident
+
 DEVICES = device_params()
 
 
@@ -64,16 +66,6 @@ def test_cache_find_misses_opcheck(device):
     keys = torch.tensor([1, 2, 3], device=device)
     torch.library.opcheck(torch.ops.hps.cache_find_misses.default,
                           (s["slot_keys"], s["digests"], s["scores"], s["values"], s["clock"], keys, 0, 0.0))
-
-
-def resident(device: str, keys: np.ndarray, dim: int, rng: np.random.Generator, rows_pinned: bool = False):
-    index = ops.resident_index_build(torch.from_numpy(keys))
-    rows = torch.from_numpy(rng.standard_normal((keys.size, dim)).astype(np.float32))
-    if rows_pinned:
-        rows = rows.pin_memory()
-    elif device != "cpu":
-        rows = rows.to(device)
-    return [t.to(device) for t in index], rows
 
 
 @pytest.mark.parametrize("device", DEVICES)

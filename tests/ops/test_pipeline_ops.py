@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from hps_core import pipeline_ops
 from hps_core.testing import KEY_DTYPES, device_params
 
+from op_builders import make_bags
+
 DEVICES = device_params()
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
@@ -189,21 +191,6 @@ def bag_reference(values: torch.Tensor, offsets: torch.Tensor, weights: torch.Te
         div = w[lo:hi].sum() if mode == "mean" else np.sqrt((w[lo:hi] ** 2).sum())
         out[b] = 0.0 if hi == lo or div == 0 else s / div
     return out
-
-
-def make_bags(rng: np.random.Generator, bags: int, dim: int, weighted: bool):
-    """Bags of 0..9 elements (some empty); with weights, one bag whose weights are all zero."""
-    sizes = rng.integers(0, 10, size=bags)
-    sizes[0] = 0
-    sizes[1] = 3
-    offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
-    n = int(offsets[-1])
-    values = torch.from_numpy(rng.standard_normal((n, dim)).astype(np.float32))
-    weights = None
-    if weighted:
-        weights = torch.from_numpy(rng.uniform(0.1, 2.0, size=n).astype(np.float32))
-        weights[offsets[1] : offsets[2]] = 0.0  # a zero-weight bag: mean/sqrtn divisor 0 -> zeros
-    return values, offsets, weights
 
 
 @pytest.mark.parametrize("device", DEVICES)
