@@ -469,6 +469,31 @@ class _Checker:
         self.check(name, bool(_NAME_RE.fullmatch(value)), f"must match {NAME_PATTERN}")
 
 
+# Keys accepted so HPS configs load unchanged but with no effect on this server: a value other than the default logs
+# a warning naming the key and why (never a silent no-op). (field owner, field) -> why.
+_NO_EFFECT = {
+    ("cache", "use_context_stream"): "GPU work always runs on the caller's current stream",
+    ("cache", "enable_pagelock"): "the host memory the GPU reads (host-mapped tables, staging) is pinned whenever used",
+    ("cache", "thread_pool_size"): "CPU work runs on torch's intra-op threads (torch.set_num_threads)",
+    ("cache", "use_hctr_cache_implementation"): "there is one cache implementation",
+    ("cache", "num_refresher_buffers"): "a refresh runs in the refresher thread, or the caller's",
+    ("model", "fuse_embedding_table"): "tables are looked up one by one (no fused table)",
+    ("model", "maxnum_des_feature_per_sample"): "the server looks up embeddings only (no dense features)",
+    ("model", "dense_file"): "the server looks up embeddings only (the dense model is the framework's)",
+}
+
+
+def _warn_no_effect(model: "ModelConfig", path: str) -> None:
+    for (owner, name), why in _NO_EFFECT.items():
+        obj = model.cache if owner == "cache" else model
+        spec = next(f for f in dataclasses.fields(obj) if f.name == name)
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        value = getattr(obj, name)
+        if value != default:
+            where = f"{path}.cache.{name}" if owner == "cache" else f"{path}.{name}"
+            logger.warning("%s = %r has no effect here: %s", where, value, why)
+
+
 def validate(cfg: DeploymentConfig) -> DeploymentConfig:
     """Check every value of `cfg` and return a validated, alias-normalised deep copy (`cfg` is left unchanged).
 
@@ -492,6 +517,7 @@ def validate(cfg: DeploymentConfig) -> DeploymentConfig:
     top.check("models", len(out.models) > 0, "at least one model is required")
     for model_name, model in out.models.items():
         _validate_model(model_name, model)
+        _warn_no_effect(model, f"models.{model_name}")
     _validate_tiers(out.tiers)
     _validate_update_source(out.update_source)
     return out

@@ -216,6 +216,7 @@ class HierarchicalParameterServer:
         self._gate = _CallGate()  # update / refresh / uncached lookups in flight; close() waits for them
         self.metrics = None  # hps_core.metrics.MetricsExporter when config metrics_port is set
         self.update_consumer = None  # hps_core.update_stream.StreamConsumer for an update_source redis_stream
+        self.refresher = None  # hps_core.refresher.PeriodicRefresher when a model's cache has refresh_interval > 0
         created: list[tuple[Tier, str]] = []  # tables this start created in persistent tiers (undone on failure)
         self._models_lock = threading.Lock()  # add_model / swap_model / remove_model, one at a time
         self._versions: dict[str, int] = {}  # model -> version number serving (1 when never swapped)
@@ -233,6 +234,8 @@ class HierarchicalParameterServer:
                 self.metrics = MetricsExporter(self, self.config.metrics_port)
             if self.config.update_source.type == "redis_stream":
                 self.update_consumer = self._start_update_stream(self.config.update_source)
+            for model_name, model in self.config.models.items():
+                self._schedule_refresh(model_name, model)
         except BaseException:
             for tier, tag in reversed(created):  # a refused start leaves the persistent tiers as it found them
                 try:
@@ -799,6 +802,7 @@ class HierarchicalParameterServer:
                 raise ValueError(f"model {name!r} is deployed already (remove_model it first)")
             runtimes = self._add_runtimes(name, checked, progress)
             self.tables[name] = runtimes  # visible to lookups from here on
+            self._schedule_refresh(name, checked)
         log.info("model %s added: %d tables", name, len(runtimes))
 
     def swap_model(self, name: str, model: Any, *, progress: bool = False) -> int:
@@ -913,6 +917,17 @@ class HierarchicalParameterServer:
             except Exception:
                 log.exception("dropping table %s from %s failed", rt.tag, tier.name)
 
+    def _schedule_refresh(self, name: str, model: Any) -> None:
+        """HPS's periodic refresh of a model's dynamic caches (cache.refresh_delay, cache.refresh_interval)."""
+        cache = model.cache
+        if cache.refresh_interval <= 0:
+            return
+        if self.refresher is None:
+            from hps_core.refresher import PeriodicRefresher
+
+            self.refresher = PeriodicRefresher(self)
+        self.refresher.schedule(name, cache.refresh_delay, cache.refresh_interval)
+
     # ------------------------------------------------------------------ lifecycle
 
     def _check_open(self) -> None:
@@ -924,6 +939,8 @@ class HierarchicalParameterServer:
         if getattr(self, "_closed", True):
             return
         self._closed = True
+        if getattr(self, "refresher", None) is not None:
+            self.refresher.close()  # a pass in flight finishes first
         if getattr(self, "update_consumer", None) is not None:
             self.update_consumer.close()  # no update starts after this; one in flight finishes below
         if getattr(self, "metrics", None) is not None:
