@@ -53,6 +53,7 @@ __all__ = [
     "to_yaml",
     "NAME_PATTERN",
     "MAX_INT64",
+    "OVERFLOW_POLICIES",
 ]
 
 # Model and table names become parts of the table tag "hps_et.<model>.<table>" in every tier.
@@ -425,7 +426,8 @@ STORAGES = {
     "int8": "int8", "uint8": "int8",
     "fp8_e4m3": "fp8_e4m3", "fp8": "fp8_e4m3", "e4m3": "fp8_e4m3", "float8_e4m3fn": "fp8_e4m3",
 }
-_OVERFLOW_POLICIES = {
+# Every tier's overflow policies (the Redis and host-memory tiers take these names too): alias -> canonical name.
+OVERFLOW_POLICIES = {
     "evict_random": "evict_random", "random": "evict_random",
     "evict_least_used": "evict_least_used", "least_used": "evict_least_used",
     "evict_oldest": "evict_oldest", "oldest": "evict_oldest",
@@ -601,7 +603,7 @@ def _validate_overflow(c: _Checker, obj: Any) -> None:
     if obj.overflow_margin > MAX_INT64:  # HPS "no limit" (2^64-1) and anything above int64
         obj.overflow_margin = MAX_INT64
     c.at_least("overflow_margin", 1)
-    c.enum("overflow_policy", _OVERFLOW_POLICIES)
+    c.enum("overflow_policy", OVERFLOW_POLICIES)
     c.check("overflow_resolution_target", 0.0 < obj.overflow_resolution_target < 1.0, "must be in (0, 1)")
 
 

@@ -89,7 +89,8 @@ def report(hps: HierarchicalParameterServer, served: dict, elapsed: dict, consol
         tiers.add_column(col, justify="right")
     for tier in hps.tiers:
         for rt in hps.tables["demo"]:
-            mem = f"{tier.memory_bytes(rt.tag) / 2**20:.1f}" if hasattr(tier, "memory_bytes") else "-"
+            held = tier.memory_bytes(rt.tag)
+            mem = f"{held / 2**20:.1f}" if held is not None else "-"
             tiers.add_row(tier.name, rt.name, f"{tier.size(rt.tag):,}", mem)
     console.print(tiers)
     console.print(f"process RSS {psutil.Process().memory_info().rss / 2**20:.0f} MB")

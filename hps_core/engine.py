@@ -207,9 +207,9 @@ class HierarchicalParameterServer:
         self._cuda = torch.cuda.is_available()
         self.tiers: list[Tier] = self._make_tiers()
         # Tiers that take the rows a lower tier found (HPS cache_missed_embeddings), by position in self.tiers.
-        self._promote_into = [i for i, t in enumerate(self.tiers) if getattr(self._tier_config(t), "cache_missed_embeddings", False)]
+        self._promote_into = [i for i, t in enumerate(self.tiers) if t.cache_missed_embeddings]
         # The host-memory tier, when it is the first tier: the miss path fetches from its map natively.
-        self._host_tier = self.tiers[0] if self.tiers and hasattr(self.tiers[0], "map_handle") else None
+        self._host_tier = self.tiers[0] if self.tiers and self.tiers[0].native_map else None
         self.tables: dict[str, list[TableRuntime]] = {}
         self._warned_cpu_fallback = False
         self._tokens: list[int] = []  # lower-tier callback tokens of this server's pipelines
@@ -260,8 +260,7 @@ class HierarchicalParameterServer:
         creates in persistent tiers are appended to `created` (the caller undoes them on failure)."""
         for rt in runtimes:
             for tier in self.tiers:
-                if tier.persistent and not getattr(tier, "read_only", False) and hasattr(tier, "tables") \
-                        and rt.tag not in tier.tables():
+                if tier.persistent and tier.can_drop_tables and not tier.read_only and rt.tag not in tier.tables():
                     created.append((tier, rt.tag))
                 tier.create_table(rt.tag, rt.dim)
             if rt.files is not None:
@@ -302,6 +301,7 @@ class HierarchicalParameterServer:
                     overflow_resolution_target=c.overflow_resolution_target,
                     allocation_rate=c.allocation_rate,
                     max_batch_size=c.max_batch_size,
+                    cache_missed_embeddings=c.cache_missed_embeddings,
                 )
             )
         if tiers_cfg.redis_cluster.enabled:
@@ -321,9 +321,6 @@ class HierarchicalParameterServer:
                 RocksDBTier(c.path, num_threads=c.num_threads, read_only=c.read_only, max_batch_size=c.max_batch_size)
             )
         return tiers
-
-    def _tier_config(self, tier: Tier) -> Any:
-        return getattr(self.config.tiers, tier.name)
 
     def _make_table(self, model_name: str, model: Any, table_id: int, table_cfg: Any, *, load: bool) -> TableRuntime:
         """The table's runtime, with its files opened and validated (nothing is written anywhere yet)."""
@@ -365,7 +362,7 @@ class HierarchicalParameterServer:
                 log.info("%s holds %s (from %s and the updates since): not reloading", tier.name, rt.tag,
                          rt.files.path)
                 continue
-            if getattr(tier, "read_only", False):
+            if tier.read_only:
                 log.info("%s: %s is read-only, not loading %s", tier.name, rt.tag, rt.files.path)
                 continue
             start = time.perf_counter()
@@ -674,7 +671,7 @@ class HierarchicalParameterServer:
     def _promote(self, rt: TableRuntime, level: int, keys: torch.Tensor, rows: torch.Tensor) -> None:
         """Rows found in tier `level`: into the writable tiers above it configured with cache_missed_embeddings."""
         for upper in self._promote_into:
-            if upper < level and not getattr(self.tiers[upper], "read_only", False):
+            if upper < level and not self.tiers[upper].read_only:
                 self.tiers[upper].insert(rt.tag, keys, rows)
 
     def wait_for_inserts(self) -> None:
@@ -706,7 +703,7 @@ class HierarchicalParameterServer:
             raise ValueError(f"{flat.numel()} keys but {vectors.shape[0]} vectors")
         if rt.storage != "float32":  # rows the device tables cannot keep are refused before any tier is written
             check_encodable(vectors.detach().to("cpu"), rt.storage, field=f"vectors for {rt.tag}")
-        read_only = [t.name for t in self.tiers if getattr(t, "read_only", False)]
+        read_only = [t.name for t in self.tiers if t.read_only]
         if read_only:
             raise ValueError(f"cannot update {rt.tag}: tier(s) {read_only} are opened read-only")
         if flat.numel() == 0:
@@ -910,7 +907,7 @@ class HierarchicalParameterServer:
         rt.files = None
         rt.load_source = None
         for tier in self.tiers:
-            if (tier.persistent and not drop_persistent) or getattr(tier, "read_only", False):
+            if (tier.persistent and not drop_persistent) or tier.read_only:
                 continue
             try:
                 tier.drop_table(rt.tag)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import operator
 import os
 import threading
 from typing import TYPE_CHECKING, Any
@@ -22,50 +21,29 @@ import numpy as np
 import torch
 
 from hps_core._loader import load_extension
-from hps_core.tiers.base import Tier, TierStats, check_keys
+from hps_core.config import MAX_INT64, OVERFLOW_POLICIES
+from hps_core.tiers.base import Tier, TierStats, check_int, check_keys, check_table_files, check_values
 
 if TYPE_CHECKING:  # pragma: no cover
     from hps_core.tables import TableFiles
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HostMemoryTier", "OVERFLOW_POLICIES", "NO_OVERFLOW_LIMIT"]
+__all__ = ["HostMemoryTier", "NO_OVERFLOW_LIMIT"]
 
-# HPS names (and aliases) of the overflow policies -> the HostHashMap constructor's numbers.
-OVERFLOW_POLICIES: dict[str, int] = {
-    "evict_random": 0,
-    "random": 0,
-    "evict_least_used": 1,
-    "least_used": 1,
-    "evict_oldest": 2,
-    "oldest": 2,
-}
+# The HostHashMap constructor's number of each overflow policy (its canonical name: config.OVERFLOW_POLICIES).
+_POLICY_CODES = {"evict_random": 0, "evict_least_used": 1, "evict_oldest": 2}
 # HPS's default overflow_margin is 2^64 - 1 ("no limit"); the map takes int64, so "no limit" is INT64_MAX.
-NO_OVERFLOW_LIMIT = (1 << 63) - 1
+NO_OVERFLOW_LIMIT = MAX_INT64
 _MAX_PARTITIONS = 4096
-
-
-def _int_arg(value: Any, name: str, minimum: int, maximum: int | None = None) -> int:
-    """`value` as an int in [minimum, maximum], else TypeError/ValueError naming `name` and the value."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an int, got bool {value!r}")
-    try:
-        as_int = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
-    if as_int < minimum or (maximum is not None and as_int > maximum):
-        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{name} must be {allowed}, got {as_int}")
-    return as_int
 
 
 @dataclasses.dataclass
 class _Table:
     dim: int
-    map: Any  # torch.classes.hps.HostHashMap
+    map: Any  # torch.classes.hps.HostHashMap; it locks itself
     handle: int  # map.handle(), kept: a method call on the map costs microseconds
-    stats: TierStats
-    lock: threading.Lock  # guards `stats` only; the map locks itself
+    stats: TierStats = dataclasses.field(default_factory=TierStats)
 
 
 class HostMemoryTier(Tier):
@@ -82,6 +60,7 @@ class HostMemoryTier(Tier):
         allocation_rate: largest value page in bytes (pages grow with the table up to this); >= one row.
         max_batch_size: keys per native call; larger requests are chunked.
         seed: seeds evict_random (reproducible evictions).
+        cache_missed_embeddings: HPS's flag, kept for the engine (copy rows found below into this tier).
 
     Example:
         >>> tier = HostMemoryTier(num_partitions=4, overflow_margin=1_000_000)
@@ -94,6 +73,8 @@ class HostMemoryTier(Tier):
     """
 
     name = "host_memory"
+    native_map = True
+    can_drop_tables = True
 
     def __init__(
         self,
@@ -104,13 +85,15 @@ class HostMemoryTier(Tier):
         allocation_rate: int = 256 << 20,
         max_batch_size: int = 65536,
         seed: int = 0,
+        cache_missed_embeddings: bool = False,
     ) -> None:
+        super().__init__()
         if num_partitions is None:
             num_partitions = max(1, min(16, os.cpu_count() or 1))
-        self.num_partitions = _int_arg(num_partitions, "num_partitions", 1, _MAX_PARTITIONS)
+        self.num_partitions = check_int(num_partitions, "num_partitions", 1, _MAX_PARTITIONS)
         if overflow_margin is None:
             overflow_margin = NO_OVERFLOW_LIMIT
-        self.overflow_margin = _int_arg(overflow_margin, "overflow_margin", 1, NO_OVERFLOW_LIMIT)
+        self.overflow_margin = check_int(overflow_margin, "overflow_margin", 1, NO_OVERFLOW_LIMIT)
         if not isinstance(overflow_policy, str):
             raise TypeError(f"overflow_policy must be a str, got {type(overflow_policy).__name__} {overflow_policy!r}")
         policy = overflow_policy.strip().lower()
@@ -128,13 +111,12 @@ class HostMemoryTier(Tier):
         if not 0.0 < target < 1.0:
             raise ValueError(f"overflow_resolution_target must be in (0, 1), got {overflow_resolution_target!r}")
         self.overflow_resolution_target = target
-        self.allocation_rate = _int_arg(allocation_rate, "allocation_rate", 4)
-        self.max_batch_size = _int_arg(max_batch_size, "max_batch_size", 1)
-        self.seed = _int_arg(seed, "seed", -(1 << 63), (1 << 63) - 1)
+        self.allocation_rate = check_int(allocation_rate, "allocation_rate", 4)
+        self.max_batch_size = check_int(max_batch_size, "max_batch_size", 1)
+        self.seed = check_int(seed, "seed", -(1 << 63), (1 << 63) - 1)
+        self.cache_missed_embeddings = bool(cache_missed_embeddings)
         load_extension()
-        self._tables: dict[str, _Table] = {}
         self._tables_lock = threading.Lock()
-        self._closed = False
 
     # ------------------------------------------------------------------------------------------------ tables
 
@@ -146,7 +128,7 @@ class HostMemoryTier(Tier):
         self._check_open()
         if not isinstance(tag, str) or not tag:
             raise TypeError(f"tag must be a non-empty str, got {type(tag).__name__} {tag!r}")
-        dim = _int_arg(dim, "dim", 1)
+        dim = check_int(dim, "dim", 1)
         with self._tables_lock:
             table = self._tables.get(tag)
             if table is not None:
@@ -164,12 +146,12 @@ class HostMemoryTier(Tier):
                 dim,
                 self.num_partitions,
                 self.overflow_margin,
-                OVERFLOW_POLICIES[self.overflow_policy],
+                _POLICY_CODES[OVERFLOW_POLICIES[self.overflow_policy]],
                 self.overflow_resolution_target,
                 self.allocation_rate,
                 self.seed,
             )
-            self._tables[tag] = _Table(dim=dim, map=hmap, handle=hmap.handle(), stats=TierStats(), lock=threading.Lock())
+            self._tables[tag] = _Table(dim=dim, map=hmap, handle=hmap.handle())
             logger.debug("host-memory tier: created table %s (dim %d, %d partitions)", tag, dim, self.num_partitions)
 
     def drop_table(self, tag: str) -> None:
@@ -178,6 +160,10 @@ class HostMemoryTier(Tier):
         self._check_open()
         with self._tables_lock:
             self._tables.pop(tag, None)
+
+    @property
+    def _where(self) -> str:
+        return "the host-memory tier"
 
     def tags(self) -> list[str]:
         """Tags of the tables created so far."""
@@ -224,14 +210,13 @@ class HostMemoryTier(Tier):
         """
         table = self._table(tag)
         keys = check_keys(keys)
-        values = self._check_values(values, keys, table.dim, tag)
+        values = check_values(values, keys.numel(), table.dim, tag)
         n = keys.numel()
         new = 0
         for start in range(0, n, self.max_batch_size):
             stop = min(start + self.max_batch_size, n)
             new += table.map.insert(keys[start:stop], values[start:stop])
-        with table.lock:
-            table.stats.keys_inserted += new
+        self._count(table.stats, keys_inserted=new)
         return new
 
     def erase(self, tag: str, keys: torch.Tensor) -> int:
@@ -249,7 +234,7 @@ class HostMemoryTier(Tier):
 
     def reserve(self, tag: str, n: int) -> None:
         """Pre-size table `tag` for `n` entries in total (exact-size pages, no rehash while they arrive)."""
-        self._table(tag).map.reserve(_int_arg(n, "n", 0))
+        self._table(tag).map.reserve(check_int(n, "n", 0))
 
     def memory_bytes(self, tag: str) -> int:
         """Bytes the table's map has allocated (index, value pages, access meta, free lists)."""
@@ -275,11 +260,7 @@ class HostMemoryTier(Tier):
             1000
         """
         self._check_open()
-        for attr in ("num_keys", "dim", "iter_chunks"):
-            if not hasattr(table, attr):
-                raise TypeError(
-                    f"table must be a hps_core.tables.TableFiles (has no {attr!r}), got {type(table).__name__}"
-                )
+        check_table_files(table)
         self.create_table(tag, table.dim)
         entry = self._table(tag)
         self.reserve(tag, entry.map.size() + int(table.num_keys))
@@ -305,7 +286,7 @@ class HostMemoryTier(Tier):
         out = {}
         for tag, table in list(self._tables.items()):
             fetches, requested, found = table.map.fetch_counts()
-            with table.lock:
+            with self._stats_lock:
                 out[tag] = dataclasses.replace(table.stats, keys_evicted=int(table.map.evictions()), fetches=fetches,
                                                keys_requested=requested, keys_found=found)
         return out
@@ -315,35 +296,3 @@ class HostMemoryTier(Tier):
         with self._tables_lock:
             self._tables.clear()
             self._closed = True
-
-    # ------------------------------------------------------------------------------------------------ checks
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("the host-memory tier is closed")
-
-    def _table(self, tag: str) -> _Table:
-        self._check_open()
-        table = self._tables.get(tag)
-        if table is None:
-            raise KeyError(f"unknown table tag {tag!r} in the host-memory tier; known tags: {sorted(self._tables)}")
-        return table
-
-    @staticmethod
-    def _check_values(values: Any, keys: torch.Tensor, dim: int, tag: str) -> torch.Tensor:
-        if not isinstance(values, torch.Tensor):
-            raise TypeError(f"values must be a torch.Tensor (float32 (n, dim) on CPU), got {type(values).__name__}")
-        if values.dtype != torch.float32:
-            raise TypeError(f"values must have dtype torch.float32, got {values.dtype}")
-        if values.dim() != 2:
-            raise ValueError(f"values must be 2-D (n, dim), got shape {tuple(values.shape)}")
-        if values.device.type != "cpu":
-            raise ValueError(f"values must be on the CPU, got device {values.device}")
-        if values.shape[1] != dim:
-            raise ValueError(f"values must have dim {dim} (table {tag!r}), got shape {tuple(values.shape)}")
-        if values.shape[0] != keys.shape[0]:
-            raise ValueError(
-                f"values must have one row per key: keys has {keys.shape[0]} rows, "
-                f"values has shape {tuple(values.shape)}"
-            )
-        return values.contiguous()

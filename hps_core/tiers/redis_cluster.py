@@ -58,25 +58,15 @@ from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.retry import Retry
 from redis.utils import HIREDIS_AVAILABLE
 
-from hps_core.tiers.base import Tier, TierStats
+from hps_core.config import MAX_INT64, OVERFLOW_POLICIES
+from hps_core.tiers.base import Tier, TierStats, check_int, check_table_files
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RedisClusterTier", "RedisClusterTierError", "RedisTierStats", "partition_of", "OVERFLOW_POLICIES"]
+__all__ = ["RedisClusterTier", "RedisClusterTierError", "RedisTierStats", "partition_of"]
 
 NUM_SLOTS = 16384
-_UNLIMITED = 2**63 - 1  # overflow_margin at or above this means "no limit" (HPS default 2^64-1 is accepted too)
 _KEY_BYTES = 8
-
-# Canonical policy names and HPS's aliases.
-OVERFLOW_POLICIES = {
-    "evict_random": "evict_random",
-    "random": "evict_random",
-    "evict_least_used": "evict_least_used",
-    "least_used": "evict_least_used",
-    "evict_oldest": "evict_oldest",
-    "oldest": "evict_oldest",
-}
 
 # LFU counting of many fields in one call (HINCRBY takes one field).
 _LFU_SCRIPT = b"for i = 1, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], 1) end return #ARGV"
@@ -327,11 +317,8 @@ class _Cmd:
 
 
 def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"redis_cluster.{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"redis_cluster.{name} must be >= 1, got {value}")
-    return int(value)
+    """check_int, naming the field as the config does (redis_cluster.<field>)."""
+    return check_int(value, f"redis_cluster.{name}", 1)
 
 
 def _parse_addresses(address: Any) -> list[tuple[str, int]]:
@@ -394,7 +381,6 @@ class RedisClusterTier(Tier):
     # The cluster outlives this process: the engine does not reload a table the cluster already holds in full.
     persistent = True
     shared = True
-    read_only = False
 
     def __init__(
         self,
@@ -405,7 +391,7 @@ class RedisClusterTier(Tier):
         num_partitions: int = 8,
         num_node_connections: int = 5,
         max_batch_size: int = 65536,
-        overflow_margin: int = _UNLIMITED,
+        overflow_margin: int = MAX_INT64,
         overflow_policy: str = "evict_random",
         overflow_resolution_target: float = 0.8,
         enable_tls: bool = False,
@@ -418,7 +404,9 @@ class RedisClusterTier(Tier):
         max_backoff_ms: int = 2000,
         cache_missed_embeddings: bool = False,
     ) -> None:
+        super().__init__()
         self._closed = True  # until construction succeeds, close() has nothing to do
+        self._refresher: threading.Thread | None = None
         self._seeds = _parse_addresses(address)
         if not isinstance(user_name, str) or not user_name:
             raise ValueError(f"redis_cluster.user_name must be a non-empty string, got {user_name!r}")
@@ -443,7 +431,7 @@ class RedisClusterTier(Tier):
             raise ValueError(f"redis_cluster.overflow_resolution_target must be in (0, 1), got "
                              f"{overflow_resolution_target!r}")
         self.overflow_resolution_target = float(overflow_resolution_target)
-        self.overflow_enabled = self.overflow_margin < _UNLIMITED
+        self.overflow_enabled = self.overflow_margin < MAX_INT64
         # LRU/LFU meta is kept only when it can matter (see the module docstring).
         self.keeps_meta = self.overflow_enabled and self.overflow_policy != "evict_random"
         self.cache_missed_embeddings = bool(cache_missed_embeddings)
@@ -492,9 +480,7 @@ class RedisClusterTier(Tier):
         self._nodes: dict[str, _Node] = {}
         self._nodes_lock = threading.Lock()
         self._slots: list[str | None] = [None] * NUM_SLOTS
-        self._tables: dict[str, _Table] = {}
         self._tables_lock = threading.Lock()
-        self._stats_lock = threading.Lock()
         self._topology_lock = threading.Lock()
         self.topology_refreshes = 0
         self._last_refresh = 0.0
@@ -729,13 +715,6 @@ class RedisClusterTier(Tier):
                         f"another table under the same tag"
                     )
 
-    def _table(self, tag: str) -> _Table:
-        table = self._tables.get(tag)
-        if table is None:
-            raise KeyError(f"redis_cluster: unknown table {tag!r}; call create_table first "
-                           f"(known: {sorted(self._tables)})")
-        return table
-
     @staticmethod
     def _keys_numpy(keys: Any) -> np.ndarray:
         if isinstance(keys, torch.Tensor):
@@ -866,15 +845,8 @@ class RedisClusterTier(Tier):
                 out[:] = 0
                 found[:] = False
                 errors, skipped, failed = n, 0, 1
-        nfound = int(found.sum())
-        with self._stats_lock:
-            s = table.stats
-            s.fetches += 1
-            s.keys_requested += n
-            s.keys_found += nfound
-            s.errors += errors
-            s.keys_skipped += skipped
-            s.failed_requests += failed
+        self._count(table.stats, fetches=1, keys_requested=n, keys_found=int(found.sum()), errors=errors,
+                    keys_skipped=skipped, failed_requests=failed)
         return torch.from_numpy(out), torch.from_numpy(found)
 
     def _fetch_into(self, table: _Table, keys_np: np.ndarray, out: np.ndarray,
@@ -1000,9 +972,7 @@ class RedisClusterTier(Tier):
                 elif cmd.kind == "v":
                     out.append((cmd, reply))
         if failures:
-            with self._stats_lock:
-                table.stats.failed_requests += len(failures)
-                table.stats.keys_not_written += not_written
+            self._count(table.stats, failed_requests=len(failures), keys_not_written=not_written)
             raise RedisClusterTierError(
                 f"redis_cluster: {what} of {table.tag!r} incomplete, {not_written} keys not written: "
                 f"{'; '.join(failures[:4])}{' ...' if len(failures) > 4 else ''}"
@@ -1052,8 +1022,7 @@ class RedisClusterTier(Tier):
                                         f"serves; nothing was written")
         replies = self._write_batches(table, batches, "insert")
         new = sum(int(r) for _, r in replies)
-        with self._stats_lock:
-            table.stats.keys_inserted += n
+        self._count(table.stats, keys_inserted=n)
         if self.overflow_enabled:
             self._resolve_overflow(table, sorted(touched))
         return new
@@ -1118,8 +1087,7 @@ class RedisClusterTier(Tier):
                 evicted += int(replies[0])
             logger.debug("redis_cluster: %s partition %d held %d > %d keys; evicted %d (%s)", table.tag, p, size,
                          self.overflow_margin, evicted, self.overflow_policy)
-            with self._stats_lock:
-                table.stats.keys_evicted += evicted
+            self._count(table.stats, keys_evicted=evicted)
 
     def _pick_victims(self, table: _Table, p: int, count: int) -> list[bytes]:
         """`count` fields of partition p to evict: random, least used (LFU) or oldest (LRU) first."""
@@ -1198,6 +1166,7 @@ class RedisClusterTier(Tier):
         that does not finish leaves none).
         """
         t = self._table(tag)
+        check_table_files(table)
         if table.dim != t.dim:
             raise ValueError(f"redis_cluster: table files {table.path} have dim {table.dim}, table {tag!r} has "
                              f"dim {t.dim}")
@@ -1212,19 +1181,14 @@ class RedisClusterTier(Tier):
         logger.info("redis_cluster: loaded %d rows into %s", loaded, tag)
         return loaded
 
-    def stats(self) -> dict[str, RedisTierStats]:
-        """Counters per tag (copies): TierStats + keys_skipped, failed_requests, keys_not_written."""
-        with self._stats_lock:
-            return {tag: dataclasses.replace(t.stats) for tag, t in self._tables.items()}
-
     def close(self) -> None:
         """Stop the topology thread and close every connection. Idempotent."""
-        if getattr(self, "_closed", True):
+        if self._closed:
             return
         self._closed = True
         self._stop.set()
         self._refresh_wanted.set()
-        refresher = getattr(self, "_refresher", None)
+        refresher = self._refresher
         if refresher is not None and refresher is not threading.current_thread():
             refresher.join(timeout=5)
         for node in list(self._nodes.values()):

@@ -38,8 +38,8 @@ import numpy as np
 import rocksdict
 import torch
 
-from hps_core.tables import _check_bool, _positive_int
-from hps_core.tiers.base import Tier, TierStats, check_keys
+from hps_core.tables import _check_bool
+from hps_core.tiers.base import Tier, TierStats, check_int, check_keys, check_table_files, check_values
 
 if TYPE_CHECKING:  # pragma: no cover
     from hps_core.tables import TableFiles
@@ -91,17 +91,7 @@ def _keys_numpy(keys: Any, name: str = "keys") -> np.ndarray:
 
 def _values_numpy(values: Any, n: int, dim: int, tag: str) -> np.ndarray:
     """A CPU float32 (n, dim) tensor -> contiguous little-endian float32 numpy array."""
-    if not isinstance(values, torch.Tensor):
-        raise TypeError(f"values must be a torch.Tensor (float32 (n, dim) on CPU), got {type(values).__name__}")
-    if values.dtype != torch.float32:
-        raise TypeError(f"values must have dtype torch.float32, got {values.dtype}")
-    if values.device.type != "cpu":
-        raise ValueError(f"values must be on the CPU, got device {values.device}")
-    if values.dim() != 2 or values.shape[1] != dim:
-        raise ValueError(f"values for {tag!r} must have shape (n, dim={dim}), got {tuple(values.shape)}")
-    if values.shape[0] != n:
-        raise ValueError(f"keys has {n} rows but values has {values.shape[0]} (shape {tuple(values.shape)})")
-    return np.ascontiguousarray(values.detach().numpy(), dtype=_VALUE_DTYPE)
+    return np.ascontiguousarray(check_values(values, n, dim, tag).detach().numpy(), dtype=_VALUE_DTYPE)
 
 
 def _key_bytes(keys: np.ndarray) -> list[bytes]:
@@ -164,6 +154,7 @@ class RocksDBTier(Tier):
     name = "rocksdb"
     persistent = True
     complete = True  # never evicts: it holds every row written to it
+    can_drop_tables = True
 
     def __init__(
         self,
@@ -176,21 +167,19 @@ class RocksDBTier(Tier):
         block_cache_mb: int = 1024,
         sort_fetch_keys: bool = True,
     ) -> None:
+        super().__init__()
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
         self.path = pathlib.Path(path)
-        self.num_threads = _positive_int(num_threads, "num_threads")
+        self.num_threads = check_int(num_threads, "num_threads", 1)
         self.read_only = _check_bool(read_only, "read_only")
-        self.max_batch_size = _positive_int(max_batch_size, "max_batch_size")
+        self.max_batch_size = check_int(max_batch_size, "max_batch_size", 1)
         self.wal = _check_bool(wal, "wal")
-        self.block_cache_mb = _positive_int(block_cache_mb, "block_cache_mb")
+        self.block_cache_mb = check_int(block_cache_mb, "block_cache_mb", 1)
         self.sort_fetch_keys = _check_bool(sort_fetch_keys, "sort_fetch_keys")
 
         self._write_lock = threading.Lock()  # insert / erase / load / create_table / recount: one at a time
-        self._stats_lock = threading.Lock()  # counters bumped by concurrent fetches
-        self._tables: dict[str, _Table] = {}
         self._db: Any = None
-        self._closed = False
 
         self._check_path()
         self._options = self._make_options()
@@ -320,20 +309,13 @@ class RocksDBTier(Tier):
 
     # --------------------------------------------------------------------------------------------- helpers
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"RocksDBTier({self.path}) is closed")
+    @property
+    def _where(self) -> str:
+        return f"RocksDBTier({self.path})"
 
     def _check_writable(self, what: str, tag: str) -> None:
         if self.read_only:
             raise PermissionError(f"RocksDBTier({self.path}) is open read-only: {what} into {tag!r} refused")
-
-    def _table(self, tag: str) -> _Table:
-        self._check_open()
-        table = self._tables.get(tag)
-        if table is None:
-            raise KeyError(f"unknown table tag {tag!r} in RocksDBTier({self.path}); known tags: {sorted(self._tables)}")
-        return table
 
     def _table_dim(self, tag: str, table: _Table) -> int:
         if table.dim is None:
@@ -357,11 +339,6 @@ class RocksDBTier(Tier):
 
     # ------------------------------------------------------------------------------------------ Tier API
 
-    def tables(self) -> dict[str, int | None]:
-        """{tag: dim} of every table this tier knows (None: an empty family written by another tool)."""
-        self._check_open()
-        return {tag: t.dim for tag, t in self._tables.items()}
-
     def create_table(self, tag: str, dim: int) -> None:
         """Declare table `tag` of `dim` float32 per row: creates its column family and records the dim.
 
@@ -371,7 +348,7 @@ class RocksDBTier(Tier):
         """
         if not isinstance(tag, str) or not tag or tag == _DEFAULT_CF:
             raise ValueError(f"tag must be a non-empty str other than {_DEFAULT_CF!r}, got {tag!r}")
-        dim = _positive_int(dim, "dim")
+        dim = check_int(dim, "dim", 1)
         self._check_open()
         with self._write_lock:
             table = self._tables.get(tag)
@@ -438,7 +415,7 @@ class RocksDBTier(Tier):
         (a start loads the upper tiers and the resident tables from here when this tier holds the newest rows)."""
         table = self._table(tag)
         dim = self._table_dim(tag, table)
-        chunk_rows = _positive_int(chunk_rows, "chunk_rows")
+        chunk_rows = check_int(chunk_rows, "chunk_rows", 1)
         if table.cf is None:
             return
         items = iter(table.cf.items())
@@ -471,12 +448,7 @@ class RocksDBTier(Tier):
         else:
             values, found = torch.empty((n, dim), dtype=torch.float32), torch.empty(n, dtype=torch.bool)
             hits, errors = self._multi_get(tag, table, np_keys, values.numpy(), found.numpy())
-        with self._stats_lock:
-            s = table.stats
-            s.fetches += 1
-            s.keys_requested += n
-            s.keys_found += hits
-            s.errors += errors
+        self._count(table.stats, fetches=1, keys_requested=n, keys_found=hits, errors=errors)
         return values, found
 
     def _multi_get(
@@ -552,8 +524,7 @@ class RocksDBTier(Tier):
                 if table.count is not None:
                     table.count += new
                 new_total += new
-            with self._stats_lock:
-                table.stats.keys_inserted += len(np_keys)
+            self._count(table.stats, keys_inserted=len(np_keys))
         return new_total
 
     def erase(self, tag: str, keys: torch.Tensor) -> int:
@@ -576,8 +547,7 @@ class RocksDBTier(Tier):
                 if table.count is not None:
                     table.count -= present
                 removed += present
-            with self._stats_lock:
-                table.stats.keys_evicted += removed
+            self._count(table.stats, keys_evicted=removed)
         return removed
 
     def size(self, tag: str) -> int:
@@ -612,11 +582,8 @@ class RocksDBTier(Tier):
         progress = _check_bool(progress, "progress")
         rt = self._table(tag)
         self._check_writable("load", tag)
-        if not all(hasattr(table, a) for a in ("dim", "num_keys", "iter_chunks")):
-            raise TypeError(
-                f"table must be a hps_core.tables.TableFiles (dim, num_keys, iter_chunks), got {type(table).__name__}"
-            )
-        files_dim = _positive_int(table.dim, "table.dim")
+        check_table_files(table)
+        files_dim = check_int(table.dim, "table.dim", 1)
         num_rows = operator.index(table.num_keys)
         dim = self._table_dim(tag, rt) if rt.dim is not None else files_dim
         if files_dim != dim:
@@ -658,8 +625,7 @@ class RocksDBTier(Tier):
             if rows != num_rows:
                 logger.warning("RocksDBTier(%s): table files of %s announced %d rows, read %d",
                                self.path, tag, num_rows, rows)
-            with self._stats_lock:
-                rt.stats.keys_inserted += rows
+            self._count(rt.stats, keys_inserted=rows)
         logger.info("RocksDBTier(%s): loaded %d rows into %s (%s), %d keys stored",
                     self.path, rows, tag, method, rt.count)
         return rows
@@ -724,11 +690,6 @@ class RocksDBTier(Tier):
             self._db.write(batch, self._bulk_write_options)
         rt.cf.flush()  # the rows went in without WAL: make them durable now
         return rows
-
-    def stats(self) -> dict[str, TierStats]:
-        """Counters per tag (copies)."""
-        with self._stats_lock:
-            return {tag: dataclasses.replace(t.stats) for tag, t in self._tables.items()}
 
     def close(self) -> None:
         """Flush memtables (read-write) and close the database. Idempotent."""
