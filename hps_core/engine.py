@@ -909,6 +909,9 @@ class HierarchicalParameterServer:
         for tier in self.tiers:
             if (tier.persistent and not drop_persistent) or tier.read_only:
                 continue
+            if not tier.can_drop_tables:  # a Redis cluster: its rows stay (other servers may share them)
+                log.warning("%s: %s cannot drop tables; its rows of the retired table stay", rt.tag, tier.name)
+                continue
             try:
                 tier.drop_table(rt.tag)
             except Exception:
