@@ -142,14 +142,19 @@ def _engine(tmp: str, rows: int, dim: int, ratio: float, keys_per_call: int, thr
     return HierarchicalParameterServer(cfg, progress=False), keys, vectors
 
 
+def _hit_path_shape(quick: bool) -> tuple[int, int, int, dict]:
+    """P1's shape (also STORAGE's): dim, keys per call (DLRM 131072 x 26), table rows, and the result dict."""
+    dim, n = 128, DLRM_KEYS if not quick else 340_000
+    rows = 2_000_000 if not quick else 200_000
+    return dim, n, rows, {"keys_per_call": n, "rows": rows, "dim": dim}
+
+
 def bench_p1(quick: bool) -> dict:
     from hps_core.cache import EmbeddingCache
     from hps_core.engine import HierarchicalParameterServer
 
     dev = torch.device("cuda")
-    dim, n = 128, DLRM_KEYS if not quick else 340_000
-    rows = 2_000_000 if not quick else 200_000
-    res: dict = {"keys_per_call": n, "rows": rows, "dim": dim}
+    dim, n, rows, res = _hit_path_shape(quick)
     with tempfile.TemporaryDirectory(dir=os.environ.get("HPS_BENCH_TMP")) as tmp:
         path, keys, vectors = _table(tmp, rows, dim)
         weight = torch.from_numpy(vectors).to(dev)
@@ -479,9 +484,7 @@ def bench_storage(quick: bool) -> dict:
     from hps_core.storage import STORAGE_NAMES, bytes_per_row
 
     dev = torch.device("cuda")
-    dim, n = 128, DLRM_KEYS if not quick else 340_000
-    rows = 2_000_000 if not quick else 200_000
-    res: dict = {"keys_per_call": n, "rows": rows, "dim": dim}
+    dim, n, rows, res = _hit_path_shape(quick)
     with tempfile.TemporaryDirectory(dir=os.environ.get("HPS_BENCH_TMP")) as tmp:
         path, keys, vectors = _table(tmp, rows, dim)
         weight = torch.from_numpy(vectors).to(dev)
@@ -514,7 +517,7 @@ def bench_storage(quick: bool) -> dict:
                 slots = pipe.capacity if deployment == "static" else pipe.num_slots
                 res[f"{storage}_{deployment}"] = {
                     "lookup": t, "lookup_gkeys_s": n / t["median_ms"] / 1e6,
-                    f"lookup_{str(low).split('.')[-1]}_output": t_low,
+                    "low_output_dtype": str(low), "lookup_low_output": t_low,
                     "lookup_low_output_gkeys_s": n / t_low["median_ms"] / 1e6,
                     "misses_during_timing": after["cache_misses"] - before["cache_misses"],
                     "max_abs_error": float(err.max()), "mean_abs_error": float(err.mean()),
@@ -530,8 +533,7 @@ def bench_storage(quick: bool) -> dict:
                 r, base = res[f"{storage}_{deployment}"], res[f"float32_{deployment}"]
                 r["speedup_vs_float32"] = base["lookup"]["median_ms"] / r["lookup"]["median_ms"]
                 r["low_output_speedup_vs_float32_storage_float32_output"] = (
-                    base["lookup"]["median_ms"] / r[next(k for k in r if k.startswith("lookup_") and
-                                                          k.endswith("_output"))]["median_ms"])
+                    base["lookup"]["median_ms"] / r["lookup_low_output"]["median_ms"])
                 r["memory_vs_float32"] = r["gpu_memory_bytes"] / base["gpu_memory_bytes"]
     return res
 

@@ -938,9 +938,9 @@ class HierarchicalParameterServer:
         """Finish queued inserts, stop workers, close tiers. Idempotent."""
         if getattr(self, "_closed", True):
             return
-        self._closed = True
         if getattr(self, "refresher", None) is not None:
-            self.refresher.close()  # a pass in flight finishes first
+            self.refresher.close()  # before closing: a pass in flight finishes on an open server
+        self._closed = True
         if getattr(self, "update_consumer", None) is not None:
             self.update_consumer.close()  # no update starts after this; one in flight finishes below
         if getattr(self, "metrics", None) is not None:

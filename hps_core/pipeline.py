@@ -73,6 +73,7 @@ class TablePipeline:
         self.tag = str(native.tag())
         self.device = torch.device(native.device())
         self.kind = _KIND_NAMES[int(native.kind())]
+        self.storage = STORAGE_NAMES[int(native.storage())]  # how it keeps its rows (hps_core.storage)
         ops.register_pipeline_dim(self.handle, self.dim)
         self._tier_hits: dict[str, int] = {}
         self._tier_lock = threading.Lock()
@@ -151,16 +152,12 @@ class TablePipeline:
 
     # ------------------------------------------------------------------ state
 
-    @property
-    def storage(self) -> str:
-        """How this table keeps its rows (hps_core.storage)."""
-        return STORAGE_NAMES[int(self.native.storage())]
-
     def _encodable(self, rows: torch.Tensor) -> torch.Tensor:
-        # Rows a compact storage cannot keep (inf / NaN under a row-wise scale, float16 overflow) raise here, naming
-        # the table, before any is written.
-        if self.storage != "float32" and isinstance(rows, torch.Tensor) and rows.dtype == torch.float32:
-            check_encodable(rows, self.storage, field=f"{self.native.tag()} rows")
+        # Rows from table files a compact storage cannot keep (inf / NaN under a row-wise scale, float16 overflow)
+        # raise here, naming the table, before any is written. (update() rows are checked once by the engine, before
+        # any tier; refresh rows come from the tiers, which hold only rows that passed one of the two.)
+        if self.storage != "float32" and rows.dtype == torch.float32:
+            check_encodable(rows, self.storage, field=f"{self.tag} rows")
         return rows
 
     def load(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
@@ -177,7 +174,7 @@ class TablePipeline:
 
     def update(self, keys: torch.Tensor, rows: torch.Tensor) -> int:
         """New rows for distinct keys (int64 (k,) CPU, float32 (k, dim) CPU); returns how many were present."""
-        return int(self.native.update(keys, self._encodable(rows)))
+        return int(self.native.update(keys, rows))
 
     def export_keys(self, start: int, end: int) -> tuple[torch.Tensor, int]:
         """Keys in slots [start, end) (int64 CPU) and the version they were read at (for assign_if_version)."""
@@ -186,7 +183,7 @@ class TablePipeline:
 
     def assign_if_version(self, keys: torch.Tensor, rows: torch.Tensor, version: int) -> int:
         """Overwrite present keys' rows unless an update came since `version` (then -1)."""
-        return int(self.native.assign_if_version(keys, self._encodable(rows), version))
+        return int(self.native.assign_if_version(keys, rows, version))
 
     def export_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored (key, row): int64 (m,), float32 (m, dim) on this device."""

@@ -62,11 +62,6 @@ class PeriodicRefresher:
                     self.refreshes += 1
                 except KeyError:  # the model was removed: nothing left to refresh
                     self.schedule(model, 0.0, 0.0)
-                except RuntimeError as e:
-                    if "closed" in str(e):
-                        return
-                    self.errors += 1
-                    log.exception("periodic refresh of model %r failed", model)
                 except Exception:  # noqa: BLE001 - a failed pass must not end the schedule
                     self.errors += 1
                     log.exception("periodic refresh of model %r failed", model)

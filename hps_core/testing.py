@@ -56,6 +56,17 @@ def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def cuda_skip_reason() -> str | None:
+    """Why the CUDA kernels cannot be tested here (no GPU, or a CPU-only build of hps_core._C), or None."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("hps::cache_find", "CUDA"):
+        from hps_core import build_info
+
+        return f"hps_core._C has no CUDA kernels (build info: {build_info()})"
+    return None
+
+
 def device_params() -> list[Any]:
     """pytest parameters for every device: "cpu", and "cuda" marked `cuda` and skipped (with the reason) when no
     GPU is visible, so the skipped CUDA cases show in the report."""

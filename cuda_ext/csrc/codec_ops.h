@@ -1,5 +1,5 @@
 // The row codec ops (encode_rows, decode_rows) from their tensors, shared by the CPU and CUDA entry points:
-// argument checks, output allocation, and the output element's rounding.
+// argument checks and output allocation.
 #pragma once
 
 #include <optional>
@@ -21,33 +21,12 @@ inline at::Tensor encoded_output(const at::Tensor& rows, int64_t storage) {
   return at::empty({rows.size(0), stored_width(s, rows.size(1))}, rows.options().dtype(storage_dtype(s)));
 }
 
-inline int32_t out_dtype_code(const std::optional<at::ScalarType>& dtype) {
-  return out_dtype_of(dtype.value_or(at::kFloat));
-}
-
-// A decoded float32 element as the output's element (float32, or bfloat16 / float16 bits rounded to nearest even).
-template <int32_t O>
-HPS_HD void put_out(void* out, int64_t i, float v) {
-  if constexpr (O == kOutFloat32) {
-    static_cast<float*>(out)[i] = v;
-  } else if constexpr (O == kOutBFloat16) {
-    static_cast<uint16_t*>(out)[i] = f32_to_bf16_bits(v);
-  } else {
-    static_cast<uint16_t*>(out)[i] = f32_to_f16_bits(v);
-  }
-}
-
-// Calls f(std::integral_constant<int32_t, O>{}) for the output dtype code.
-template <typename F>
-inline void with_out_code(int32_t o, F&& f) {
-  switch (o) {
-    case kOutBFloat16:
-      return f(std::integral_constant<int32_t, kOutBFloat16>{});
-    case kOutFloat16:
-      return f(std::integral_constant<int32_t, kOutFloat16>{});
-    default:
-      return f(std::integral_constant<int32_t, kOutFloat32>{});
-  }
+// Stored rows (n, W) -> the empty (n, D) output they decode into (float32, or bfloat16 / float16 when asked).
+inline at::Tensor decoded_output(const at::Tensor& stored, const std::optional<at::ScalarType>& dtype) {
+  const int64_t dim = check_stored(stored, "stored");
+  const at::ScalarType out_type = dtype.value_or(at::kFloat);
+  out_dtype_of(out_type);  // raises for a dtype a decode cannot write
+  return at::empty({stored.size(0), dim}, stored.options().dtype(out_type));
 }
 
 }  // namespace hps

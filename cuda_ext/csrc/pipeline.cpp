@@ -86,9 +86,7 @@ float stored_value(int32_t storage, int64_t dim, float value) {
   with_storage(storage, [&](auto st) {
     constexpr int32_t S = decltype(st)::value;
     encode_row<S>(row.data(), dim, stored.data());
-    const float scale = storage_tail_bytes(S) > 0 ? row_tail_float(stored.data(), dim, 0) : 0.f;
-    const float bias = S == kStoreInt8 ? row_tail_float(stored.data(), dim, 1) : 0.f;
-    out = decode_elem<S>(stored.data(), 0, scale, bias);
+    out = decode_elem<S>(stored.data(), 0, scale_bias_of<S>(stored.data(), dim));
   });
   return out;
 }
@@ -938,23 +936,32 @@ void LookupPipeline::fetch_stored(const int64_t* keys, int64_t u, uint8_t* store
       return;
     }
   }
+  // The keys still to fetch; without second-level hits that is every key, fetched and encoded in place.
   std::vector<int64_t> rest, rest_keys;
-  for (int64_t k = 0; k < u; ++k) {
-    if (!found[k]) {
-      rest.push_back(k);
-      rest_keys.push_back(keys[k]);
+  if (hits > 0) {
+    for (int64_t k = 0; k < u; ++k) {
+      if (!found[k]) {
+        rest.push_back(k);
+        rest_keys.push_back(keys[k]);
+      }
     }
   }
-  const int64_t q = static_cast<int64_t>(rest.size());
+  const bool all = hits == 0;
+  const int64_t q = all ? u : static_cast<int64_t>(rest.size());
   scratch->resize(static_cast<size_t>(q * dim_));
   std::unique_ptr<bool[]> rest_found(new bool[q]);
-  fetch_rows(rest_keys.data(), q, scratch->data(), rest_found.get(), /*use_second_level=*/false);
-  std::vector<uint8_t> encoded(static_cast<size_t>(q * row_bytes_));
-  encode_rows_into(storage_, scratch->data(), q, dim_, encoded.data());
+  fetch_rows(all ? keys : rest_keys.data(), q, scratch->data(), rest_found.get(), /*use_second_level=*/false);
+  std::vector<uint8_t> encoded(all ? 0 : static_cast<size_t>(q * row_bytes_));
+  uint8_t* enc = all ? stored : encoded.data();
+  encode_rows_into(storage_, scratch->data(), q, dim_, enc);
   for (int64_t i = 0; i < q; ++i) {
-    const int64_t k = rest[i];
+    const int64_t k = all ? i : rest[i];
     found[k] = rest_found[i];
-    std::memcpy(stored + k * row_bytes_, found[k] ? encoded.data() + i * row_bytes_ : def, row_bytes_);
+    if (!found[k]) {
+      std::memcpy(stored + k * row_bytes_, def, row_bytes_);
+    } else if (!all) {
+      std::memcpy(stored + k * row_bytes_, enc + i * row_bytes_, row_bytes_);
+    }
   }
 }
 

@@ -169,16 +169,36 @@ HPS_HD float e4m3_bits_to_f32(uint8_t q) {
 constexpr float kInt8Levels = 255.0f;
 constexpr float kFp8Max = 448.0f;
 
-// The scale/bias tail of a stored int8 / fp8 row (D elements of one byte, then the floats).
+// The scale/bias tail of a stored int8 / fp8 row (D elements of one byte, then the floats; 4-byte aligned since
+// D % 4 == 0 - the device reads it with one load, the host through memcpy, which keeps the type-punning defined).
 HPS_HD float row_tail_float(const void* row, int64_t dim, int k) {
+#if defined(__CUDA_ARCH__)
+  return reinterpret_cast<const float*>(static_cast<const uint8_t*>(row) + dim)[k];
+#else
   float v;
   memcpy(&v, static_cast<const uint8_t*>(row) + dim + 4 * k, sizeof(v));
   return v;
+#endif
 }
 
-// Element c of a stored row as float32. For int8/fp8 the caller passes the row's scale (and bias), read once.
+// A stored row's scale and bias (zero for the storages without them), read once per row.
+struct ScaleBias {
+  float scale = 0.f;
+  float bias = 0.f;
+};
+
 template <int32_t S>
-HPS_HD float decode_elem(const void* row, int64_t c, float scale, float bias) {
+HPS_HD ScaleBias scale_bias_of(const void* row, int64_t dim) {
+  ScaleBias sb;
+  if constexpr (storage_tail_bytes(S) > 0) sb.scale = row_tail_float(row, dim, 0);
+  if constexpr (S == kStoreInt8) sb.bias = row_tail_float(row, dim, 1);
+  return sb;
+}
+
+// Element c of a stored row as float32 (sb: the row's scale_bias_of).
+template <int32_t S>
+HPS_HD float decode_elem(const void* row, int64_t c, ScaleBias sb) {
+  const float scale = sb.scale, bias = sb.bias;
   if constexpr (S == kStoreFloat32) {
     return static_cast<const float*>(row)[c];
   } else if constexpr (S == kStoreFloat16) {

@@ -17,7 +17,7 @@ import torch
 from hps_core import ops
 from hps_core import storage as st
 from hps_core.cache import EmbeddingCache
-from hps_core.testing import KEY_DTYPES
+from hps_core.testing import KEY_DTYPES, cuda_skip_reason
 
 STORAGES = st.STORAGE_NAMES
 POLICIES = {"lru": ops.POLICY_LRU, "lfu": ops.POLICY_LFU}
@@ -424,17 +424,7 @@ def test_embedding_cache_refuses_rows_it_cannot_store_and_writes_nothing(storage
 # ------------------------------------------------------------------------------------------------ CUDA == CPU
 
 
-def _cuda_skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("hps::cache_find", "CUDA"):
-        from hps_core import build_info
-
-        return f"hps_core._C has no CUDA kernels (build info: {build_info()})"
-    return None
-
-
-_CUDA_REASON = _cuda_skip_reason()
+_CUDA_REASON = cuda_skip_reason()
 CUDA = pytest.mark.skipif(_CUDA_REASON is not None, reason=_CUDA_REASON or "")
 
 

@@ -19,20 +19,10 @@ import pytest
 import torch
 
 from hps_core import ops, pipeline_ops
-from hps_core.testing import KEY_DTYPES
+from hps_core.testing import KEY_DTYPES, cuda_skip_reason
 
 
-def _skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("hps::cache_find", "CUDA"):
-        from hps_core import build_info
-
-        return f"hps_core._C has no CUDA kernels (build info: {build_info()})"
-    return None
-
-
-_REASON = _skip_reason()
+_REASON = cuda_skip_reason()
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
 POLICIES = {"lru": ops.POLICY_LRU, "lfu": ops.POLICY_LFU}

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "codec_ops.h"
+#include "cpu/stored_row_copy.h"
 
 namespace hps {
 namespace {
@@ -20,25 +21,18 @@ at::Tensor encode_rows_cpu(const at::Tensor& rows, int64_t storage) {
 
 at::Tensor decode_rows_cpu(const at::Tensor& stored, std::optional<at::ScalarType> dtype) {
   HPS_CHECK_CPU(stored);
-  const int64_t dim = check_stored(stored, "stored");
-  const int32_t out_code = out_dtype_code(dtype);
-  const int64_t n = stored.size(0);
-  at::Tensor out = at::empty({n, dim}, stored.options().dtype(dtype.value_or(at::kFloat)));
+  at::Tensor out = decoded_output(stored, dtype);
+  const int64_t n = out.size(0), dim = out.size(1);
   if (n == 0 || dim == 0) return out;
   const uint8_t* src = static_cast<const uint8_t*>(stored.data_ptr());
-  void* dst = out.data_ptr();
   with_storage(storage_of(stored, "stored"), [&](auto s) {
     constexpr int32_t S = decltype(s)::value;
-    with_out_code(out_code, [&](auto o) {
-      constexpr int32_t O = decltype(o)::value;
+    cpu::with_out_type(out_dtype_of(out.scalar_type()), [&](auto t) {
+      using OutT = decltype(t);
+      OutT* dst = static_cast<OutT*>(out.data_ptr());
       const int64_t row_bytes = stored_row_bytes(S, dim);
       at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const uint8_t* row = src + i * row_bytes;
-          const float scale = storage_tail_bytes(S) > 0 ? row_tail_float(row, dim, 0) : 0.f;
-          const float bias = S == kStoreInt8 ? row_tail_float(row, dim, 1) : 0.f;
-          for (int64_t c = 0; c < dim; ++c) put_out<O>(dst, i * dim + c, decode_elem<S>(row, c, scale, bias));
-        }
+        for (int64_t i = begin; i < end; ++i) cpu::decode_row<S>(dst + i * dim, src + i * row_bytes, dim, false);
       });
     });
   });

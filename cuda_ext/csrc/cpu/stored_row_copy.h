@@ -42,9 +42,8 @@ void decode_row(OutT* dst, const void* src, int64_t dim, bool streaming) {
   if constexpr (S == kStoreFloat32 && std::is_same<OutT, float>::value) {
     copy_row_out(dst, static_cast<const float*>(src), dim, streaming);
   } else {
-    const float scale = storage_tail_bytes(S) > 0 ? row_tail_float(src, dim, 0) : 0.f;
-    const float bias = S == kStoreInt8 ? row_tail_float(src, dim, 1) : 0.f;
-    for (int64_t c = 0; c < dim; ++c) dst[c] = static_cast<OutT>(decode_elem<S>(src, c, scale, bias));
+    const ScaleBias sb = scale_bias_of<S>(src, dim);
+    for (int64_t c = 0; c < dim; ++c) dst[c] = static_cast<OutT>(decode_elem<S>(src, c, sb));
   }
 }
 

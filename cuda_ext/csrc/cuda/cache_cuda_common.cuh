@@ -174,9 +174,47 @@ __device__ __forceinline__ int group_probe(const int64_t* __restrict__ slot_keys
   return -1;
 }
 
-// A group of G lanes copies one row of `dim` floats; with kVec4 each lane moves 16 bytes per access. Up to 4
-// loads per lane are issued before their stores, so several accesses are in flight per lane. Callers pick kVec4
-// with rows_vec4().
+template <int kUnit>
+struct UnitWord;
+template <>
+struct UnitWord<16> {
+  using type = uint4;
+};
+template <>
+struct UnitWord<4> {
+  using type = uint32_t;
+};
+template <>
+struct UnitWord<2> {
+  using type = uint16_t;
+};
+
+// One row of row_bytes (a multiple of kUnit) copied as it is by a group of G lanes, kUnit bytes per lane access. Up
+// to 4 loads per lane are issued before their stores, so several accesses are in flight per lane.
+template <int G, int kUnit>
+__device__ __forceinline__ void group_copy_bytes(void* __restrict__ dst, const void* __restrict__ src,
+                                                 int64_t row_bytes, int glane) {
+  using W = typename UnitWord<kUnit>::type;
+  constexpr int kUnroll = 4;
+  const W* s = static_cast<const W*>(src);
+  W* d = static_cast<W*>(dst);
+  const int64_t n = row_bytes / kUnit;
+  for (int64_t c = glane; c < n; c += kUnroll * G) {
+    W r[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (c + u * G < n) r[u] = s[c + u * G];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (c + u * G < n) d[c + u * G] = r[u];
+    }
+  }
+}
+
+// A row of `dim` floats: 16-byte accesses with kVec4 (callers pick it with rows_vec4()), else 4-byte ones - the
+// same walk as group_copy_bytes, kept apart on purpose: written as group_copy_bytes<G, 16>(dst, src, dim * 4) the
+// LFU find kernels spilled 12 bytes per thread (ptxas, sm_90), this form none.
 template <int G, bool kVec4>
 __device__ __forceinline__ void group_copy_row(float* __restrict__ dst, const float* __restrict__ src, int64_t dim,
                                                int glane) {

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "codec_ops.h"
+#include "cuda/stored_row_copy.cuh"
 
 namespace hps {
 namespace cuda {
@@ -30,16 +31,14 @@ __global__ void encode_rows_kernel(const float* __restrict__ src, int64_t n, int
   }
 }
 
-template <int32_t S, int32_t O>
-__global__ void decode_rows_kernel(const uint8_t* __restrict__ src, int64_t n, int64_t dim, void* __restrict__ dst) {
+template <int32_t S, typename OutT>
+__global__ void decode_rows_kernel(const uint8_t* __restrict__ src, int64_t n, int64_t dim, OutT* __restrict__ dst) {
   const int64_t row_bytes = stored_row_bytes(S, dim);
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n * dim;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = e / dim, c = e - i * dim;
     const uint8_t* row = src + i * row_bytes;
-    const float scale = storage_tail_bytes(S) > 0 ? row_tail_float(row, dim, 0) : 0.f;
-    const float bias = S == kStoreInt8 ? row_tail_float(row, dim, 1) : 0.f;
-    put_out<O>(dst, e, decode_elem<S>(row, c, scale, bias));
+    dst[e] = to_out<OutT>(decode_elem<S>(row, c, scale_bias_of<S>(row, dim)));
   }
 }
 
@@ -61,19 +60,17 @@ at::Tensor encode_rows_cuda(const at::Tensor& rows, int64_t storage) {
 
 at::Tensor decode_rows_cuda(const at::Tensor& stored, std::optional<at::ScalarType> dtype) {
   HPS_CHECK_CUDA(stored);
-  const int64_t dim = check_stored(stored, "stored");
-  const int32_t out_code = out_dtype_code(dtype);
-  const int64_t n = stored.size(0);
-  at::Tensor out = at::empty({n, dim}, stored.options().dtype(dtype.value_or(at::kFloat)));
+  at::Tensor out = decoded_output(stored, dtype);
+  const int64_t n = out.size(0), dim = out.size(1);
   if (n == 0 || dim == 0) return out;
   const c10::cuda::CUDAGuard guard(stored.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   with_storage(storage_of(stored, "stored"), [&](auto s) {
     constexpr int32_t S = decltype(s)::value;
-    with_out_code(out_code, [&](auto o) {
-      constexpr int32_t O = decltype(o)::value;
-      decode_rows_kernel<S, O><<<codec_grid(n * dim), kCodecThreads, 0, stream>>>(
-          static_cast<const uint8_t*>(stored.data_ptr()), n, dim, out.data_ptr());
+    with_out_type(out_dtype_of(out.scalar_type()), [&](auto t) {
+      using OutT = decltype(t);
+      decode_rows_kernel<S, OutT><<<codec_grid(n * dim), kCodecThreads, 0, stream>>>(
+          static_cast<const uint8_t*>(stored.data_ptr()), n, dim, static_cast<OutT*>(out.data_ptr()));
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -2,7 +2,8 @@
 //   group_decode_row  one stored row -> float32 / bfloat16 / float16 output by a group of G lanes (a lookup's hit,
 //                     a scatter or gather of fetched rows); float32 rows keep the plain 16-byte copy
 //   group_fill_row    the default row
-//   group_copy_bytes  one stored row moved as it is (cache inserts, resident writes): no re-encoding in between
+//   copy_unit         the access width for moving a stored row as it is (group_copy_bytes, cache_cuda_common.cuh:
+//                     cache inserts, resident writes - no re-encoding in between)
 // With kVec4 a lane moves 4 elements per access (16 bytes of float32, 8 of float16 / bfloat16, 4 of int8 / fp8);
 // callers pick it with stored_vec4(). Decoding matches row_codec.h's decode_elem bit for bit (the conversions are
 // exact; int8 / fp8 use the same correctly rounded multiply and add).
@@ -67,17 +68,6 @@ void with_out_type(int32_t out_dtype, F&& f) {
 }
 
 // ------------------------------------------------------------------------------------------------ stored elements
-// The scale and bias of a stored row (zero for the unscaled storages).
-template <int32_t S>
-__device__ __forceinline__ float2 row_scale_bias(const void* row, int64_t dim) {
-  if constexpr (storage_tail_bytes(S) == 0) {
-    return make_float2(0.f, 0.f);
-  } else {
-    const float* tail = reinterpret_cast<const float*>(static_cast<const uint8_t*>(row) + dim);
-    return make_float2(tail[0], S == kStoreInt8 ? tail[1] : 0.f);
-  }
-}
-
 // The word a lane loads for 4 consecutive stored elements.
 template <int32_t S>
 struct Word4 {
@@ -92,7 +82,7 @@ __device__ __forceinline__ float byte_fp8(uint32_t w, int b) {
 
 // 4 stored elements (one loaded word) -> 4 floats, exactly as decode_elem<S>.
 template <int32_t S>
-__device__ __forceinline__ float4 decode4(typename Word4<S>::type w, float2 sb) {
+__device__ __forceinline__ float4 decode4(typename Word4<S>::type w, ScaleBias sb) {
   if constexpr (S == kStoreFloat32) {
     return w;
   } else if constexpr (S == kStoreFloat16) {
@@ -107,12 +97,12 @@ __device__ __forceinline__ float4 decode4(typename Word4<S>::type w, float2 sb) 
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
       const int32_t q = static_cast<int32_t>(static_cast<int8_t>((w >> (8 * b)) & 0xFFu)) + 128;
-      v[b] = __fadd_rn(__fmul_rn(static_cast<float>(q), sb.x), sb.y);
+      v[b] = __fadd_rn(__fmul_rn(static_cast<float>(q), sb.scale), sb.bias);
     }
     return make_float4(v[0], v[1], v[2], v[3]);
   } else {
-    return make_float4(__fmul_rn(byte_fp8(w, 0), sb.x), __fmul_rn(byte_fp8(w, 1), sb.x),
-                       __fmul_rn(byte_fp8(w, 2), sb.x), __fmul_rn(byte_fp8(w, 3), sb.x));
+    return make_float4(__fmul_rn(byte_fp8(w, 0), sb.scale), __fmul_rn(byte_fp8(w, 1), sb.scale),
+                       __fmul_rn(byte_fp8(w, 2), sb.scale), __fmul_rn(byte_fp8(w, 3), sb.scale));
   }
 }
 
@@ -151,7 +141,7 @@ __device__ __forceinline__ void group_decode_row(OutT* __restrict__ dst, const v
     group_copy_row<G, kVec4>(dst, static_cast<const float*>(src), dim, glane);
   } else {
     constexpr int kUnroll = 4;
-    const float2 sb = row_scale_bias<S>(src, dim);
+    const ScaleBias sb = scale_bias_of<S>(src, dim);
     if (kVec4) {
       using W = typename Word4<S>::type;
       const W* s = static_cast<const W*>(src);
@@ -168,7 +158,7 @@ __device__ __forceinline__ void group_decode_row(OutT* __restrict__ dst, const v
         }
       }
     } else {
-      for (int64_t c = glane; c < dim; c += G) dst[c] = to_out<OutT>(decode_elem<S>(src, c, sb.x, sb.y));
+      for (int64_t c = glane; c < dim; c += G) dst[c] = to_out<OutT>(decode_elem<S>(src, c, sb));
     }
   }
 }
@@ -182,44 +172,6 @@ inline int copy_unit(int64_t row_bytes, std::initializer_list<const void*> bases
     if (fits) return unit;
   }
   return 1;
-}
-
-template <int kUnit>
-struct UnitWord;
-template <>
-struct UnitWord<16> {
-  using type = uint4;
-};
-template <>
-struct UnitWord<4> {
-  using type = uint32_t;
-};
-template <>
-struct UnitWord<2> {
-  using type = uint16_t;
-};
-
-// One row of row_bytes (a multiple of kUnit) copied as it is by a group of G lanes, up to 4 loads per lane in
-// flight.
-template <int G, int kUnit>
-__device__ __forceinline__ void group_copy_bytes(void* __restrict__ dst, const void* __restrict__ src,
-                                                 int64_t row_bytes, int glane) {
-  using W = typename UnitWord<kUnit>::type;
-  constexpr int kUnroll = 4;
-  const W* s = static_cast<const W*>(src);
-  W* d = static_cast<W*>(dst);
-  const int64_t n = row_bytes / kUnit;
-  for (int64_t c = glane; c < n; c += kUnroll * G) {
-    W r[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (c + u * G < n) r[u] = s[c + u * G];
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (c + u * G < n) d[c + u * G] = r[u];
-    }
-  }
 }
 
 // Calls f(std::integral_constant<int, kUnit>{}) for a copy_unit result (torch's allocations are aligned, so a unit
