@@ -127,12 +127,14 @@ class CacheConfig:
     num_refresher_buffers: int = field(default=1, metadata=_hps("num_of_refresher_buffer_in_pool"))  # 1..256
     use_context_stream: bool = field(default=True, metadata=_hps("use_context_stream"))
     enable_pagelock: bool = field(default=False, metadata=_hps("enable_pagelock"))
-    # HPS: fp8 rows in static tables. Here: a static table's storage becomes fp8_e4m3 (row-wise scale).
+    # HPS: fp8 rows in static tables (its tiers kept float32). Here: a static table's storage becomes fp8_e4m3
+    # (row-wise scale), in its tiers too - one storage per table, so rows move between levels as the same bytes.
     fp8_quant: bool = field(default=False, metadata=_hps("fp8_quant"))
-    # How the device tables (cache, static / uvm table, host-mapped second level) keep rows: float32 | float16 |
-    # bfloat16 | int8 (row-wise scale + bias) | fp8_e4m3 (row-wise scale) - hps_core.storage states each one's
-    # error. Rows are encoded once as they enter; lookups return float32 (or the dtype asked for). A table may
-    # override it (tables[i].storage).
+    # How the table keeps its rows, in every tier (host memory, Redis, RocksDB) and device table (cache, static /
+    # uvm table, host-mapped second level): float32 | float16 | bfloat16 | int8 (row-wise scale + bias) | fp8_e4m3
+    # (row-wise scale) - hps_core.storage states each one's error. Rows are encoded once (load, update) and copied
+    # as bytes from then on; lookups return float32 (or the dtype asked for). A table may override it
+    # (tables[i].storage).
     storage: str = field(default="float32", metadata=_hps("embedding_storage_dtype"))
     thread_pool_size: int = field(default=16, metadata=_hps("thread_pool_size"))
     # Accepted for compatibility with HPS JSON; has no effect here.

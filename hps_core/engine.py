@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import itertools
 import logging
 import threading
@@ -38,7 +39,7 @@ from hps_core import config as hps_config
 from hps_core import ops
 from hps_core.pipeline import TablePipeline
 from hps_core.stats import TableStats
-from hps_core.storage import check_encodable
+from hps_core.storage import bytes_per_row, check_encodable, decode_rows, encode_rows, row_dtype, stored_width
 from hps_core.tables import TableFiles, open_table
 from hps_core.tiers.base import Tier
 
@@ -68,9 +69,10 @@ def _lower_tiers_entry(token: int, keys_ptr: int, n: int, rows_ptr: int, found_p
         if server is None:
             return 1
         keys = torch.frombuffer((ctypes.c_int64 * n).from_address(keys_ptr), dtype=torch.int64)
-        rows = torch.frombuffer((ctypes.c_float * (n * rt.dim)).from_address(rows_ptr), dtype=torch.float32)
+        row_bytes = bytes_per_row(rt.storage, rt.dim)  # the pipeline's buffer of stored rows, as bytes
+        rows = torch.frombuffer((ctypes.c_uint8 * (n * row_bytes)).from_address(rows_ptr), dtype=torch.uint8)
         found = torch.frombuffer((ctypes.c_bool * n).from_address(found_ptr), dtype=torch.bool)
-        server._fetch_lower_tiers(rt, pipe, keys, rows.view(n, rt.dim), found)
+        server._fetch_lower_tiers(rt, pipe, keys, rows.view(n, row_bytes), found)
         return 0
     except BaseException:  # never unwind into native code; the pipeline raises, this log says why
         log.exception("lower-tier fetch for lookup pipeline token %d failed", token)
@@ -116,8 +118,16 @@ class TableRuntime:
 
     @property
     def storage(self) -> str:
-        """How the device tables keep this table's rows (hps_core.storage): the table's choice, else the cache's."""
+        """How every tier and device table keeps this table's rows (hps_core.storage): the table's choice, else the
+        cache's."""
         return self.config.storage or self.cache_config.storage
+
+    @functools.cached_property
+    def default_row(self) -> torch.Tensor:
+        """The default vector as a stored row (1, width): what a key no tier holds is served (a pipeline encodes the
+        same row)."""
+        row = torch.full((1, self.dim), float(self.default_value), dtype=torch.float32)
+        return row if self.storage == "float32" else encode_rows(row, self.storage)
 
 
 class _CallGate:
@@ -154,7 +164,8 @@ class _NewestRows:
     a complete persistent tier that holds the table's load record (RocksDB: the files plus every update since), else
     the table files; then the rows of incomplete persistent tiers holding the record (a Redis cluster may have
     evicted rows, but those it has are newer than the files). Read in order, later rows win - as every loader keeps
-    a key's last row."""
+    a key's last row. Blocks from the files are float32 numpy rows (encoded by whoever loads them); blocks from a
+    tier are its stored-row tensors, loaded as they are."""
 
     def __init__(self, rt: "TableRuntime", holders: list[Tier]) -> None:
         complete = [t for t in holders if t.complete]
@@ -179,6 +190,16 @@ class _NewestRows:
             yield from self._base.iter_chunks(self._tag, chunk_rows)
         for tier in self._overlays:
             yield from tier.iter_chunks(self._tag, chunk_rows)
+
+
+def _chunk_tensors(keys: Any, rows: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block of a load source as tensors: table files give read-only numpy blocks (copied: torch wants writable
+    memory) of float32 rows; a tier gives tensors of its stored rows, passed on as they are."""
+    if not isinstance(keys, torch.Tensor):
+        keys = torch.from_numpy(np.array(keys, dtype=np.int64))
+    if not isinstance(rows, torch.Tensor):
+        rows = torch.from_numpy(np.array(rows, dtype=np.float32))
+    return keys, rows
 
 
 def make_tag(model: str, table: str) -> str:
@@ -262,7 +283,7 @@ class HierarchicalParameterServer:
             for tier in self.tiers:
                 if tier.persistent and tier.can_drop_tables and not tier.read_only and rt.tag not in tier.tables():
                     created.append((tier, rt.tag))
-                tier.create_table(rt.tag, rt.dim)
+                tier.create_table(rt.tag, rt.dim, rt.storage)
             if rt.files is not None:
                 self._load_table(rt, progress)
         for device in self._devices_for(model_name, model.deployed_device_list):
@@ -272,7 +293,8 @@ class HierarchicalParameterServer:
             if not rt.cache_config.enabled:
                 # Made now, not on first use: close() must find every pipeline a lookup can be inside.
                 rt.pass_through = TablePipeline.pass_through(dim=rt.dim, default_value=rt.default_value,
-                                                             max_keys=rt.max_keys_per_call, tag=rt.tag)
+                                                             max_keys=rt.max_keys_per_call, tag=rt.tag,
+                                                             storage=rt.storage)
                 self._connect(rt, rt.pass_through)
 
     def _start_update_stream(self, u: Any) -> Any:
@@ -366,7 +388,7 @@ class HierarchicalParameterServer:
                 log.info("%s: %s is read-only, not loading %s", tier.name, rt.tag, rt.files.path)
                 continue
             start = time.perf_counter()
-            rows = tier.load(rt.tag, rt.load_source, progress=progress)
+            rows = tier.load(rt.tag, rt.load_source, progress=progress, storage=rt.storage)
             tier.mark_loaded(rt.tag, identity)
             log.info("loaded %d rows of %s into %s from %s in %.2f s", rows, rt.tag, tier.name,
                      rt.load_source.path, time.perf_counter() - start)
@@ -468,8 +490,7 @@ class HierarchicalParameterServer:
             l2.load_like(other)
         else:
             for keys, vectors in rt.load_source.iter_chunks(_FILL_CHUNK):
-                l2.load(torch.from_numpy(np.array(keys, dtype=np.int64)),
-                        torch.from_numpy(np.array(vectors, dtype=np.float32)))
+                l2.load(*_chunk_tensors(keys, vectors))
         self._connect(rt, l2)  # its own lookups (refresh) reach the tiers for keys it lacks
         rt.second_levels[device] = l2
         return l2
@@ -482,8 +503,7 @@ class HierarchicalParameterServer:
                 pipe.load_like(other)
                 return
         for keys, vectors in rt.load_source.iter_chunks(_FILL_CHUNK):
-            pipe.load(torch.from_numpy(np.array(keys, dtype=np.int64)),
-                      torch.from_numpy(np.array(vectors, dtype=np.float32)))
+            pipe.load(*_chunk_tensors(keys, vectors))
 
     def _connect(self, rt: TableRuntime, pipe: TablePipeline) -> None:
         """Wire a pipeline's miss path: the host map by handle, the lower tiers through the callback."""
@@ -504,9 +524,7 @@ class HierarchicalParameterServer:
         for keys, vectors in rt.load_source.iter_chunks(1 << 16):
             if left <= 0:
                 break
-            keys, vectors = keys[:left], vectors[:left]
-            pipe.insert(torch.from_numpy(np.array(keys, dtype=np.int64)),
-                        torch.from_numpy(np.array(vectors, dtype=np.float32)))
+            pipe.insert(*_chunk_tensors(keys[:left], vectors[:left]))
             left -= len(keys)
 
     def tiers_size(self, tag: str) -> int:
@@ -605,16 +623,18 @@ class HierarchicalParameterServer:
         start = time.perf_counter()
         keys64 = flat.to("cpu", torch.int64)
         t0 = time.perf_counter()
-        rows = self._fetch_from_tiers(rt, keys64, stats)
+        stored = self._fetch_from_tiers(rt, keys64, stats)
         stats.latency["tiers"].record(time.perf_counter() - t0)
-        # rounded on the host, before the copy: half the bytes cross the bus
+        # decoded (and rounded) on the host, before the copy: a bf16 output sends half the bytes over the bus
+        rows = stored if rt.storage == "float32" else decode_rows(stored, dtype)
         out = rows.to(dtype or torch.float32).to(flat.device, non_blocking=True)
         stats.add(lookups=1, keys=flat.numel(), cache_misses=flat.numel())
         stats.latency["total"].record(time.perf_counter() - start)
         return out
 
     def _fetch_from_tiers(self, rt: TableRuntime, keys: torch.Tensor, stats: TableStats) -> torch.Tensor:
-        """Rows of int64 CPU `keys` from the tiers in order; the default vector for the rest (key positions)."""
+        """Stored rows of int64 CPU `keys` from the tiers in order; the default vector (stored) for the rest (key
+        positions)."""
         n = keys.numel()
         if self.tiers and n:
             # The first tier's answer is the output: when it holds every key (the common case) nothing is gathered
@@ -626,26 +646,28 @@ class HierarchicalParameterServer:
             if hits == n:
                 return out
             found = hit.clone()
-            self._fill_from_tiers(rt, keys, out, found, 1, stats.add_tier_hits)
+            self._fill_from_tiers(rt, keys, out.view(torch.uint8), found, 1, stats.add_tier_hits)
         else:
-            out = torch.empty((n, rt.dim), dtype=torch.float32)
+            out = torch.empty((n, stored_width(rt.storage, rt.dim)), dtype=row_dtype(rt.storage))
             found = torch.zeros(n, dtype=torch.bool)
         missing = (~found).nonzero().squeeze(1)
         if missing.numel():
-            out.index_fill_(0, missing, rt.default_value)
+            out_bytes = out.view(torch.uint8)
+            out_bytes[missing] = rt.default_row.view(torch.uint8)
             stats.add(defaults_served=missing.numel())
         return out
 
     def _fetch_lower_tiers(self, rt: TableRuntime, pipe: TablePipeline, keys: torch.Tensor, rows: torch.Tensor,
                            found: torch.Tensor) -> None:
-        """The lower-tier callback of a pipeline: rows of distinct keys the host map lacks (rows/found are the
-        pipeline's buffers; it fills the default vector for what stays missing)."""
+        """The lower-tier callback of a pipeline: stored rows of distinct keys the host map lacks (rows (n, row bytes)
+        uint8 / found are the pipeline's buffers; it fills the default vector for what stays missing)."""
         self._fill_from_tiers(rt, keys, rows, found, 1 if self._host_tier is not None else 0, pipe.add_tier_hits)
 
     def _fill_from_tiers(self, rt: TableRuntime, keys: torch.Tensor, out: torch.Tensor, found: torch.Tensor,
                          level: int, add_hits: Any) -> None:
-        """out[i] = the row of keys[i] from tiers[level:] in order, found[i] = True where one held it. Rows found
-        below a tier configured with cache_missed_embeddings are promoted into it."""
+        """out[i] = the stored row of keys[i] from tiers[level:] in order (out: (n, row bytes) uint8 - rows move as
+        bytes, whatever the storage), found[i] = True where one held it. Rows found below a tier configured with
+        cache_missed_embeddings are promoted into it."""
         missing = (~found).nonzero().squeeze(1)
         for lvl in range(level, len(self.tiers)):
             if missing.numel() == 0:
@@ -653,6 +675,7 @@ class HierarchicalParameterServer:
             tier = self.tiers[lvl]
             whole = missing.numel() == keys.numel()
             values, hit = tier.fetch(rt.tag, keys if whole else keys.index_select(0, missing))
+            values = values.view(torch.uint8)
             if whole and bool(hit.all()):  # the common case: the first tier asked holds every key - no gathers
                 out.copy_(values)
                 found.fill_(True)
@@ -669,10 +692,11 @@ class HierarchicalParameterServer:
             missing = missing[~hit]
 
     def _promote(self, rt: TableRuntime, level: int, keys: torch.Tensor, rows: torch.Tensor) -> None:
-        """Rows found in tier `level`: into the writable tiers above it configured with cache_missed_embeddings."""
+        """Rows found in tier `level` (stored rows as bytes): into the writable tiers above it configured with
+        cache_missed_embeddings."""
         for upper in self._promote_into:
             if upper < level and not self.tiers[upper].read_only:
-                self.tiers[upper].insert(rt.tag, keys, rows)
+                self.tiers[upper].insert(rt.tag, keys, rows.view(row_dtype(rt.storage)))
 
     def wait_for_inserts(self) -> None:
         """Block until every queued asynchronous cache insert has been applied."""
@@ -714,6 +738,8 @@ class HierarchicalParameterServer:
             0, inverse, torch.arange(flat.numel()), reduce="amax", include_self=False
         )
         rows = vectors.detach().to("cpu").contiguous().index_select(0, last)
+        if rt.storage != "float32":  # encoded once: every tier and table keeps these bytes
+            rows = encode_rows(rows, rt.storage)
         with self._gate, rt.update_lock:
             for tier in self.tiers:
                 tier.insert(rt.tag, unique, rows)
@@ -742,10 +768,8 @@ class HierarchicalParameterServer:
                     keys, version = pipe.export_keys(start, min(start + chunk_slots, slots))
                     if keys.numel() == 0:
                         continue
-                    if pipe.second_level is not None:  # the table below the cache, then its tiers
-                        rows = pipe.second_level.lookup(keys.to(pipe.second_level.device)).cpu()
-                    else:
-                        rows = self._fetch_from_tiers(rt, keys, TableStats())
+                    # what a miss of these keys would fetch: the second level, the tiers, the default - stored rows
+                    rows = pipe.fetch_stored(keys)
                     assigned = pipe.assign_if_version(keys, rows, version)
                     if assigned >= 0:  # else an update raced this chunk; its rows are newer than ours
                         total += keys.numel()

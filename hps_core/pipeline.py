@@ -120,11 +120,14 @@ class TablePipeline:
         return cls(native, mode)
 
     @classmethod
-    def pass_through(cls, *, dim: int, default_value: float, max_keys: int, tag: str) -> "TablePipeline":
+    def pass_through(cls, *, dim: int, default_value: float, max_keys: int, tag: str,
+                     storage: str = "float32") -> "TablePipeline":
         """A CPU table without a cache (HPS gpucache false): every key position from the host map, the lower tiers
-        or the default vector, natively - nothing stored, no de-duplication."""
+        or the default vector, natively - nothing stored, no de-duplication; the tiers' stored rows are decoded
+        into the output."""
         native = torch.classes.hps.LookupPipeline(_KIND_PASS_THROUGH, "cpu", dim, 0, ops.POLICY_LRU,
-                                                  float(default_value), max_keys, True, False, tag, 0)
+                                                  float(default_value), max_keys, True, False, tag,
+                                                  storage_code(storage))
         return cls(native, "uncached")
 
     def connect(self, *, source: int = -1, lower_tiers: int = 0, token: int = 0, hit_rate_threshold: float = 2.0,
@@ -161,7 +164,8 @@ class TablePipeline:
         return rows
 
     def load(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
-        """Resident: append rows (keys int64 (k,) CPU, rows float32 (k, dim) CPU). Dynamic: insert them."""
+        """Resident: append rows (keys int64 (k,) CPU, rows float32 (k, dim) CPU - encoded here - or the table's
+        stored rows - kept as they are). Dynamic: insert them."""
         self.native.load(keys, self._encodable(rows))
 
     def load_like(self, other: "TablePipeline") -> None:
@@ -173,7 +177,8 @@ class TablePipeline:
         self.native.insert(keys, self._encodable(rows))
 
     def update(self, keys: torch.Tensor, rows: torch.Tensor) -> int:
-        """New rows for distinct keys (int64 (k,) CPU, float32 (k, dim) CPU); returns how many were present."""
+        """New rows for distinct keys (int64 (k,) CPU; float32 (k, dim) or stored rows, CPU); returns how many were
+        present."""
         return int(self.native.update(keys, rows))
 
     def export_keys(self, start: int, end: int) -> tuple[torch.Tensor, int]:
@@ -184,6 +189,11 @@ class TablePipeline:
     def assign_if_version(self, keys: torch.Tensor, rows: torch.Tensor, version: int) -> int:
         """Overwrite present keys' rows unless an update came since `version` (then -1)."""
         return int(self.native.assign_if_version(keys, rows, version))
+
+    def fetch_stored(self, keys: torch.Tensor) -> torch.Tensor:
+        """The stored rows a miss of these distinct keys (int64 CPU) would fetch now (second level, host map, lower
+        tiers, default vector): what refresh assigns."""
+        return self.native.fetch_stored(keys)
 
     def export_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored (key, row): int64 (m,), float32 (m, dim) on this device."""

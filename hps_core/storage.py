@@ -18,6 +18,7 @@ scale in its last 4. Both need ``D % 4 == 0``. Encoding and decoding give the sa
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,6 +37,8 @@ __all__ = [
     "decode_rows",
     "error_bound",
     "check_encodable",
+    "row_dtype",
+    "to_stored",
 ]
 
 # Index = the op's storage code (row_codec.h: Storage).
@@ -151,3 +154,28 @@ def error_bound(rows: Tensor, storage) -> Tensor:
         return (scale * 0.5 * (1 + 2.0**-18) + ulps).expand_as(x)
     scale = row_max / 448.0
     return torch.maximum(ax * 2.0**-4, (scale * 2.0**-10).expand_as(x)) * (1 + 2.0**-18) + ulps
+
+
+def row_dtype(storage) -> torch.dtype:
+    """The dtype of a stored tensor of ``storage`` (float32 rows are their own stored rows)."""
+    return STORAGE_DTYPES[storage_name(storage)]
+
+
+def to_stored(rows, storage, dim: int, field: str = "rows") -> Tensor:
+    """``rows`` as ``storage`` keeps them, a contiguous CPU tensor (m, stored_width): float32 (m, dim) rows - a tensor
+    or a numpy array, e.g. a block of table files - are checked (check_encodable) and encoded; rows already stored
+    that way (the storage's dtype, (m, stored_width)) pass as they are. Anything else raises naming ``field``."""
+    if not isinstance(rows, Tensor):
+        rows = torch.from_numpy(np.array(rows, copy=True))  # a memmap block is read-only; torch wants writable memory
+    name = storage_name(storage)
+    rows = rows.detach().to("cpu")
+    width = stored_width(name, dim)
+    if rows.dtype == STORAGE_DTYPES[name] and rows.dim() == 2 and rows.shape[1] == width:
+        return rows.contiguous()
+    if rows.dtype != torch.float32 or rows.dim() != 2 or rows.shape[1] != dim:
+        raise ValueError(f"{field} must be float32 (m, {dim}) rows or {name} stored rows ({STORAGE_DTYPES[name]}, "
+                         f"(m, {width})), found {rows.dtype} of shape {tuple(rows.shape)}")
+    if name == "float32":
+        return rows.contiguous()
+    check_encodable(rows, name, field=field)
+    return encode_rows(rows.contiguous(), name)

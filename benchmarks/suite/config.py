@@ -150,6 +150,7 @@ class TiersBench(Common):
     redis_nodes: int = 3
     redis_partitions: int = 8
     rocksdb_threads: int = 0  # 0: one per core
+    storages: List[str] = field(default_factory=lambda: ["float32"])  # how the tiers keep the rows (hps_core.storage)
 
     def check(self) -> None:
         super().check()
@@ -160,6 +161,9 @@ class TiersBench(Common):
         _int_at_least("batches", self.batches, 1)
         _int_at_least("warmup", self.warmup, 0)
         _int_at_least("redis_nodes", self.redis_nodes, 3)  # a Redis Cluster needs 3 masters
+        from hps_core.config import STORAGES
+
+        _list_of("storages", self.storages, lambda v: v in STORAGES, "storage names")
         _int_at_least("redis_partitions", self.redis_partitions, 1)
         _int_at_least("rocksdb_threads", self.rocksdb_threads, 0)
 

@@ -1,6 +1,7 @@
 """`bench=tiers`: fetch rates of the storage tiers side by side: host-memory map, a local Redis Cluster (started
 here on free loopback ports, stopped by PID), RocksDB. Every tier holds the same rows (loaded from the same table
-files through its own `load`) and answers the same batches of random existing keys.
+files through its own `load`, encoded to each storage of `storages`) and answers the same batches of random
+existing keys; the rows it returns are checked byte for byte against the encoded table.
 
 Timed: `tier.fetch(tag, keys)` with int64 CPU keys, as the engine calls it. Batches rotate through the tiers (one
 batch per tier in turn) so that load changes on a shared machine hit all tiers alike. A tier that cannot run here
@@ -9,6 +10,7 @@ batch per tier in turn) so that load changes on a shared machine hit all tiers a
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import pathlib
@@ -23,6 +25,7 @@ import torch
 from benchmarks.common import distinct_keys, latency_summary, redis_fixture, write_synthetic_table
 from benchmarks.suite.config import TiersBench
 from benchmarks.suite.report import save_figure
+from hps_core.storage import encode_rows
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +71,17 @@ def run(cfg: TiersBench, device: torch.device, out_dir: str) -> dict[str, Any]:
     try:
         with contextlib.ExitStack() as stack:
             tiers = _open_tiers(cfg, work, stack, skipped)
-            for dim in cfg.dims:
+            for dim, storage in itertools.product(cfg.dims, cfg.storages):
                 files, vectors = write_synthetic_table(work / f"t{dim}", keys, dim, seed=cfg.seed + dim)
-                tag = f"hps_et.bench.t{dim}"
+                stored = encode_rows(torch.from_numpy(np.ascontiguousarray(vectors)), storage).view(torch.uint8)
+                tag = f"hps_et.bench.t{dim}_{storage}"
                 for name, tier in tiers.items():
-                    tier.create_table(tag, dim)
+                    tier.create_table(tag, dim, storage)
                     t0 = time.perf_counter()
-                    loaded = tier.load(tag, files, progress=False)
+                    loaded = tier.load(tag, files, progress=False, storage=storage)  # encodes as it loads
                     dt = time.perf_counter() - t0
-                    loads.append({"tier": name, "dim": dim, "rows": loaded, "seconds": dt, "rows_per_s": loaded / dt})
+                    loads.append({"tier": name, "dim": dim, "storage": storage, "rows": loaded, "seconds": dt,
+                                  "rows_per_s": loaded / dt})
                     # One pass over every key (untimed): RocksDB's block cache and the OS page cache start warm,
                     # as in a server that has been running, so the figure is the fetch path, not the first read.
                     for s in range(0, cfg.rows, 65536):
@@ -89,7 +94,8 @@ def run(cfg: TiersBench, device: torch.device, out_dir: str) -> dict[str, Any]:
                     equal = {}
                     for name, tier in tiers.items():
                         values, found = tier.fetch(tag, qs[0])
-                        equal[name] = bool(found.all()) and bool(np.array_equal(values.numpy(), vectors[batches[0]]))
+                        equal[name] = bool(found.all()) and torch.equal(values.view(torch.uint8),
+                                                                        stored[torch.from_numpy(batches[0])])
                     times: dict[str, list[float]] = {name: [] for name in tiers}
                     for i, q in enumerate(qs):
                         for name, tier in tiers.items():
@@ -99,13 +105,14 @@ def run(cfg: TiersBench, device: torch.device, out_dir: str) -> dict[str, Any]:
                                 times[name].append(time.perf_counter() - t0)
                     for name in tiers:
                         t = np.asarray(times[name])
-                        points.append({"tier": name, "dim": dim, "batch_keys": n, **latency_summary(t),
+                        points.append({"tier": name, "dim": dim, "storage": storage, "batch_keys": n,
+                                       **latency_summary(t),
                                        "keys_per_s": n / float(np.median(t)), "rows_equal": equal[name]})
-                        log.info("tiers %s dim %d batch %d: %.0f K keys/s", name, dim, n,
+                        log.info("tiers %s dim %d %s batch %d: %.0f K keys/s", name, dim, storage, n,
                                  points[-1]["keys_per_s"] / 1e3)
                 for tier in tiers.values():
                     tier.erase(tag, torch.from_numpy(keys))  # free the memory before the next dim
-                del vectors, files
+                del vectors, files, stored
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"results": {"points": points, "loads": loads, "skipped": skipped, "rows": cfg.rows},
@@ -120,15 +127,15 @@ def run(cfg: TiersBench, device: torch.device, out_dir: str) -> dict[str, Any]:
 
 
 def _table(points: list[dict[str, Any]]) -> dict[str, Any]:
-    cols = ["tier", "dim", "keys/fetch", "K keys/s", "p50 ms", "p99 ms", "rows ok"]
-    rows = [[LABELS[p["tier"]], p["dim"], f"{p['batch_keys']:,}", f"{p['keys_per_s'] / 1e3:,.0f}",
+    cols = ["tier", "dim", "storage", "keys/fetch", "K keys/s", "p50 ms", "p99 ms", "rows ok"]
+    rows = [[LABELS[p["tier"]], p["dim"], p["storage"], f"{p['batch_keys']:,}", f"{p['keys_per_s'] / 1e3:,.0f}",
              f"{p['p50_ms']:.3f}", f"{p['p99_ms']:.3f}", "yes" if p["rows_equal"] else "**NO**"] for p in points]
     return {"title": "Tier fetch", "columns": cols, "rows": rows}
 
 
 def _load_table(loads: list[dict[str, Any]]) -> dict[str, Any]:
-    cols = ["tier", "dim", "rows", "load s", "K rows/s"]
-    rows = [[LABELS[x["tier"]], x["dim"], f"{x['rows']:,}", f"{x['seconds']:.2f}", f"{x['rows_per_s'] / 1e3:,.0f}"]
+    cols = ["tier", "dim", "storage", "rows", "load s", "K rows/s"]
+    rows = [[LABELS[x["tier"]], x["dim"], x["storage"], f"{x['rows']:,}", f"{x['seconds']:.2f}", f"{x['rows_per_s'] / 1e3:,.0f}"]
             for x in loads]
     return {"title": "Tier bulk load (tier.load from table files)", "columns": cols, "rows": rows}
 
@@ -138,15 +145,16 @@ def plot(results: dict[str, Any], out_dir: str, plt, cfg: Any = None, device_lab
     if not points:
         return []
     tiers = list(dict.fromkeys(p["tier"] for p in points))
-    groups = list(dict.fromkeys((p["dim"], p["batch_keys"]) for p in points))
+    groups = list(dict.fromkeys((p["dim"], p["storage"], p["batch_keys"]) for p in points))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * len(tiers) / 2), 4.5))
     width = 0.8 / len(tiers)
     for j, tier in enumerate(tiers):
-        ys = [next((p["keys_per_s"] for p in points if p["tier"] == tier and (p["dim"], p["batch_keys"]) == g),
+        ys = [next((p["keys_per_s"] for p in points
+                    if p["tier"] == tier and (p["dim"], p["storage"], p["batch_keys"]) == g),
                    np.nan) for g in groups]
         ax.bar(np.arange(len(groups)) + j * width, ys, width, label=LABELS[tier])
     ax.set_xticks(np.arange(len(groups)) + width * (len(tiers) - 1) / 2)
-    ax.set_xticklabels([f"dim {d}\n{n:,} keys" for d, n in groups], fontsize=8)
+    ax.set_xticklabels([f"dim {d} {s}\n{n:,} keys" for d, s, n in groups], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("keys/s fetched (median batch)")
     ax.set_title("Tier fetch rates, same rows, same batches")

@@ -186,7 +186,6 @@ struct LookupPipeline::Workspace {
   std::vector<int64_t> first, order, bucket, touched;
   std::vector<int32_t> rank, new_rank, row_ids;
   std::vector<uint8_t> found;
-  std::vector<float> fetched;  // compact storage: the fetched float32 rows, encoded into the plan after
 
   at::Tensor host_bytes(int64_t bytes) const {
     return at::empty({std::max<int64_t>(bytes, 64)}, at::TensorOptions().dtype(at::kByte).pinned_memory(pinned));
@@ -256,11 +255,11 @@ LookupPipeline::LookupPipeline(int64_t kind, const std::string& device, int64_t 
   ws_ = std::make_unique<Workspace>();
   ws_->pinned = device_.is_cuda();
   ws_->flag = at::zeros({kFlagSize}, at::TensorOptions().dtype(at::kLong).pinned_memory(ws_->pinned));
-  if (kind_ == kPassThrough) return;  // no table: the host map and the lower tiers answer every key
   // The default vector as a stored row (encoded from the configured value, so it decodes to default_value_): what
-  // a cache stores for a key no tier holds.
+  // a cache stores, or a pass-through lookup decodes, for a key no tier holds.
   default_row_ = encode(at::full({1, dim}, static_cast<float>(default_value), at::kFloat)).to(device_);
   default_row_host_ = default_row_.cpu();
+  if (kind_ == kPassThrough) return;  // no table: the host map and the lower tiers answer every key
   if (kind_ == kDynamicCache) {
     const int64_t buckets = std::max<int64_t>(1, (capacity + kBucketSize - 1) / kBucketSize);
     TORCH_CHECK_VALUE(buckets < (int64_t{1} << 32), "LookupPipeline: capacity ", capacity, " is too large");
@@ -403,26 +402,19 @@ void LookupPipeline::second_level_direct(const at::Tensor& flat, at::Tensor& out
 #endif
 }
 
-int64_t LookupPipeline::read_rows(const int64_t* keys, int64_t u, void* rows, bool* found, bool as_stored) {
+int64_t LookupPipeline::read_rows(const int64_t* keys, int64_t u, uint8_t* rows, bool* found) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   TORCH_CHECK(kind_ == kResident && (device_.is_cpu() || rows_on_host_), tag_, ": read_rows needs host-readable rows");
   const uint8_t* src = static_cast<const uint8_t*>(rows_.data_ptr());
   int64_t hits = 0;
-  with_storage(storage_, [&](auto st) {
-    constexpr int32_t S = decltype(st)::value;
-    for (int64_t k = 0; k < u; ++k) {
-      const int64_t r = index_->row_of(keys[k]);
-      if (r < 0) continue;
-      if (as_stored) {
-        std::memcpy(static_cast<uint8_t*>(rows) + k * row_bytes_, src + r * row_bytes_, row_bytes_);
-      } else {
-        cpu::decode_row<S>(static_cast<float*>(rows) + k * dim_, src + r * row_bytes_, dim_, /*streaming=*/false);
-      }
-      found[k] = true;
-      ++hits;
-    }
-  });
+  for (int64_t k = 0; k < u; ++k) {
+    const int64_t r = index_->row_of(keys[k]);
+    if (r < 0) continue;
+    std::memcpy(rows + k * row_bytes_, src + r * row_bytes_, row_bytes_);
+    found[k] = true;
+    ++hits;
+  }
   return hits;
 }
 
@@ -765,12 +757,12 @@ void LookupPipeline::pass_through(const at::Tensor& flat, at::Tensor& out) {
     keys = widened.data();
   }
   std::unique_ptr<bool[]> found(new bool[n]);
-  if (out.scalar_type() == at::kFloat) {
-    fetch_rows(keys, n, out.data_ptr<float>(), found.get());
-  } else {  // float32 rows from the tiers, rounded to nearest even into the output (as the find rounds)
-    at::Tensor rows = at::empty({n, dim_}, at::kFloat);
-    fetch_rows(keys, n, rows.data_ptr<float>(), found.get());
-    out.copy_(rows);
+  if (storage_ == kStoreFloat32 && out.scalar_type() == at::kFloat) {
+    fetch_rows(keys, n, static_cast<uint8_t*>(out.data_ptr()), found.get());
+  } else {  // stored rows from the tiers, decoded (rounded to nearest even) into the output, as the find does
+    at::Tensor rows = at::empty({n, stored_width(storage_, dim_)}, storage_dtype(storage_));
+    fetch_rows(keys, n, static_cast<uint8_t*>(rows.data_ptr()), found.get());
+    out.copy_(decode(rows).view(out.sizes()));
   }
   int64_t defaults = 0;
   for (int64_t i = 0; i < n; ++i) defaults += !found[i];
@@ -897,7 +889,7 @@ void LookupPipeline::resolve_misses(int64_t m, int64_t n, const OutRows& out, bo
     }
   }
   w.found.resize(u);
-  fetch_stored(ukeys, u, rows, reinterpret_cast<bool*>(w.found.data()), &w.fetched);
+  fetch_rows(ukeys, u, rows, reinterpret_cast<bool*>(w.found.data()));
   // Positions served the default vector (keys no tier holds).
   bool any_default = false;
   for (int64_t k = 0; k < u && !any_default; ++k) any_default = !w.found[k];
@@ -914,59 +906,20 @@ void LookupPipeline::resolve_misses(int64_t m, int64_t n, const OutRows& out, bo
   record_latency(kStageApply, seconds_since(t_apply));
 }
 
-// Rows of u distinct keys as this table stores them: fetched as float32 (the tiers keep float32 rows), then, for
-// compact storage, encoded - once, on the host - before they travel to the table.
-void LookupPipeline::fetch_stored(const int64_t* keys, int64_t u, uint8_t* stored, bool* found,
-                                  std::vector<float>* scratch) {
-  if (storage_ == kStoreFloat32) return fetch_rows(keys, u, reinterpret_cast<float*>(stored), found);
-  if (u == 0) return;
-  std::fill(found, found + u, false);
-  const uint8_t* def = static_cast<const uint8_t*>(default_row_host_.data_ptr());
-  int64_t hits = 0;
-  if (second_level_) {
-    // The second level keeps the same stored rows: copied as they are (decoding and encoding again would not
-    // give the same bytes for a scaled storage).
-    hits = second_level_->read_rows(keys, u, stored, found, /*as_stored=*/true);
-    stats_[kStatSecondLevelHits] += hits;
-    if (hits == u) return;
-    if (second_level_->answers_all()) {
-      for (int64_t k = 0; k < u; ++k) {
-        if (!found[k]) std::memcpy(stored + k * row_bytes_, def, row_bytes_);
-      }
-      return;
-    }
-  }
-  // The keys still to fetch; without second-level hits that is every key, fetched and encoded in place.
-  std::vector<int64_t> rest, rest_keys;
-  if (hits > 0) {
-    for (int64_t k = 0; k < u; ++k) {
-      if (!found[k]) {
-        rest.push_back(k);
-        rest_keys.push_back(keys[k]);
-      }
-    }
-  }
-  const bool all = hits == 0;
-  const int64_t q = all ? u : static_cast<int64_t>(rest.size());
-  scratch->resize(static_cast<size_t>(q * dim_));
-  std::unique_ptr<bool[]> rest_found(new bool[q]);
-  fetch_rows(all ? keys : rest_keys.data(), q, scratch->data(), rest_found.get(), /*use_second_level=*/false);
-  std::vector<uint8_t> encoded(all ? 0 : static_cast<size_t>(q * row_bytes_));
-  uint8_t* enc = all ? stored : encoded.data();
-  encode_rows_into(storage_, scratch->data(), q, dim_, enc);
-  for (int64_t i = 0; i < q; ++i) {
-    const int64_t k = all ? i : rest[i];
-    found[k] = rest_found[i];
-    if (!found[k]) {
-      std::memcpy(stored + k * row_bytes_, def, row_bytes_);
-    } else if (!all) {
-      std::memcpy(stored + k * row_bytes_, enc + i * row_bytes_, row_bytes_);
-    }
-  }
+void LookupPipeline::check_rows(const at::Tensor& rows, int64_t n) const {
+  const bool stored = storage_ != kStoreFloat32 && rows.scalar_type() == storage_dtype(storage_);
+  const int64_t width = stored ? stored_width(storage_, dim_) : dim_;
+  TORCH_CHECK_TYPE(rows.scalar_type() == at::kFloat || stored, "rows for ", tag_, " must be float32 rows",
+                   storage_ == kStoreFloat32 ? "" : " or stored rows of the table's storage", ", found ",
+                   rows.scalar_type());
+  TORCH_CHECK_VALUE(rows.dim() == 2 && rows.size(0) == n && rows.size(1) == width, "rows for ", tag_,
+                    " must have shape (", n, ", ", width, "), found ", rows.sizes());
 }
 
+// Rows already stored (the storage's dtype: rows a tier kept, or the engine encoded once for every table) pass as
+// they are.
 at::Tensor LookupPipeline::encode(const at::Tensor& rows) const {
-  if (storage_ == kStoreFloat32) return rows;
+  if (storage_ == kStoreFloat32 || rows.scalar_type() == storage_dtype(storage_)) return rows;
   using EncodeFn = at::Tensor(const at::Tensor&, int64_t);
   static auto encode_op = op<EncodeFn>("hps::encode_rows");
   return encode_op.call(rows, storage_);
@@ -979,22 +932,28 @@ at::Tensor LookupPipeline::decode(const at::Tensor& stored) const {
   return decode_op.call(stored.contiguous(), std::nullopt);
 }
 
-// Rows of u distinct keys: the host-memory map, then the lower tiers for what it lacks, then the default vector.
-void LookupPipeline::fetch_rows(const int64_t* keys, int64_t u, float* rows, bool* found, bool use_second_level) {
+// Rows of u distinct keys as this table stores them: the second level, the host-memory map, the lower tiers for
+// what those lack, then the default vector. Every level keeps the table's stored rows, so each is copied as bytes -
+// nothing is decoded or encoded on the miss path (re-encoding a decoded scaled row would not give its bytes back).
+void LookupPipeline::fetch_rows(const int64_t* keys, int64_t u, uint8_t* rows, bool* found) {
   if (u == 0) return;
   std::fill(found, found + u, false);
+  const uint8_t* def = static_cast<const uint8_t*>(default_row_host_.data_ptr());
+  const size_t rb = static_cast<size_t>(row_bytes_);
   int64_t hits = 0;
-  if (second_level_ && use_second_level) {
-    hits = second_level_->read_rows(keys, u, rows, found, /*as_stored=*/false);
+  if (second_level_) {
+    hits = second_level_->read_rows(keys, u, rows, found);
     stats_[kStatSecondLevelHits] += hits;
     if (hits < u && second_level_->answers_all()) {
       // The second level holds every key any tier holds: the rest get the default vector.
       for (int64_t k = 0; k < u; ++k) {
-        if (!found[k]) std::fill(rows + k * dim_, rows + (k + 1) * dim_, default_value_);
+        if (!found[k]) std::memcpy(rows + k * rb, def, rb);
       }
       return;
     }
   }
+  const at::ScalarType stored_type = storage_dtype(storage_);
+  const int64_t width = stored_width(storage_, dim_);
   if (hits < u && source_) {
     std::vector<int64_t> rest;  // positions the second level lacked (all of them without one)
     for (int64_t k = 0; k < u; ++k) {
@@ -1003,20 +962,20 @@ void LookupPipeline::fetch_rows(const int64_t* keys, int64_t u, float* rows, boo
     const int64_t q = static_cast<int64_t>(rest.size());
     if (q == u) {
       at::Tensor k = at::from_blob(const_cast<int64_t*>(keys), {u}, at::kLong);
-      at::Tensor r = at::from_blob(rows, {u, dim_}, at::kFloat);
+      at::Tensor r = at::from_blob(rows, {u, width}, stored_type);
       at::Tensor f = at::from_blob(found, {u}, at::kBool);
       source_->fetch_into(k, r, f);
     } else {
       std::vector<int64_t> rest_keys(q);
       for (int64_t i = 0; i < q; ++i) rest_keys[i] = keys[rest[i]];
-      at::Tensor r = at::empty({q, dim_}, at::kFloat);
+      at::Tensor r = at::empty({q, width}, stored_type);
       at::Tensor f = at::empty({q}, at::kBool);
       source_->fetch_into(at::from_blob(rest_keys.data(), {q}, at::kLong), r, f);
-      const float* rp = r.data_ptr<float>();
+      const uint8_t* rp = static_cast<const uint8_t*>(r.data_ptr());
       const bool* fp = f.data_ptr<bool>();
       for (int64_t i = 0; i < q; ++i) {
         if (!fp[i]) continue;
-        std::memcpy(rows + rest[i] * dim_, rp + i * dim_, static_cast<size_t>(dim_) * sizeof(float));
+        std::memcpy(rows + rest[i] * rb, rp + i * rb, rb);
         found[rest[i]] = true;
       }
     }
@@ -1037,7 +996,7 @@ void LookupPipeline::fetch_rows(const int64_t* keys, int64_t u, float* rows, boo
   }
   const int64_t q = static_cast<int64_t>(missing.size());
   if (lower_tiers_ != nullptr) {
-    std::vector<float> tier_rows(static_cast<size_t>(q * dim_));
+    std::vector<uint8_t> tier_rows(static_cast<size_t>(q) * rb);
     std::unique_ptr<bool[]> tier_found(new bool[q]);
     std::fill(tier_found.get(), tier_found.get() + q, false);
     const int64_t rc = lower_tiers_(lower_token_, missing_keys.data(), q, tier_rows.data(), tier_found.get());
@@ -1047,7 +1006,7 @@ void LookupPipeline::fetch_rows(const int64_t* keys, int64_t u, float* rows, boo
     for (int64_t i = 0; i < q; ++i) {
       const int64_t k = missing[i];
       if (tier_found[i]) {
-        std::memcpy(rows + k * dim_, tier_rows.data() + i * dim_, static_cast<size_t>(dim_) * sizeof(float));
+        std::memcpy(rows + k * rb, tier_rows.data() + i * rb, rb);
         found[k] = true;
         ++tier_hits;
       }
@@ -1056,7 +1015,7 @@ void LookupPipeline::fetch_rows(const int64_t* keys, int64_t u, float* rows, boo
   }
   for (int64_t i = 0; i < q; ++i) {
     const int64_t k = missing[i];
-    if (!found[k]) std::fill(rows + k * dim_, rows + (k + 1) * dim_, default_value_);
+    if (!found[k]) std::memcpy(rows + k * rb, def, rb);
   }
 }
 
@@ -1257,7 +1216,7 @@ void LookupPipeline::async_loop() {
       uint8_t* rows = plan + L.rows;
       std::memcpy(ukeys, job.keys.data(), u * 8);
       own.found.resize(u);
-      fetch_stored(ukeys, u, rows, reinterpret_cast<bool*>(own.found.data()), &own.fetched);
+      fetch_rows(ukeys, u, rows, reinterpret_cast<bool*>(own.found.data()));
       {
         std::lock_guard<std::mutex> lock(mu_);
         if (closed_) {
@@ -1298,9 +1257,7 @@ void LookupPipeline::load(const at::Tensor& keys, const at::Tensor& rows) {
   HPS_CHECK_DTYPE(keys, at::kLong);
   HPS_CHECK_CPU(keys);
   HPS_CHECK_DIM(keys, 1);
-  HPS_CHECK_DTYPE(rows, at::kFloat);
-  TORCH_CHECK_VALUE(rows.dim() == 2 && rows.size(0) == keys.size(0) && rows.size(1) == dim_,
-                    "rows for ", tag_, " must have shape (", keys.size(0), ", ", dim_, "), found ", rows.sizes());
+  check_rows(rows, keys.size(0));
   GilRelease nogil;
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
@@ -1337,6 +1294,7 @@ void LookupPipeline::load_like(const c10::intrusive_ptr<LookupPipeline>& other) 
 void LookupPipeline::insert(const at::Tensor& keys, const at::Tensor& rows) {
   check_has_table("rows to insert");
   if (kind_ == kResident) return load(keys, rows);
+  check_rows(rows, keys.size(0));
   GilRelease nogil;
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
@@ -1351,9 +1309,7 @@ int64_t LookupPipeline::update(const at::Tensor& keys, const at::Tensor& rows) {
   check_has_table("rows to update");
   HPS_CHECK_DTYPE(keys, at::kLong);
   HPS_CHECK_CPU(keys);
-  HPS_CHECK_DTYPE(rows, at::kFloat);
-  TORCH_CHECK_VALUE(rows.dim() == 2 && rows.size(0) == keys.size(0) && rows.size(1) == dim_, "rows for ", tag_,
-                    " must have shape (", keys.size(0), ", ", dim_, "), found ", rows.sizes());
+  check_rows(rows, keys.size(0));
   GilRelease nogil;
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
@@ -1421,11 +1377,26 @@ std::tuple<at::Tensor, int64_t> LookupPipeline::export_keys(int64_t start, int64
   return {at::tensor(keys, at::kLong), version_};
 }
 
+at::Tensor LookupPipeline::fetch_stored(const at::Tensor& keys) {
+  HPS_CHECK_DTYPE(keys, at::kLong);
+  HPS_CHECK_CPU(keys);
+  HPS_CHECK_DIM(keys, 1);
+  const at::Tensor kc = keys.contiguous();
+  const int64_t u = kc.numel();
+  at::Tensor rows = at::empty({u, stored_width(storage_, dim_)}, storage_dtype(storage_));
+  std::vector<uint8_t> found(static_cast<size_t>(u));
+  GilRelease nogil;  // the lower tiers' callback takes the GIL itself
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  fetch_rows(kc.data_ptr<int64_t>(), u, static_cast<uint8_t*>(rows.data_ptr()), reinterpret_cast<bool*>(found.data()));
+  return rows;
+}
+
 int64_t LookupPipeline::assign_if_version(const at::Tensor& keys, const at::Tensor& rows, int64_t version) {
   check_has_table("rows to assign");
   HPS_CHECK_DTYPE(keys, at::kLong);
   HPS_CHECK_CPU(keys);
-  HPS_CHECK_DTYPE(rows, at::kFloat);
+  check_rows(rows, keys.size(0));
   GilRelease nogil;
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
@@ -1588,6 +1559,7 @@ void register_pipeline(torch::Library& m) {
       .def("update", &P::update)
       .def("export_keys", &P::export_keys)
       .def("assign_if_version", &P::assign_if_version)
+      .def("fetch_stored", &P::fetch_stored)
       .def("export_all", &P::export_all)
       .def("contains", &P::contains)
       .def("size", &P::size)

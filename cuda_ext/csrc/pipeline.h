@@ -43,10 +43,10 @@
 
 namespace hps {
 
-// Lower tiers, called for the distinct missed keys the host map lacks: fill rows (n, dim) row-major and found (n,)
-// for the keys a tier holds; return 0, or nonzero on an error (the lookup then raises). Called with this
-// pipeline's lock held and the GIL released (a ctypes callback takes the GIL itself).
-using LowerTierFn = int64_t (*)(int64_t token, const int64_t* keys, int64_t n, float* rows, bool* found);
+// Lower tiers, called for the distinct missed keys the host map lacks: fill rows (n stored rows of the table's
+// storage, row-major bytes) and found (n,) for the keys a tier holds; return 0, or nonzero on an error (the lookup
+// then raises). Called with this pipeline's lock held and the GIL released (a ctypes callback takes the GIL itself).
+using LowerTierFn = int64_t (*)(int64_t token, const int64_t* keys, int64_t n, void* rows, bool* found);
 
 // Host-side counters of a pipeline (the device control block holds lookups, keys, misses, insert counts).
 enum PipelineStat : int64_t {
@@ -124,6 +124,9 @@ class LookupPipeline : public torch::CustomClassHolder {
   // rows for present keys unless the version moved on (-1 then). Together: HPS refresh.
   std::tuple<at::Tensor, int64_t> export_keys(int64_t start, int64_t end);
   int64_t assign_if_version(const at::Tensor& keys, const at::Tensor& rows, int64_t version);
+  // The stored rows (n, width) a miss of these distinct keys (int64 (n,) CPU) would fetch now: the second level, the
+  // host map, the lower tiers, the default vector (what refresh assigns: bytes, never decoded and re-encoded).
+  at::Tensor fetch_stored(const at::Tensor& keys);
   // Every stored (key, row), keys int64 and rows float32 on this device.
   std::tuple<at::Tensor, at::Tensor> export_all();
   // found (n,) bool on the keys' device; no score change.
@@ -171,11 +174,12 @@ class LookupPipeline : public torch::CustomClassHolder {
   FindMode find_mode() const;
   // Plan the misses of the call just found (host or device planner), fetch their rows, then apply or queue.
   void resolve_misses(int64_t misses, int64_t n, const OutRows& out, bool big);
-  // Rows of `u` distinct keys into `rows` (host memory): second level, host map, lower tiers, default.
-  void fetch_rows(const int64_t* keys, int64_t u, float* rows, bool* found, bool use_second_level = true);
-  // The same rows as stored rows (encoded through `scratch` for compact storage).
-  void fetch_stored(const int64_t* keys, int64_t u, uint8_t* stored, bool* found, std::vector<float>* scratch);
-  // float32 rows (any device) -> stored rows, and back (identity for float32 storage).
+  // Stored rows of `u` distinct keys into `rows` (host memory): second level, host map, lower tiers, default.
+  void fetch_rows(const int64_t* keys, int64_t u, uint8_t* rows, bool* found);
+  // Rows a caller hands in (load / insert / update / assign): float32 (n, dim), or stored rows (n, width) of the
+  // table's storage; raises naming the table.
+  void check_rows(const at::Tensor& rows, int64_t n) const;
+  // float32 rows (any device) -> stored rows (stored rows as they are), and back (identity for float32 storage).
   at::Tensor encode(const at::Tensor& rows) const;
   at::Tensor decode(const at::Tensor& stored) const;
   // kPassThrough's lookup: every position through fetch_rows (under the lock).
@@ -184,8 +188,8 @@ class LookupPipeline : public torch::CustomClassHolder {
   void check_has_table(const char* what) const;
   // Resident tables with host-readable rows: copy the rows of the keys present into `rows`, set found; returns
   // how many were present. Takes this pipeline's lock (a second level is read under its own lock).
-  // as_stored: the rows as this table stores them (the caller has the same storage), else decoded to float32.
-  int64_t read_rows(const int64_t* keys, int64_t u, void* rows, bool* found, bool as_stored);
+  // The rows are copied as this table stores them (the caller has the same storage).
+  int64_t read_rows(const int64_t* keys, int64_t u, uint8_t* rows, bool* found);
   // Store u rows for keys (grouped by bucket for a cache when `grouped`) and scatter m positions; host pointers
   // `pos`, `inv`, `ukeys`, `rows` in the pinned plan buffer (or any host memory on the CPU).
   void apply_plan(const OutRows& out, const int32_t* pos, const int32_t* inv, int64_t m, const int64_t* ukeys,

@@ -1,6 +1,10 @@
 """The tier interface every storage level implements (host memory, Redis Cluster, RocksDB), and what they share.
 
-A tier stores, per table tag ("hps_et.<model>.<table>"), int64 keys -> float32 rows of a fixed dim.
+A tier stores, per table tag ("hps_et.<model>.<table>"), int64 keys -> stored rows of a fixed dim: the rows as the
+table's storage keeps them (hps_core.storage: float32 rows, or float16 / bfloat16 / int8 / fp8 rows with their
+row-wise scale), as the device tables keep them too. Rows are encoded once - by load() from the float32 table files, by
+the engine's update() - and move between tiers and tables as the same bytes from then on (re-encoding a decoded int8
+or fp8 row would not give them back).
 Tiers know nothing of caches or of each other: the engine alone moves data between them, and it knows a tier only
 through what `Tier` declares here.
 A tier that fails at lookup time (a Redis node down) reports the keys as not found and counts the error;
@@ -17,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
+
+from hps_core.storage import row_dtype, storage_name, stored_width
 
 if TYPE_CHECKING:  # pragma: no cover
     from hps_core.tables import TableFiles
@@ -43,18 +49,38 @@ def check_keys(keys: object, name: str = "keys") -> torch.Tensor:
     return _check_cpu_tensor(keys, name, torch.int64, 1, "(n,)")
 
 
-def check_values(values: object, n: int, dim: int, tag: str) -> torch.Tensor:
-    """The values argument of an insert: float32 (n, dim) on the CPU -> contiguous; TypeError/ValueError otherwise."""
-    values = _check_cpu_tensor(values, "values", torch.float32, 2, "(n, dim)")
-    if values.shape[1] != dim:
+def check_values(values: object, n: int, dim: int, tag: str, storage: str = "float32") -> torch.Tensor:
+    """The values argument of an insert: stored rows of the table's storage on the CPU - float32 (n, dim) for a
+    float32 table, (n, stored_width) of the storage's dtype otherwise -> contiguous; TypeError/ValueError otherwise."""
+    width = stored_width(storage, dim)
+    shape = "(n, dim)" if width == dim else f"(n, {width}) (dim {dim} + the row-wise scale)"
+    values = _check_cpu_tensor(values, "values", row_dtype(storage), 2, shape)
+    if values.shape[1] != width:
+        what = f"dim={dim}" if width == dim else f"{width}: dim {dim} stored as {storage}"
         raise ValueError(
-            f"values must have shape (n, dim={dim}) for table {tag!r} of dim {dim}, got shape {tuple(values.shape)}"
+            f"values must have shape (n, {what}) for table {tag!r} of dim {dim}, got shape {tuple(values.shape)}"
         )
     if values.shape[0] != n:
         raise ValueError(
             f"values must have one row per key: keys has {n} rows, values has shape {tuple(values.shape)}"
         )
     return values
+
+
+def check_storage(storage: object, dim: int, tag: str) -> str:
+    """The canonical storage name (hps_core.storage) of table `tag` of `dim`; ValueError naming the table when the
+    storage is unknown or cannot keep rows of that dim (int8 / fp8 need dim % 4 == 0)."""
+    name = storage_name(storage, field=f"storage of table {tag!r}")
+    if name in ("int8", "fp8_e4m3") and dim % 4:
+        raise ValueError(f"storage of table {tag!r}: {name} needs a dim that is a multiple of 4, got dim {dim}")
+    return name
+
+
+def check_storage_match(tag: str, where: str, have: str, want: str) -> None:
+    """An existing table asked for with another storage: ValueError naming both (its rows are kept as `have`)."""
+    if have != want:
+        raise ValueError(f"table {tag!r} exists in {where} with storage {have}, asked for storage {want}: its rows are "
+                         f"stored as {have} (use the storage it was loaded with, or a new path / table)")
 
 
 def check_int(value: Any, name: str, minimum: int, maximum: int | None = None) -> int:
@@ -96,11 +122,13 @@ class TierStats:
 
 
 class Tier(abc.ABC):
-    """One storage level. All tensors are CPU tensors; keys are int64 (n,), values float32 (n, dim).
+    """One storage level. All tensors are CPU tensors; keys are int64 (n,), values the table's stored rows (n, width):
+    float32 (n, dim) for a float32 table (storage.stored_width / row_dtype give the others).
 
     Everything the engine asks of a tier is declared here, with the answer of a tier that lacks the feature; the
     engine never probes a tier for attributes. An implementation keeps one record per table in `self._tables`
-    (tag -> an object with `dim` and `stats: TierStats`), so the lookups, listing and counters below serve all.
+    (tag -> an object with `dim`, `storage` (a storage name) and `stats: TierStats`), so the lookups, listing and
+    counters below serve all.
     """
 
     name: str = "tier"
@@ -134,8 +162,9 @@ class Tier(abc.ABC):
     # ------------------------------------------------------------------------------------------ tables
 
     @abc.abstractmethod
-    def create_table(self, tag: str, dim: int) -> None:
-        """Declare a table (idempotent for the same dim; a different dim for an existing tag raises ValueError)."""
+    def create_table(self, tag: str, dim: int, storage: str = "float32") -> None:
+        """Declare a table whose rows `storage` keeps (idempotent for the same dim and storage; a different dim or
+        storage for an existing tag raises ValueError naming both - a persistent tier records them)."""
 
     def drop_table(self, tag: str) -> None:
         """Remove table `tag` and its rows (retiring a model); a tier that cannot says so (can_drop_tables)."""
@@ -146,11 +175,15 @@ class Tier(abc.ABC):
         self._check_open()
         return {tag: t.dim for tag, t in list(self._tables.items())}
 
+    def storage(self, tag: str) -> str:
+        """How table `tag` keeps its rows here (a hps_core.storage name)."""
+        return self._table(tag).storage
+
     # ------------------------------------------------------------------------------------------ rows
 
     @abc.abstractmethod
     def fetch(self, tag: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of `keys` (int64 (n,)) -> (values float32 (n, dim), found bool (n,)); missing rows are zeros."""
+        """Rows of `keys` (int64 (n,)) -> (stored rows (n, width), found bool (n,)); missing rows are zero bytes."""
 
     def map_handle(self, tag: str) -> int:
         """The handle of the table's native map, read by the lookup pipelines (tiers with native_map)."""
@@ -158,7 +191,7 @@ class Tier(abc.ABC):
 
     @abc.abstractmethod
     def insert(self, tag: str, keys: torch.Tensor, values: torch.Tensor) -> int:
-        """Insert or overwrite rows; returns how many keys were new."""
+        """Insert or overwrite stored rows (check_values); returns how many keys were new."""
 
     @abc.abstractmethod
     def erase(self, tag: str, keys: torch.Tensor) -> int:
@@ -173,8 +206,10 @@ class Tier(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def load(self, tag: str, table: "TableFiles", progress: bool = True) -> int:
-        """Bulk-load a table's files (key/emb_vector) into this tier; returns rows loaded."""
+    def load(self, tag: str, table: "TableFiles", progress: bool = True, storage: str = "float32") -> int:
+        """Bulk-load a table's files (key/emb_vector) into this tier, creating the table with `storage` if needed;
+        returns rows loaded. Blocks of float32 rows are encoded as they go (storage.to_stored); a source whose blocks
+        are already stored rows of the table's storage (another tier's iter_chunks) is copied as it is."""
 
     def loaded_from(self, tag: str) -> str | None:
         """The identity (TableFiles.identity()) of the files `tag` was last completely loaded from; None if unknown
@@ -184,8 +219,8 @@ class Tier(abc.ABC):
     def mark_loaded(self, tag: str, identity: str | None) -> None:
         """Record that `tag` holds every row of the files with this identity (None: forget it). Volatile: no-op."""
 
-    def iter_chunks(self, tag: str, chunk_rows: int = 1 << 16) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Every row of `tag` as (keys int64 (m,), vectors float32 (m, dim)) numpy blocks (complete tiers)."""
+    def iter_chunks(self, tag: str, chunk_rows: int = 1 << 16) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every row of `tag` as (keys int64 (m,), stored rows (m, width)) CPU tensor blocks (complete tiers)."""
         raise NotImplementedError(f"{type(self).__name__} cannot list its rows")
 
     # ------------------------------------------------------------------------------------------ counters

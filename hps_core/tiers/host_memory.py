@@ -1,12 +1,13 @@
 """The host-memory tier: one partitioned C++ hash map per table tag (HPS's "volatile DB" hash map).
 
-The map itself is `torch.classes.hps.HostHashMap` (cuda_ext/csrc/cpu/host_map_cpu.cpp): int64 keys -> float32 rows,
+The map itself is `torch.classes.hps.HostHashMap` (cuda_ext/csrc/cpu/host_map_cpu.cpp): int64 keys -> stored rows
+(the table's storage, hps_core.storage: float32 rows, or compact rows with their row-wise scale, kept as bytes),
 split over `num_partitions` partitions with their own reader/writer lock, at most `overflow_margin` entries per
 partition (pruned to `overflow_margin * overflow_resolution_target` by the overflow policy when full), about
-1.1-1.3x the raw key+vector bytes in memory. Calls release the GIL, so several Python threads can fetch at once.
+1.1-1.3x the raw key + stored-row bytes in memory (an int8 table of dim 128: ~0.27x a float32 one's rows). Calls release the GIL, so several Python threads can fetch at once.
 
 This wrapper adds what the Tier interface asks for: per-tag tables, chunking by `max_batch_size`, argument checks
-that raise before anything changes, bulk loading of table files, and counters.
+that raise before anything changes, bulk loading (and encoding) of table files, and counters.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import torch
 
 from hps_core._loader import load_extension
 from hps_core.config import MAX_INT64, OVERFLOW_POLICIES
-from hps_core.tiers.base import Tier, TierStats, check_int, check_keys, check_table_files, check_values
+from hps_core.storage import STORAGE_NAMES, bytes_per_row, row_dtype, stored_width, to_stored
+from hps_core.tiers.base import (Tier, TierStats, check_int, check_keys, check_storage, check_storage_match,
+                                 check_table_files, check_values)
 
 if TYPE_CHECKING:  # pragma: no cover
     from hps_core.tables import TableFiles
@@ -41,6 +44,7 @@ _MAX_PARTITIONS = 4096
 @dataclasses.dataclass
 class _Table:
     dim: int
+    storage: str  # hps_core.storage name: how the map keeps the rows
     map: Any  # torch.classes.hps.HostHashMap; it locks itself
     handle: int  # map.handle(), kept: a method call on the map costs microseconds
     stats: TierStats = dataclasses.field(default_factory=TierStats)
@@ -70,6 +74,7 @@ class HostMemoryTier(Tier):
         >>> values, found = tier.fetch("hps_et.model.t0", torch.tensor([3, 5]))  # float32 (2, 16), bool (2,)
         >>> found.tolist()
         [True, False]
+        >>> tier.create_table("hps_et.model.t1", dim=16, storage="int8")   # rows (n, 24) int8: 16 codes + scale, bias
     """
 
     name = "host_memory"
@@ -120,15 +125,17 @@ class HostMemoryTier(Tier):
 
     # ------------------------------------------------------------------------------------------------ tables
 
-    def create_table(self, tag: str, dim: int) -> None:
-        """Declare table `tag` with rows of `dim` float32 (idempotent for the same dim; another dim -> ValueError).
+    def create_table(self, tag: str, dim: int, storage: str = "float32") -> None:
+        """Declare table `tag` with rows of `dim` kept as `storage` (idempotent for the same dim and storage; another
+        dim or storage -> ValueError).
 
-        Raises ValueError when `allocation_rate` is smaller than one row (dim * 4 bytes).
+        Raises ValueError when `allocation_rate` is smaller than one stored row.
         """
         self._check_open()
         if not isinstance(tag, str) or not tag:
             raise TypeError(f"tag must be a non-empty str, got {type(tag).__name__} {tag!r}")
         dim = check_int(dim, "dim", 1)
+        storage = check_storage(storage, dim, tag)
         with self._tables_lock:
             table = self._tables.get(tag)
             if table is not None:
@@ -136,11 +143,13 @@ class HostMemoryTier(Tier):
                     raise ValueError(
                         f"table {tag!r} exists in the host-memory tier with dim {table.dim}, got dim {dim}"
                     )
+                check_storage_match(tag, self._where, table.storage, storage)
                 return
-            if self.allocation_rate < dim * 4:
+            row_bytes = bytes_per_row(storage, dim)
+            if self.allocation_rate < row_bytes:
                 raise ValueError(
-                    f"allocation_rate must be at least one row of table {tag!r} (dim {dim} * 4 = {dim * 4} bytes), "
-                    f"got {self.allocation_rate}"
+                    f"allocation_rate must be at least one row of table {tag!r} (dim {dim} as {storage} = "
+                    f"{row_bytes} bytes), got {self.allocation_rate}"
                 )
             hmap = torch.classes.hps.HostHashMap(
                 dim,
@@ -150,9 +159,11 @@ class HostMemoryTier(Tier):
                 self.overflow_resolution_target,
                 self.allocation_rate,
                 self.seed,
+                STORAGE_NAMES.index(storage),
             )
-            self._tables[tag] = _Table(dim=dim, map=hmap, handle=hmap.handle())
-            logger.debug("host-memory tier: created table %s (dim %d, %d partitions)", tag, dim, self.num_partitions)
+            self._tables[tag] = _Table(dim=dim, storage=storage, map=hmap, handle=hmap.handle())
+            logger.debug("host-memory tier: created table %s (dim %d, %s, %d partitions)", tag, dim, storage,
+                         self.num_partitions)
 
     def drop_table(self, tag: str) -> None:
         """Forget table `tag` and free its rows (a retired model's); unknown tags are ignored. Pipelines that read
@@ -176,7 +187,8 @@ class HostMemoryTier(Tier):
     # ------------------------------------------------------------------------------------------------ data
 
     def fetch(self, tag: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of `keys` (int64 (n,), CPU) -> (values float32 (n, dim), found bool (n,)), CPU; missing rows are 0.
+        """Rows of `keys` (int64 (n,), CPU) -> (stored rows (n, width), found bool (n,)), CPU; missing rows are 0
+        (float32 (n, dim) for a float32 table).
 
         Hits count as uses for the overflow policy (LFU count + 1, LRU time = now).
 
@@ -189,7 +201,7 @@ class HostMemoryTier(Tier):
         if n <= self.max_batch_size:
             values, found = table.map.fetch(keys)
         else:
-            values = torch.empty((n, table.dim), dtype=torch.float32)
+            values = torch.empty((n, stored_width(table.storage, table.dim)), dtype=row_dtype(table.storage))
             found = torch.empty((n,), dtype=torch.bool)
             for start in range(0, n, self.max_batch_size):
                 stop = min(start + self.max_batch_size, n)
@@ -202,7 +214,8 @@ class HostMemoryTier(Tier):
         return self._table(tag).handle
 
     def insert(self, tag: str, keys: torch.Tensor, values: torch.Tensor) -> int:
-        """Insert or overwrite rows: keys int64 (n,), values float32 (n, dim), CPU. Returns how many keys were new.
+        """Insert or overwrite rows: keys int64 (n,), values the table's stored rows (n, width) (float32 (n, dim) for a
+        float32 table), CPU. Returns how many keys were new.
 
         A key repeated in `keys` keeps its last row. A write resets the key's LFU count to 0 (as HPS) and sets its
         LRU time to now. Full partitions are pruned first (overflow policy), so a partition never holds more than
@@ -210,7 +223,7 @@ class HostMemoryTier(Tier):
         """
         table = self._table(tag)
         keys = check_keys(keys)
-        values = check_values(values, keys.numel(), table.dim, tag)
+        values = check_values(values, keys.numel(), table.dim, tag, table.storage)
         n = keys.numel()
         new = 0
         for start in range(0, n, self.max_batch_size):
@@ -248,12 +261,14 @@ class HostMemoryTier(Tier):
         """Every key stored for `tag`, int64 (size,), in no particular order (dumps, tests)."""
         return self._table(tag).map.export_keys()
 
-    def load(self, tag: str, table: "TableFiles", progress: bool = True) -> int:
+    def load(self, tag: str, table: "TableFiles", progress: bool = True, storage: str = "float32") -> int:
         """Bulk-load table files (`hps_core.tables.TableFiles`) into `tag`; returns rows loaded.
 
-        Creates the table with `table.dim` when needed (an existing tag must have that dim), reserves room for
-        all rows first (exact-size pages, no rehash), then inserts `max_batch_size` rows at a time. Rows beyond
-        the overflow margin evict others as any insert does.
+        Creates the table with `table.dim` and `storage` when needed (an existing tag must have them), reserves room
+        for all rows first (exact-size pages, no rehash), then encodes and inserts `max_batch_size` rows at a time
+        (a source of stored rows - another tier's - is copied as it is). Rows beyond the overflow margin evict
+        others as any insert does. A block the storage cannot keep raises ValueError naming it; the blocks before
+        it stay loaded.
 
         Example:
             >>> tier.load("hps_et.model.t0", hps_core.tables.open_table("/data/model/t0", dim=16))
@@ -261,14 +276,15 @@ class HostMemoryTier(Tier):
         """
         self._check_open()
         check_table_files(table)
-        self.create_table(tag, table.dim)
+        self.create_table(tag, table.dim, storage)
         entry = self._table(tag)
         self.reserve(tag, entry.map.size() + int(table.num_keys))
         loaded = 0
+        where = str(getattr(table, "path", tag))
         for keys, vectors in table.iter_chunks(self.max_batch_size, progress=progress, desc=f"host memory <- {tag}"):
-            # np.array copies the read-only memmap block (torch wants writable memory).
-            self.insert(tag, torch.from_numpy(np.array(keys, dtype=np.int64)),
-                        torch.from_numpy(np.array(vectors, dtype=np.float32)))
+            keys = torch.as_tensor(np.array(keys, dtype=np.int64)) if not isinstance(keys, torch.Tensor) else keys
+            rows = to_stored(vectors, entry.storage, entry.dim, field=f"rows {loaded}.. of {where}")
+            self.insert(tag, keys, rows)
             loaded += len(keys)
         logger.info(
             "host-memory tier: loaded %d rows into %s (%d stored, %.1f MiB)",

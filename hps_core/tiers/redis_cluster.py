@@ -2,17 +2,31 @@
 
 Layout (HPS's RedisCluster backend as described in the behaviour reference §3.12; the meta encoding is ours):
     table tag T, key k  ->  partition p = rrxmrrxmsx_0(uint64(k)) % num_partitions
-    hash  "hps_et{T/p<p>}v"   field = the 8 raw little-endian bytes of k, value = dim raw float32 bytes
-    hash  "hps_et{T/p<p>}t"   field = same, value = LRU time (ms since the epoch) or LFU count, as decimal text
+    hash    "hps_et{T/p<p>}v"      field = the 8 raw little-endian bytes of k, value = the stored row's raw bytes
+    hash    "hps_et{T/p<p>}t"      field = same, value = LRU time (ms since the epoch) or LFU count, as decimal text
+    string  "hps_et{T/p0}storage"  the table's storage name (hps_core.storage), written once by its first creator
+    string  "hps_et{T/p0}loaded"   identity of the table files it holds completely (loaded_from / mark_loaded)
 The `{...}` hash tag puts both hashes of a partition in one cluster slot, so a batch becomes one HMGET / HSET /
 HDEL per (partition, chunk of at most `max_batch_size` keys), grouped per node.
+
+A value is one stored row (hps_core.storage) as its bytes, `bytes_per_row(storage, dim)` of them:
+    float32              dim x 4 bytes of float32, little-endian: HPS's own layout, which HPS reads and writes
+    float16 / bfloat16   dim x 2 bytes
+    int8                 dim int8 codes, then the row's float32 scale and bias (dim + 8 bytes)
+    fp8_e4m3             dim float8_e4m3fn codes, then the row's float32 scale (dim + 4 bytes)
+The cluster is shared and outlives servers, so the storage is recorded with the table: a server (or a restart)
+asking for the tag with another storage is refused before it writes anything, as is one whose dim does not match
+the size of the rows held. A table without a storage record (written by HPS, or before records existed) is float32.
+Rows are moved as bytes and never re-encoded: a fetch returns exactly the rows an insert or load wrote.
 
 Data path of one fetch:
     keys -> partition of each key (vectorised hash) -> stable sort by partition
          -> per node: every command of that node packed (RESP, built with numpy, no per-key Python)
          -> send to every node first, then read node by node (the nodes work concurrently: one node's reply is
             computed while another's is parsed; no threads, so no GIL contention on 2 cores)
-         -> hiredis parses each reply; one bytes join + np.frombuffer per command -> rows scattered to the output.
+         -> hiredis parses each reply; one bytes join + np.frombuffer per command -> rows scattered to the output
+            as one fixed-size byte record each (numpy has no bfloat16 / fp8; the tensor is viewed as the
+            storage's dtype at the end, which costs nothing).
 
 Faults: every socket read/write/connect is bounded by `timeout_ms`. When a node cannot be reached or does not
 answer in time, its keys are reported not found and counted (`errors`), the node is marked down and a topology
@@ -59,7 +73,9 @@ from redis.retry import Retry
 from redis.utils import HIREDIS_AVAILABLE
 
 from hps_core.config import MAX_INT64, OVERFLOW_POLICIES
-from hps_core.tiers.base import Tier, TierStats, check_int, check_table_files
+from hps_core.storage import bytes_per_row, row_dtype, storage_name, stored_width, to_stored
+from hps_core.tiers.base import (Tier, TierStats, check_int, check_storage, check_storage_match, check_table_files,
+                                 check_values)
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +176,15 @@ def _bulk_rows(columns: Sequence[np.ndarray], m: int) -> np.ndarray:
 def _key_bytes(sorted_keys: np.ndarray) -> np.ndarray:
     """uint8 (m, 8): the raw little-endian bytes of int64 keys (the hash field)."""
     return np.ascontiguousarray(sorted_keys, dtype="<i8").view(np.uint8).reshape(-1, _KEY_BYTES)
+
+
+def _records(rows: np.ndarray) -> np.ndarray:
+    """uint8 (m, w) C-contiguous rows as a (m,) array of w-byte records (a view).
+
+    Row gathers and scatters (`rows[order]`, `out[idx] = ...`) then move one record per row instead of w one-byte
+    elements, faster than the float32 (m, dim) copies of the same bytes, whatever the storage's dtype.
+    """
+    return rows.view(np.dtype((np.void, rows.shape[1])))[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------- connections
@@ -295,9 +320,15 @@ class _Node:
 class _Table:
     tag: str
     dim: int
+    storage: str  # hps_core.storage name: the values are rows stored this way
+    row_bytes: int  # bytes_per_row(storage, dim): the size of every value
     hkeys: list[bytes]  # value hash per partition
     tkeys: list[bytes]  # meta hash per partition
     routes: list[str | None]  # node name per partition (None: slot not served)
+    storage_key: bytes  # the storage record (partition 0's slot)
+    # The cluster's storage record is known to equal `storage`; False while its node could not be asked (a start
+    # with that node down): writes then ask again before writing, so no rows go in under another storage.
+    recorded: bool = False
     stats: RedisTierStats = dataclasses.field(default_factory=RedisTierStats)
 
 
@@ -375,6 +406,9 @@ class RedisClusterTier(Tier):
         >>> tier.insert("hps_et.m.t0", torch.tensor([1, 2]), torch.ones(2, 16))
         2
         >>> values, found = tier.fetch("hps_et.m.t0", torch.tensor([1, 3]))   # float32 (2, 16), bool (2,)
+        >>> tier.create_table("hps_et.m.t1", 16, storage="int8")   # values: int8 (n, 24), 16 codes + scale, bias
+        >>> tier.insert("hps_et.m.t1", torch.tensor([1]), hps_core.storage.encode_rows(torch.ones(1, 16), "int8"))
+        1
     """
 
     name = "redis_cluster"
@@ -673,47 +707,121 @@ class RedisClusterTier(Tier):
 
     # ------------------------------------------------------------------ tables / inputs
 
-    def create_table(self, tag: str, dim: int) -> None:
-        """Declare a table; checks a sample of rows already in the cluster has `dim` floats.
+    def create_table(self, tag: str, dim: int, storage: str = "float32") -> None:
+        """Declare a table whose values are rows of `dim` kept as `storage` (a hps_core.storage name).
 
-        Raises ValueError on a dim different from an earlier call or from the rows the cluster holds.
+        The cluster records a table's storage when it is first created (a table it holds without a record - HPS's,
+        or written before records existed - is float32). Raises ValueError, having written nothing, on a dim or
+        storage different from an earlier call, from the cluster's record, or (dim) from the size of a sample of
+        the rows the cluster holds. Nodes that cannot be asked are skipped (a degraded start); when the record's
+        node is one of them, the first write asks again before writing.
         """
+        self._check_open()
         if not isinstance(tag, str) or not tag or "{" in tag or "}" in tag:
             raise ValueError(f"redis_cluster: table tag must be a non-empty string without braces, got {tag!r}")
         dim = _check_positive_int(dim, "dim")
+        storage = check_storage(storage, dim, tag)
         with self._tables_lock:
             existing = self._tables.get(tag)
-            if existing is not None:
-                if existing.dim != dim:
-                    raise ValueError(f"redis_cluster: table {tag!r} was created with dim {existing.dim}, got {dim}")
-                return
+        if existing is not None:
+            self._check_same(existing, dim, storage)
+            return
         hkeys = [f"hps_et{{{tag}/p{p}}}v".encode() for p in range(self.num_partitions)]
         tkeys = [f"hps_et{{{tag}/p{p}}}t".encode() for p in range(self.num_partitions)]
-        table = _Table(tag, dim, hkeys, tkeys, [self._slots[key_slot(h)] for h in hkeys])
-        self._check_stored_dim(table)
+        table = _Table(tag, dim, storage, bytes_per_row(storage, dim), hkeys, tkeys,
+                       [self._slots[key_slot(h)] for h in hkeys], f"hps_et{{{tag}/p0}}storage".encode())
+        self._check_stored(table, writing=False)
         with self._tables_lock:
-            self._tables.setdefault(tag, table)
+            kept = self._tables.setdefault(tag, table)
+        if kept is not table:  # another thread declared it meanwhile
+            self._check_same(kept, dim, storage)
 
-    def _check_stored_dim(self, table: _Table) -> None:
+    def _check_same(self, table: _Table, dim: int, storage: str) -> None:
+        if table.dim != dim:
+            raise ValueError(f"redis_cluster: table {table.tag!r} was created with dim {table.dim}, got {dim}")
+        check_storage_match(table.tag, self._where, table.storage, storage)
+
+    def _check_stored(self, table: _Table, writing: bool) -> None:
+        """Check `table` against what the cluster holds, and record its storage there when there is no record yet.
+
+        One pipelined round asks for the storage record and one row of every partition (HRANDFIELD ... WITHVALUES:
+        its size tells the dim). Raises ValueError, before anything is written, when the record names another
+        storage, when there is no record but there are rows (a float32 table) and another storage is asked for, or
+        when a sampled row is not bytes_per_row(storage, dim) bytes. Sets `table.recorded` once the cluster's record
+        is known to name `table.storage`. A record node that cannot be asked leaves it False: logged at create_table
+        (a degraded start goes on), RedisClusterTierError for a write (`writing`: nodes backing off are asked too),
+        which must not put rows in under a storage the cluster may record otherwise.
+        """
+        record_node = table.routes[0]
         batches: dict[str, list[_Cmd]] = {}
+        if record_node is not None:
+            batches[record_node] = [_Cmd([_pack_args([b"GET", table.storage_key])], table, 0, kind="s")]
         for p, node in enumerate(table.routes):
             if node is not None:
                 cmd = _pack_args([b"HRANDFIELD", table.hkeys[p], b"1", b"WITHVALUES"])
                 batches.setdefault(node, []).append(_Cmd([cmd], table, p))
-        for name, result in self._execute(batches, respect_backoff=True).items():
+        record_known, record = False, None
+        samples: list[tuple[int, bytes]] = []
+        for name, result in self._execute(batches, respect_backoff=not writing).items():
             if not isinstance(result, list):
                 continue  # node down: nothing to check there now
             for cmd, reply in zip(batches[name], result):
+                if cmd.kind == "s":
+                    if not isinstance(reply, ResponseError):
+                        record_known, record = True, reply
+                    continue
                 if not isinstance(reply, list) or not reply:
                     continue  # empty partition (or an error reply: nothing to learn)
                 # [field, value], or [[field, value]] from servers that pair WITHVALUES replies
-                value = reply[0][1] if isinstance(reply[0], list) else reply[1]
-                if len(value) != table.dim * 4:
-                    raise ValueError(
-                        f"redis_cluster: the cluster already holds rows of {len(value)} bytes for table "
-                        f"{table.tag!r} (partition {cmd.part}), not dim {table.dim} x 4 bytes: wrong dim, or "
-                        f"another table under the same tag"
-                    )
+                samples.append((cmd.part, reply[0][1] if isinstance(reply[0], list) else reply[1]))
+        if record is not None:
+            have = self._record_name(table, record)
+        elif record_known and samples:
+            have = "float32"  # rows but no record: HPS's layout (or a table written before records existed)
+        else:
+            have = None  # a new table, or the record could not be read
+        if have is not None:
+            check_storage_match(table.tag, self._where, have, table.storage)
+        for part, value in samples:
+            if len(value) != table.row_bytes:
+                raise ValueError(
+                    f"redis_cluster: the cluster already holds rows of {len(value)} bytes for table {table.tag!r} "
+                    f"(partition {part}), not dim {table.dim} as {table.storage} ({table.row_bytes} bytes): wrong "
+                    f"dim, or another table under the same tag"
+                )
+        if record is not None:
+            table.recorded = True
+            return
+        if record_known:
+            # No record yet. SET NX keeps a record another server wrote since the GET; the second GET says which
+            # storage won, so two servers creating the table at once cannot both succeed with different storages.
+            try:
+                _, record = self._call(self._nodes[record_node], [
+                    _pack_args([b"SET", table.storage_key, table.storage.encode(), b"NX"]),
+                    _pack_args([b"GET", table.storage_key]),
+                ])
+            except (RedisError, OSError, RedisClusterTierError) as exc:
+                record = exc
+            if isinstance(record, bytes):
+                check_storage_match(table.tag, self._where, self._record_name(table, record), table.storage)
+                table.recorded = True
+                return
+            reason = f"writing it: {record!r}"
+        else:
+            reason = "its slot is not served" if record_node is None else f"{record_node} could not be asked"
+        if writing:
+            raise RedisClusterTierError(
+                f"redis_cluster: cannot write table {table.tag!r}: its storage record "
+                f"{table.storage_key.decode()} could not be checked ({reason}); nothing was written"
+            )
+        logger.warning("redis_cluster: the storage record of table %s could not be checked (%s); it is taken as "
+                       "%s, and writes check it first", table.tag, reason, table.storage)
+
+    @staticmethod
+    def _record_name(table: _Table, record: bytes) -> str:
+        """The storage a record names; ValueError for a record that names none (not written by us)."""
+        return storage_name(bytes(record).decode(errors="replace"),
+                            field=f"redis_cluster: the storage record {table.storage_key.decode()} of {table.tag!r}")
 
     @staticmethod
     def _keys_numpy(keys: Any) -> np.ndarray:
@@ -727,19 +835,6 @@ class RedisClusterTier(Tier):
         if arr.dtype.kind not in "iu" or arr.ndim != 1:
             raise TypeError(f"keys must be a 1-D integer tensor/array, got dtype {arr.dtype} shape {arr.shape}")
         return np.ascontiguousarray(arr, dtype=np.int64)
-
-    @staticmethod
-    def _values_numpy(values: Any, n: int, dim: int) -> np.ndarray:
-        if isinstance(values, torch.Tensor):
-            if values.dtype != torch.float32:
-                raise TypeError(f"values must be a float32 tensor, got {values.dtype}")
-            values = values.detach().cpu().numpy()
-        arr = np.asarray(values)
-        if arr.dtype != np.float32:
-            raise TypeError(f"values must be float32, got {arr.dtype}")
-        if arr.shape != (n, dim):
-            raise ValueError(f"values must have shape ({n}, {dim}), got {arr.shape}")
-        return np.ascontiguousarray(arr)
 
     def _plan(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Stable sort by partition -> (order int64 (n,), partition start offsets (P,), end offsets (P,))."""
@@ -825,20 +920,24 @@ class RedisClusterTier(Tier):
     # ------------------------------------------------------------------ fetch
 
     def fetch(self, tag: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of `keys` -> (values float32 (n, dim) CPU, found bool (n,) CPU); missing rows are zeros.
+        """Rows of `keys` -> (stored rows (n, stored_width) of the storage's dtype (float32 (n, dim) for a float32
+        table) CPU, found bool (n,) CPU); missing rows are zero bytes.
 
         Never raises for a cluster problem: keys whose node cannot answer are reported not found and counted in
         `stats()[tag].errors`. Raises KeyError for an undeclared tag, TypeError/ValueError for bad keys.
         """
         table = self._table(tag)
         keys_np = self._keys_numpy(keys)
-        n, dim = keys_np.size, table.dim
-        out = np.zeros((n, dim), np.float32)
+        n = keys_np.size
+        # The rows as bytes (numpy has no bfloat16 / fp8), filled one row record at a time; the tensor is viewed as
+        # the storage's dtype at the end (a view: no copy). np.zeros, not torch.zeros: its pages come zeroed from
+        # the allocator, torch writes them.
+        out = np.zeros((n, table.row_bytes), np.uint8)
         found = np.zeros(n, np.bool_)
         errors = skipped = failed = 0
         if n:
             try:
-                errors, skipped, failed = self._fetch_into(table, keys_np, out, found)
+                errors, skipped, failed = self._fetch_into(table, keys_np, _records(out), found)
             except Exception:  # the contract: a lookup never sees a tier failure, whatever its cause
                 logger.exception("redis_cluster: fetch of %d keys from %s failed unexpectedly; reported missing",
                                  n, tag)
@@ -847,11 +946,15 @@ class RedisClusterTier(Tier):
                 errors, skipped, failed = n, 0, 1
         self._count(table.stats, fetches=1, keys_requested=n, keys_found=int(found.sum()), errors=errors,
                     keys_skipped=skipped, failed_requests=failed)
-        return torch.from_numpy(out), torch.from_numpy(found)
+        if n == 0:  # numpy gives an empty array a 0 stride, which torch will not view as another dtype
+            return torch.empty((0, stored_width(table.storage, table.dim)), dtype=row_dtype(table.storage)), \
+                torch.from_numpy(found)
+        return torch.from_numpy(out).view(row_dtype(table.storage)), torch.from_numpy(found)
 
     def _fetch_into(self, table: _Table, keys_np: np.ndarray, out: np.ndarray,
                     found: np.ndarray) -> tuple[int, int, int]:
-        """The network part of fetch: fills out/found; returns (errors, skipped, failed requests)."""
+        """The network part of fetch: fills out ((n,) row records) / found; returns (errors, skipped, failed
+        requests)."""
         n = keys_np.size
         errors = skipped = failed = 0
         order, starts, ends = self._plan(keys_np)
@@ -888,7 +991,8 @@ class RedisClusterTier(Tier):
 
     def _decode(self, table: _Table, cmd: _Cmd, reply: Any, order: np.ndarray, out: np.ndarray,
                 found: np.ndarray) -> np.ndarray | None:
-        """Scatter one HMGET reply into `out`/`found`; returns the hit mask over [lo, hi), None on an error reply."""
+        """Scatter one HMGET reply into `out` ((n,) row records) / `found`; returns the hit mask over [lo, hi), None
+        on an error reply."""
         m = cmd.hi - cmd.lo
         if not isinstance(reply, list) or len(reply) != m:
             if isinstance(reply, ResponseError):
@@ -897,7 +1001,7 @@ class RedisClusterTier(Tier):
                 logger.warning("redis_cluster: unexpected HMGET reply for %s: %s", table.hkeys[cmd.part],
                                type(reply).__name__)
             return None
-        row_bytes = table.dim * 4
+        row_bytes = table.row_bytes
         misses = reply.count(None)
         if misses == m:
             return np.zeros(m, np.bool_)
@@ -920,7 +1024,7 @@ class RedisClusterTier(Tier):
         idx = order[cmd.lo : cmd.hi]
         if hits != m:
             idx = idx[mask]
-        out[idx] = np.frombuffer(data, np.float32).reshape(-1, table.dim)
+        out[idx] = np.frombuffer(data, out.dtype)
         found[idx] = True
         return mask
 
@@ -980,25 +1084,34 @@ class RedisClusterTier(Tier):
         return out
 
     def insert(self, tag: str, keys: torch.Tensor, values: torch.Tensor) -> int:
-        """Insert or overwrite rows (keys int64 (n,), values float32 (n, dim)); returns how many keys were new.
+        """Insert or overwrite stored rows (keys int64 (n,), values the table's stored rows (n, stored_width) of the
+        storage's dtype: float32 (n, dim) for a float32 table, see check_values); returns how many keys were new.
 
-        With a finite overflow_margin, partitions above it are then pruned (see `overflow_policy`). Raises
-        RedisClusterTierError when a node could not be written (rows on the other nodes are written).
+        Bad input raises TypeError / ValueError before anything is written. With a finite overflow_margin,
+        partitions above it are then pruned (see `overflow_policy`). Raises RedisClusterTierError when a node could
+        not be written (rows on the other nodes are written).
         """
         table = self._table(tag)
         keys_np = self._keys_numpy(keys)
-        vals_np = self._values_numpy(values, keys_np.size, table.dim)
-        return self._insert_numpy(table, keys_np, vals_np)
+        values = check_values(values, keys_np.size, table.dim, tag, table.storage)
+        return self._insert_numpy(table, keys_np, values.detach().view(torch.uint8).numpy())
 
-    def _insert_numpy(self, table: _Table, keys_np: np.ndarray, vals_np: np.ndarray) -> int:
+    def _insert_numpy(self, table: _Table, keys_np: np.ndarray, rows_u8: np.ndarray) -> int:
+        """Write rows given as their bytes, uint8 (n, row_bytes) C-contiguous (checked by the callers)."""
         n = keys_np.size
         if n == 0:
             return 0
+        if not table.recorded:
+            # The storage record could not be read at create_table (its node was down): no row goes in before the
+            # cluster says the table is ours to write as table.storage (ValueError otherwise; RedisClusterTierError
+            # while the node is still down).
+            self._check_stored(table, writing=True)
         order, starts, ends = self._plan(keys_np)
         sorted_keys = keys_np[order]
         key_cols = _key_bytes(sorted_keys)
         # One row = "$8\r\n<key>\r\n$<rb>\r\n<row bytes>\r\n"; a stable sort keeps the last duplicate last.
-        rows = _bulk_rows([key_cols, vals_np[order].view(np.uint8).reshape(n, table.dim * 4)], n)
+        sorted_rows = _records(rows_u8)[order].view(np.uint8).reshape(n, table.row_bytes)
+        rows = _bulk_rows([key_cols, sorted_rows], n)
         meta_value = None
         if self.keeps_meta:
             meta_value = b"0" if self.overflow_policy == "evict_least_used" else str(int(time.time() * 1000)).encode()
@@ -1141,9 +1254,12 @@ class RedisClusterTier(Tier):
         self._marker_call(table, [b"DEL", key] if identity is None else [b"SET", key, identity.encode()])
 
     def iter_chunks(self, tag: str, chunk_rows: int = 1 << 16) -> Any:
-        """Every row the cluster holds for `tag`, a partition at a time (HGETALL), as (keys int64, vectors float32)
-        numpy blocks. Raises RedisClusterTierError when a partition cannot be read."""
+        """Every row the cluster holds for `tag`, a partition at a time (HGETALL), as (keys int64 (m,), stored rows
+        (m, stored_width) of the storage's dtype) CPU tensor blocks. A field or value of the wrong size (not written
+        by a tier of this table) is left out and logged, as a fetch reports it missing. Raises RedisClusterTierError
+        when a partition cannot be read."""
         table = self._table(tag)
+        dtype = row_dtype(table.storage)
         for p in range(self.num_partitions):
             node = table.routes[p]
             if node is None:
@@ -1152,33 +1268,51 @@ class RedisClusterTier(Tier):
             if isinstance(reply, ResponseError):
                 raise RedisClusterTierError(f"redis_cluster: reading {table.hkeys[p]!r} failed: {reply}")
             pairs = list(reply.items()) if isinstance(reply, dict) else list(zip(reply[0::2], reply[1::2]))
-            for start in range(0, len(pairs), chunk_rows):
-                block = pairs[start : start + chunk_rows]
-                keys = np.frombuffer(b"".join(k for k, _ in block), dtype="<i8").astype(np.int64)
-                rows = np.frombuffer(b"".join(v for _, v in block), dtype="<f4").reshape(len(block), table.dim)
-                yield keys, rows.astype(np.float32)
+            good = [(k, v) for k, v in pairs if len(k) == _KEY_BYTES and len(v) == table.row_bytes]
+            if len(good) != len(pairs):
+                logger.warning("redis_cluster: %d entries of %s are not an 8-byte key with a %d-byte row; left out",
+                               len(pairs) - len(good), table.hkeys[p], table.row_bytes)
+            for start in range(0, len(good), chunk_rows):
+                block = good[start : start + chunk_rows]
+                # bytearray: writable memory for torch (frombuffer over bytes is read-only), one copy of the join.
+                keys = np.frombuffer(bytearray(b"".join(k for k, _ in block)), dtype="<i8")
+                rows = np.frombuffer(bytearray(b"".join(v for _, v in block)), dtype=np.uint8)
+                yield (torch.from_numpy(keys.astype(np.int64, copy=False)),
+                       torch.from_numpy(rows.reshape(len(block), table.row_bytes)).view(dtype))
 
-    def load(self, tag: str, table: "Any", progress: bool = True) -> int:
-        """Write every row of a `hps_core.tables.TableFiles` into the cluster (tqdm bar when `progress`).
+    def load(self, tag: str, table: "Any", progress: bool = True, storage: str = "float32") -> int:
+        """Write every row of a `hps_core.tables.TableFiles` into the cluster (tqdm bar when `progress`), creating
+        the table with `table.dim` and `storage` when needed (an existing tag must have them).
 
-        Returns rows loaded. Raises ValueError when the files' dim differs from the table's, and
-        RedisClusterTierError when a node cannot be written. The table's load record is cleared first (a load
-        that does not finish leaves none).
+        Blocks of float32 rows (table files) are encoded into the table's storage as they go; a source whose blocks
+        are already its stored rows (another tier's iter_chunks) is copied as it is (storage.to_stored). Returns
+        rows loaded. Raises ValueError when the files' dim or the storage differs from the table's, or for a block
+        the storage cannot keep (NaN / inf in an int8 or fp8 table, ...: the blocks before it stay written), and
+        RedisClusterTierError when a node cannot be written. The table's load record is cleared first (a load that
+        does not finish leaves none).
         """
-        t = self._table(tag)
+        self._check_open()
         check_table_files(table)
-        if table.dim != t.dim:
-            raise ValueError(f"redis_cluster: table files {table.path} have dim {table.dim}, table {tag!r} has "
-                             f"dim {t.dim}")
+        t = self._tables.get(tag)
+        if t is not None and table.dim != t.dim:
+            raise ValueError(f"redis_cluster: table files {getattr(table, 'path', '?')} have dim {table.dim}, table "
+                             f"{tag!r} has dim {t.dim}")
+        self.create_table(tag, table.dim, storage)
+        t = self._table(tag)
         self.mark_loaded(tag, None)
         # ~32 MB of row bytes per block: big enough for full max_batch_size commands, small enough for RAM.
-        chunk_rows = max(1024, min(1 << 16, (32 << 20) // (t.dim * 4 + 32)))
+        chunk_rows = max(1024, min(1 << 16, (32 << 20) // (t.row_bytes + 32)))
+        where = str(getattr(table, "path", tag))
         loaded = 0
         for keys, vectors in table.iter_chunks(chunk_rows, progress=progress, desc=f"redis_cluster <- {tag}"):
-            self._insert_numpy(t, np.ascontiguousarray(keys, dtype=np.int64),
-                               np.ascontiguousarray(vectors, dtype=np.float32))
-            loaded += len(keys)
-        logger.info("redis_cluster: loaded %d rows into %s", loaded, tag)
+            rows = to_stored(vectors, t.storage, t.dim, field=f"rows {loaded}.. of {where}")
+            keys_np = self._keys_numpy(keys)
+            if keys_np.size != rows.shape[0]:
+                raise ValueError(f"redis_cluster: a block of {where} has {keys_np.size} keys and "
+                                 f"{rows.shape[0]} rows")
+            self._insert_numpy(t, keys_np, rows.view(torch.uint8).numpy())
+            loaded += keys_np.size
+        logger.info("redis_cluster: loaded %d rows into %s (%s)", loaded, tag, t.storage)
         return loaded
 
     def close(self) -> None:

@@ -1,13 +1,26 @@
 """RocksDB tier (HPS "persistent_db" of type rocks_db) over rocksdict, in raw mode.
 
-On-disk layout, compatible with HPS's RocksDB backend:
+On-disk layout, compatible with HPS's RocksDB backend for float32 tables:
 
     column family "<tag>"  (tag = "hps_et.<model>.<table>")   one per table
         key   = the int64 key as 8 little-endian bytes (HPS: the raw native bytes of the key)
-        value = dim float32 as little-endian bytes (4 * dim bytes)
+        value = the stored row's raw bytes (hps_core.storage), bytes_per_row(storage, dim) of them:
+                    float32              dim float32, little-endian (4 * dim bytes): HPS's own layout
+                    float16 / bfloat16   dim x 2 bytes
+                    int8                 dim int8 codes, then the row's float32 scale and bias (dim + 8 bytes)
+                    fp8_e4m3             dim float8_e4m3fn codes, then the row's float32 scale (dim + 4 bytes)
     column family "default"                                     our metadata (HPS leaves it empty)
-        b"hps/dim/<tag>"   -> dim as ASCII decimal
-        b"hps/count/<tag>" -> exact number of keys as ASCII decimal (absent = unknown: recounted on demand)
+        b"hps/dim/<tag>"     -> dim as ASCII decimal
+        b"hps/storage/<tag>" -> the storage's canonical name as ASCII (absent = float32)
+        b"hps/count/<tag>"   -> exact number of keys as ASCII decimal (absent = unknown: recounted on demand)
+        b"hps/loaded/<tag>"  -> identity of the table files it holds completely (loaded_from / mark_loaded)
+
+Rows are stored once encoded (by `load` from float32 table files, or as the stored rows `insert` is given) and move
+as bytes from then on: `fetch` and `iter_chunks` return exactly the bytes written, as tensors of the storage's dtype
+(numpy has no bfloat16 / fp8, so the bytes travel as uint8 and the torch tensor is viewed as that dtype at the end).
+The storage is recorded with the table by `create_table`; a family without a storage entry (written by HPS, or by
+versions of this project before storages existed) is float32, and asking for an existing table with another storage
+raises ValueError with nothing changed (its bytes could not be read as another storage's rows).
 
 Counting: RocksDB has no exact key count (its "estimate-num-keys" property is an estimate), so `insert` and
 `erase` look the keys up before writing (they must report how many keys were new / present anyway) and write the new
@@ -16,7 +29,8 @@ when done; a directory whose count is missing (a crash mid-load, a DB written by
 on the first `size()` and the count is stored again. HPS's size() check was inverted; this one is exact.
 
 Column families that exist when the tier opens are opened with it (an engine restarted over the directory sees its
-tables); a family without a dim entry (written by HPS) takes its dim from the length of its first value.
+tables and their storages, read-only opens too); a family without a dim entry (written by HPS) takes its dim from
+the length of its first value (float32 rows, unless a storage entry says otherwise).
 """
 
 from __future__ import annotations
@@ -38,8 +52,10 @@ import numpy as np
 import rocksdict
 import torch
 
+from hps_core.storage import bytes_per_row, check_encodable, row_dtype, storage_name, stored_width, to_stored
 from hps_core.tables import _check_bool
-from hps_core.tiers.base import Tier, TierStats, check_int, check_keys, check_table_files, check_values
+from hps_core.tiers.base import (Tier, TierStats, check_int, check_keys, check_storage, check_storage_match,
+                                 check_table_files, check_values)
 
 if TYPE_CHECKING:  # pragma: no cover
     from hps_core.tables import TableFiles
@@ -49,12 +65,16 @@ logger = logging.getLogger(__name__)
 __all__ = ["RocksDBTier"]
 
 _KEY_DTYPE = np.dtype("<i8")
+# The rows of table files (float32, little-endian). Stored rows are moved as the tensor's own bytes, which are
+# little-endian on the hosts torch runs on here (x86-64, aarch64): a float32 table's values are HPS's bytes.
 _VALUE_DTYPE = np.dtype("<f4")
 # Bytewise order of little-endian int64 key bytes (RocksDB's default comparator) = integer order of the same
 # 8 bytes read as a big-endian uint64. SST files must be written in that order.
 _KEY_ORDER_DTYPE = np.dtype(">u8")
 
 _DIM_PREFIX = b"hps/dim/"
+# The table's storage name (hps_core.storage); absent = float32 (HPS, or a table written before storages existed).
+_STORAGE_PREFIX = b"hps/storage/"
 _COUNT_PREFIX = b"hps/count/"
 # The identity of the table files a table was completely loaded from (TableFiles.identity()); deleted while a load
 # runs, so a start after a crashed load reloads.
@@ -63,11 +83,13 @@ _LOADED_PREFIX = b"hps/loaded/"
 _STAGING_PREFIX = ".hps_ingest_"
 _DEFAULT_CF = "default"
 
-# Table bytes per SST file when loading (1 GiB: 2 M rows of dim 128). A block costs 16 bytes per row of RAM (its
-# sort order and sorted keys); its vectors are gathered slab by slab. Larger tables give several files whose key
+# Table-file bytes (keys + float32 rows) per SST block when loading (1 GiB: 2 M rows of dim 128; the SST file holds
+# the same rows as stored, fewer bytes for a compact storage). A block costs 16 bytes per row of RAM (its sort order
+# and sorted keys); its rows are gathered (and encoded) slab by slab. Larger tables give several files whose key
 # ranges overlap; RocksDB ingests them in order (later rows win) into level 0 and compacts them in the background.
 _LOAD_BLOCK_BYTES = 1 << 30
-# Rows turned into Python bytes objects at a time while writing an SST file (bounds the Python-object memory).
+# Rows gathered, encoded and turned into Python bytes objects at a time while writing an SST file (bounds the
+# Python-object and encoding memory).
 _SST_PUT_ROWS = 1 << 16
 
 _LOAD_METHODS = ("sst", "write_batch")
@@ -75,9 +97,10 @@ _LOAD_METHODS = ("sst", "write_batch")
 
 @dataclasses.dataclass
 class _Table:
-    """One column family: its rocksdict handle(s), dim and the exact key count (None = unknown, recount)."""
+    """One column family: its rocksdict handle(s), dim, storage and the exact key count (None = unknown, recount)."""
 
     dim: int | None
+    storage: str  # hps_core.storage name: every value is one row stored this way (bytes_per_row bytes)
     cf: Any  # rocksdict.Rdict bound to the column family; None for a tag declared on a read-only DB lacking it
     handle: Any  # rocksdict.ColumnFamily for WriteBatch; None when read-only
     count: int | None
@@ -89,9 +112,18 @@ def _keys_numpy(keys: Any, name: str = "keys") -> np.ndarray:
     return np.ascontiguousarray(check_keys(keys, name).detach().numpy(), dtype=_KEY_DTYPE)
 
 
-def _values_numpy(values: Any, n: int, dim: int, tag: str) -> np.ndarray:
-    """A CPU float32 (n, dim) tensor -> contiguous little-endian float32 numpy array."""
-    return np.ascontiguousarray(check_values(values, n, dim, tag).detach().numpy(), dtype=_VALUE_DTYPE)
+def _values_bytes(values: Any, n: int, dim: int, tag: str, storage: str) -> np.ndarray:
+    """Stored rows of `storage` (check_values: a CPU tensor of row_dtype(storage), (n, stored_width)) -> their bytes,
+    uint8 (n, bytes_per_row) C-contiguous (a view: numpy has no bfloat16 / fp8 dtype, bytes it can hold)."""
+    values = check_values(values, n, dim, tag, storage).detach()
+    if not n:  # an empty tensor can have a 0 stride (from numpy), which torch will not view as another dtype
+        return np.empty((0, bytes_per_row(storage, dim)), dtype=np.uint8)
+    return values.view(torch.uint8).numpy()
+
+
+def _bytes_tensor(rows: torch.Tensor, storage: str) -> torch.Tensor:
+    """uint8 (n, bytes_per_row) rows (a torch tensor, C-contiguous) -> the same memory as stored rows of `storage`."""
+    return rows.view(row_dtype(storage))
 
 
 def _key_bytes(keys: np.ndarray) -> list[bytes]:
@@ -100,7 +132,7 @@ def _key_bytes(keys: np.ndarray) -> list[bytes]:
 
 
 def _row_bytes(rows: np.ndarray) -> list[bytes]:
-    """float32 (n, dim) contiguous -> n `bytes` of 4 * dim bytes each."""
+    """Rows (n, w) C-contiguous, any dtype (float32 rows, stored rows as uint8) -> n `bytes` of w * itemsize each."""
     return rows.view(f"V{rows.shape[1] * rows.itemsize}").ravel().tolist()
 
 
@@ -136,7 +168,8 @@ class RocksDBTier(Tier):
         sort_fetch_keys: sort each MultiGet chunk by key bytes with numpy and un-permute the results (rocksdict's
             MultiGet otherwise sorts them itself, with RocksDB's comparator).
 
-    All tensors are CPU tensors: keys int64 (n,), values float32 (n, dim).
+    All tensors are CPU tensors: keys int64 (n,), values the table's stored rows (hps_core.storage): float32 (n, dim)
+    for a float32 table, (n, stored_width(storage, dim)) of row_dtype(storage) otherwise.
 
     Raises (at construction):
         ValueError: the path is a file, a non-empty directory that is not a RocksDB database, a rocksdict database
@@ -149,6 +182,8 @@ class RocksDBTier(Tier):
         ...     db.create_table("hps_et.m.t0", 4)
         ...     db.insert("hps_et.m.t0", torch.tensor([1, 2]), torch.ones(2, 4))
         ...     values, found = db.fetch("hps_et.m.t0", torch.tensor([2, 3]))   # (2, 4) float32, [True, False]
+        ...     db.create_table("hps_et.m.t1", 4, storage="int8")   # rows: int8 (n, 12), 4 codes + scale, bias
+        ...     db.insert("hps_et.m.t1", torch.tensor([1]), hps_core.storage.encode_rows(torch.ones(1, 4), "int8"))
     """
 
     name = "rocksdb"
@@ -220,7 +255,7 @@ class RocksDBTier(Tier):
             self.path,
             "read-only" if self.read_only else "read-write",
             len(self._tables),
-            ", ".join(f"{t} (dim {v.dim})" for t, v in self._tables.items()) or "-",
+            ", ".join(f"{t} (dim {v.dim}, {v.storage})" for t, v in self._tables.items()) or "-",
         )
 
     # ----------------------------------------------------------------------------------------------- opening
@@ -289,23 +324,40 @@ class RocksDBTier(Tier):
         raw = self._db.get(prefix + tag.encode())
         return None if raw is None else int(raw)
 
+    def _meta_storage(self, tag: str) -> str | None:
+        """The storage entry of `tag` as a canonical name; None when there is none (HPS's family, or one written
+        before storages existed: float32). ValueError for an entry that names no storage (not written by us)."""
+        raw = self._db.get(_STORAGE_PREFIX + tag.encode())
+        if raw is None:
+            return None
+        return storage_name(bytes(raw).decode(errors="replace"),
+                            field=f"RocksDBTier({self.path}): the storage entry of table {tag!r}")
+
     def _open_existing(self, tag: str) -> None:
         cf = self._db.get_column_family(tag)
         handle = None if self.read_only else self._db.get_column_family_handle(tag)
         dim = self._meta_get(_DIM_PREFIX, tag)
+        storage = self._meta_storage(tag) or "float32"
         if dim is None:
-            # A family we did not write (HPS): the first value's length gives the dim.
+            # A family we did not write (HPS: float32): the first value's length gives the dim.
             for value in cf.values():
-                if len(value) % _VALUE_DTYPE.itemsize or not value:
-                    raise ValueError(
-                        f"RocksDBTier: column family {tag!r} in {self.path} holds a {len(value)}-byte value, "
-                        "not a whole number of float32"
-                    )
-                dim = len(value) // _VALUE_DTYPE.itemsize
+                dim = self._dim_of_value(tag, len(value), storage)
                 break
             if dim is not None and not self.read_only:
                 self._db.put(_DIM_PREFIX + tag.encode(), str(dim).encode(), self._write_options)
-        self._tables[tag] = _Table(dim=dim, cf=cf, handle=handle, count=self._meta_get(_COUNT_PREFIX, tag))
+        self._tables[tag] = _Table(dim=dim, storage=storage, cf=cf, handle=handle,
+                                   count=self._meta_get(_COUNT_PREFIX, tag))
+
+    def _dim_of_value(self, tag: str, length: int, storage: str) -> int:
+        """The dim whose rows stored as `storage` are `length` bytes; ValueError when there is none."""
+        tail = bytes_per_row(storage, 0)  # the row-wise scale (int8, fp8), 0 bytes for the plain dtypes
+        elem = row_dtype(storage).itemsize
+        if length <= tail or (length - tail) % elem:
+            raise ValueError(
+                f"RocksDBTier: column family {tag!r} in {self.path} holds a {length}-byte value, not a row of "
+                f"{storage} ({elem}-byte elements" + (f" + {tail} bytes of scale)" if tail else ")")
+            )
+        return (length - tail) // elem
 
     # --------------------------------------------------------------------------------------------- helpers
 
@@ -339,42 +391,59 @@ class RocksDBTier(Tier):
 
     # ------------------------------------------------------------------------------------------ Tier API
 
-    def create_table(self, tag: str, dim: int) -> None:
-        """Declare table `tag` of `dim` float32 per row: creates its column family and records the dim.
+    def create_table(self, tag: str, dim: int, storage: str = "float32") -> None:
+        """Declare table `tag` of `dim` whose rows `storage` keeps (a hps_core.storage name): creates its column
+        family and records the dim and the storage.
 
-        Idempotent for the same dim; another dim for an existing tag raises ValueError naming both. On a read-only
-        tier a tag the database lacks is declared empty (every fetch misses) rather than refused, so an engine can
-        start over a read-only database that serves only some of its tables.
+        Idempotent for the same dim and storage; another dim or storage for an existing tag raises ValueError naming
+        both, with nothing changed (a family without a storage entry - HPS's, or an earlier version's - is float32).
+        An existing empty family with no dim entry (HPS's) takes the dim and storage asked for. On a read-only tier
+        a tag the database lacks is declared empty (every fetch misses) rather than refused, so an engine can start
+        over a read-only database that serves only some of its tables.
         """
         if not isinstance(tag, str) or not tag or tag == _DEFAULT_CF:
             raise ValueError(f"tag must be a non-empty str other than {_DEFAULT_CF!r}, got {tag!r}")
         dim = check_int(dim, "dim", 1)
+        storage = check_storage(storage, dim, tag)
         self._check_open()
         with self._write_lock:
             table = self._tables.get(tag)
             if table is not None:
                 if table.dim is None:
+                    # An empty family with no dim entry (HPS's, or a create_table cut short before its entries): no
+                    # row tells its storage, so unless an entry records one it becomes what is asked.
+                    recorded = self._meta_storage(tag)
+                    if recorded is not None:
+                        check_storage_match(tag, self._where, recorded, storage)
                     if not self.read_only:
-                        self._db.put(_DIM_PREFIX + tag.encode(), str(dim).encode(), self._write_options)
-                    table.dim = dim
-                elif table.dim != dim:
+                        batch = rocksdict.WriteBatch(raw_mode=True)
+                        batch.put(_DIM_PREFIX + tag.encode(), str(dim).encode())
+                        batch.put(_STORAGE_PREFIX + tag.encode(), storage.encode())
+                        self._db.write(batch, self._write_options)
+                    table.dim, table.storage = dim, storage
+                    return
+                if table.dim != dim:
                     raise ValueError(
                         f"table {tag!r} already exists in RocksDBTier({self.path}) with dim {table.dim}; "
                         f"create_table asked for dim {dim}"
                     )
+                check_storage_match(tag, self._where, table.storage, storage)
                 return
             if self.read_only:
                 logger.warning("RocksDBTier(%s) is read-only and has no table %r: every key misses", self.path, tag)
-                self._tables[tag] = _Table(dim=dim, cf=None, handle=None, count=0)
+                self._tables[tag] = _Table(dim=dim, storage=storage, cf=None, handle=None, count=0)
                 return
             cf = self._db.create_column_family(tag, self._options)
             handle = self._db.get_column_family_handle(tag)
+            # One batch: a table never has a dim entry without its storage entry (a crash before it leaves an empty
+            # family without entries, which the next create_table completes).
             batch = rocksdict.WriteBatch(raw_mode=True)
             batch.put(_DIM_PREFIX + tag.encode(), str(dim).encode())
+            batch.put(_STORAGE_PREFIX + tag.encode(), storage.encode())
             batch.put(*self._count_entry(tag, 0))
             self._db.write(batch, self._write_options)
-            self._tables[tag] = _Table(dim=dim, cf=cf, handle=handle, count=0)
-            logger.info("RocksDBTier(%s): created table %s (dim %d)", self.path, tag, dim)
+            self._tables[tag] = _Table(dim=dim, storage=storage, cf=cf, handle=handle, count=0)
+            logger.info("RocksDBTier(%s): created table %s (dim %d, %s)", self.path, tag, dim, storage)
 
     def drop_table(self, tag: str) -> None:
         """Remove table `tag`: its column family and its records (a start that failed undoes its new tables)."""
@@ -388,7 +457,7 @@ class RocksDBTier(Tier):
                 table.cf.close()
             self._db.drop_column_family(tag)
             batch = rocksdict.WriteBatch(raw_mode=True)
-            for prefix in (_DIM_PREFIX, _COUNT_PREFIX, _LOADED_PREFIX):
+            for prefix in (_DIM_PREFIX, _STORAGE_PREFIX, _COUNT_PREFIX, _LOADED_PREFIX):
                 batch.delete(prefix + tag.encode())
             self._db.write(batch, self._write_options)
         logger.info("RocksDBTier(%s): dropped table %s", self.path, tag)
@@ -411,24 +480,36 @@ class RocksDBTier(Tier):
             self._db.put(key, identity.encode(), self._write_options)
 
     def iter_chunks(self, tag: str, chunk_rows: int = 1 << 16) -> Any:
-        """Yield (keys int64 (m,), vectors float32 (m, dim)) numpy blocks of every row of `tag`, in key-byte order
-        (a start loads the upper tiers and the resident tables from here when this tier holds the newest rows)."""
+        """Yield (keys int64 (m,), stored rows (m, stored_width) of the table's storage dtype) CPU tensor blocks of
+        every row of `tag`, in key-byte order (a start loads the upper tiers and the resident tables from here when
+        this tier holds the newest rows). The rows are the bytes stored, not re-encoded. A key or value of the wrong
+        size (not written by a tier of this table) is left out and logged, as a fetch reports it missing."""
         table = self._table(tag)
         dim = self._table_dim(tag, table)
         chunk_rows = check_int(chunk_rows, "chunk_rows", 1)
         if table.cf is None:
             return
+        row_bytes = bytes_per_row(table.storage, dim)
+        key_bytes = _KEY_DTYPE.itemsize
         items = iter(table.cf.items())
         while True:
             block = list(itertools.islice(items, chunk_rows))
             if not block:
                 return
-            keys = np.frombuffer(b"".join(k for k, _ in block), dtype=_KEY_DTYPE).astype(np.int64)
-            vectors = np.frombuffer(b"".join(v for _, v in block), dtype=_VALUE_DTYPE).reshape(len(block), dim)
-            yield keys, vectors.astype(np.float32)
+            good = [(k, v) for k, v in block if len(k) == key_bytes and len(v) == row_bytes]
+            if len(good) != len(block):
+                logger.error("RocksDBTier(%s): %d entries of %s are not an 8-byte key and a %d-byte row (dim %d, %s): "
+                             "left out", self.path, len(block) - len(good), tag, row_bytes, dim, table.storage)
+            if not good:
+                continue
+            # Copied into writable memory (bytearray): torch does not take read-only buffers.
+            keys = torch.frombuffer(bytearray(b"".join(k for k, _ in good)), dtype=torch.int64)
+            rows = torch.frombuffer(bytearray(b"".join(v for _, v in good)), dtype=torch.uint8)
+            yield keys, _bytes_tensor(rows.reshape(len(good), row_bytes), table.storage)
 
     def fetch(self, tag: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of `keys` -> (values float32 (n, dim), found bool (n,)), CPU; missing rows are zeros.
+        """Rows of `keys` -> (stored rows (n, stored_width) of the table's storage dtype - float32 (n, dim) for a
+        float32 table -, found bool (n,)), CPU; missing rows are zero bytes. The rows are the bytes stored.
 
         One MultiGet per `max_batch_size` keys. A RocksDB read error (or a stored value of the wrong length)
         reports those keys as not found and counts them in `stats()[tag].errors`; it never raises.
@@ -442,27 +523,30 @@ class RocksDBTier(Tier):
         np_keys = _keys_numpy(keys)
         dim = self._table_dim(tag, table)
         n = len(np_keys)
+        row_bytes = bytes_per_row(table.storage, dim)
+        # The rows as bytes (numpy has no bfloat16 / fp8); the tensor is viewed as the storage's dtype at the end.
         if not n or table.cf is None:
-            values, found = torch.zeros((n, dim), dtype=torch.float32), torch.zeros(n, dtype=torch.bool)
+            values, found = torch.zeros((n, row_bytes), dtype=torch.uint8), torch.zeros(n, dtype=torch.bool)
             hits = errors = 0
         else:
-            values, found = torch.empty((n, dim), dtype=torch.float32), torch.empty(n, dtype=torch.bool)
+            values, found = torch.empty((n, row_bytes), dtype=torch.uint8), torch.empty(n, dtype=torch.bool)
             hits, errors = self._multi_get(tag, table, np_keys, values.numpy(), found.numpy())
         self._count(table.stats, fetches=1, keys_requested=n, keys_found=hits, errors=errors)
-        return values, found
+        return _bytes_tensor(values, table.storage), found
 
     def _multi_get(
         self, tag: str, table: _Table, keys: np.ndarray, out: np.ndarray, out_found: np.ndarray
     ) -> tuple[int, int]:
-        """Fill out (n, dim) and out_found (n,) from MultiGets of `max_batch_size` keys; returns (hits, errors).
+        """Fill out (n, row_bytes) uint8 and out_found (n,) from MultiGets of `max_batch_size` keys; returns
+        (hits, errors).
 
         Per chunk: MultiGet with a shared all-zero row as the default (a miss returns that very object, so
         `is not` tells hits from misses even for stored all-zero rows), one join of the values, one frombuffer,
-        and one copy into `out` (a scatter back to input order when the keys were sorted). No per-key numpy or
-        float work.
+        and one copy into `out` (a scatter back to input order when the keys were sorted), one row-sized record per
+        row whatever the storage. No per-key numpy or float work.
         """
-        dim = out.shape[1]
-        row_bytes = dim * _VALUE_DTYPE.itemsize
+        row_bytes = out.shape[1]
+        records = out.view(np.dtype((np.void, row_bytes)))[:, 0]  # (n,) row records, a view of `out`
         zero_row = bytes(row_bytes)
         hits = errors = 0
         for start in range(0, len(keys), self.max_batch_size):
@@ -487,27 +571,30 @@ class RocksDBTier(Tier):
                 lengths = np.fromiter(map(len, got), dtype=np.int64, count=len(got))
                 bad = lengths != row_bytes
                 logger.error(
-                    "RocksDBTier(%s): %d values of %s are not %d bytes (dim %d): reported as missing",
-                    self.path, int(bad.sum()), tag, row_bytes, dim,
+                    "RocksDBTier(%s): %d values of %s are not %d bytes (dim %d, %s): reported as missing",
+                    self.path, int(bad.sum()), tag, row_bytes, table.dim, table.storage,
                 )
                 errors += int(bad.sum())
                 hit &= ~bad
                 joined = b"".join([zero_row if b else v for v, b in zip(got, bad.tolist())])
-            out[where] = np.frombuffer(joined, dtype=_VALUE_DTYPE).reshape(-1, dim)
+            records[where] = np.frombuffer(joined, dtype=records.dtype)
             out_found[where] = hit
             hits += int(np.count_nonzero(hit))
         return hits, errors
 
     def insert(self, tag: str, keys: torch.Tensor, values: torch.Tensor) -> int:
-        """Insert or overwrite rows (keys int64 (n,), values float32 (n, dim)); returns how many keys were new.
+        """Insert or overwrite stored rows (keys int64 (n,), values the table's stored rows (n, stored_width) of its
+        storage's dtype: float32 (n, dim) for a float32 table, see check_values); returns how many keys were new.
 
-        Duplicate keys in one call: the last row wins and the key counts once. Written in WriteBatches of
-        `max_batch_size` rows (WAL per `wal`); each batch also carries the table's new key count.
+        The rows are written as they are (their bytes): encode float32 rows first (hps_core.storage.encode_rows).
+        Bad input raises TypeError / ValueError before anything is written. Duplicate keys in one call: the last
+        row wins and the key counts once. Written in WriteBatches of `max_batch_size` rows (WAL per `wal`); each
+        batch also carries the table's new key count.
         """
         table = self._table(tag)
         np_keys = _keys_numpy(keys)
         dim = self._table_dim(tag, table)
-        np_values = _values_numpy(values, len(np_keys), dim, tag)
+        np_values = _values_bytes(values, len(np_keys), dim, tag, table.storage)
         self._check_writable("insert", tag)
         new_total = 0
         with self._write_lock:
@@ -567,38 +654,60 @@ class RocksDBTier(Tier):
             self._db.put(*self._count_entry(tag, count), self._write_options)
         return count
 
-    def load(self, tag: str, table: "TableFiles", progress: bool = True, *, method: str = "sst") -> int:
-        """Bulk-load table files (`TableFiles`: keys int64 (N,), vectors float32 (N, dim)); returns rows read.
+    def load(
+        self,
+        tag: str,
+        table: "TableFiles",
+        progress: bool = True,
+        storage: str = "float32",
+        *,
+        method: str = "sst",
+    ) -> int:
+        """Bulk-load table files (`TableFiles`: keys int64 (N,), vectors float32 (N, dim)) into table `tag`, creating
+        it with the files' dim and `storage` (a hps_core.storage name) when needed; returns rows read.
 
-        Rows already stored are overwritten; a key repeated in the files keeps its last row.
-        method="sst" (default, faster): each block of rows is sorted by key bytes, de-duplicated and written to an
-        SST file; all files are ingested at the end in one call (nothing is visible, and nothing written, if a
-        block fails). method="write_batch": WriteBatches of `max_batch_size` rows without WAL, flushed at the end.
+        Blocks of float32 rows (table files) are encoded into the table's storage as they go (storage.to_stored); a
+        source whose blocks are already the table's stored rows (another tier's iter_chunks: torch tensors of the
+        storage's dtype) is copied as it is. Rows already stored are overwritten; a key repeated in the files keeps
+        its last row.
+        method="sst" (default, faster): each block of rows is sorted by key bytes, de-duplicated, encoded a slab at a
+        time and written to an SST file; all files are ingested at the end in one call (nothing is visible, and
+        nothing written, if a block fails). method="write_batch": WriteBatches of `max_batch_size` rows without WAL,
+        flushed at the end; a block that fails leaves the blocks before it written (the table's load record stays
+        cleared, so a start loads the files again).
         The key count is exact afterwards: computed from the loaded keys when the table was empty (8 bytes of RAM per
         row while loading), else recounted by iterating the table.
+
+        Raises:
+            ValueError: the files' dim, or `storage`, differs from the existing table's (nothing is written); a
+                block the storage cannot keep (NaN / inf rows in an int8 or fp8 table, |x| > 65504 in a float16 one),
+                naming its rows; an unknown method or storage.
+            TypeError: the source yields keys or rows of another dtype or shape.
+            PermissionError: the tier is read-only.
         """
         if method not in _LOAD_METHODS:
             raise ValueError(f"method must be one of {list(_LOAD_METHODS)}, got {method!r}")
         progress = _check_bool(progress, "progress")
-        rt = self._table(tag)
+        self._check_open()
         self._check_writable("load", tag)
         check_table_files(table)
         files_dim = check_int(table.dim, "table.dim", 1)
         num_rows = operator.index(table.num_keys)
-        dim = self._table_dim(tag, rt) if rt.dim is not None else files_dim
-        if files_dim != dim:
-            raise ValueError(
-                f"table files {str(getattr(table, 'path', table))!r} have dim {files_dim}, table {tag!r} has dim {dim}"
-            )
-        row_bytes = _KEY_DTYPE.itemsize + dim * _VALUE_DTYPE.itemsize
+        where = str(getattr(table, "path", table))
+        existing = self._tables.get(tag)
+        if existing is not None and existing.dim is not None and existing.dim != files_dim:
+            raise ValueError(f"table files {where!r} have dim {files_dim}, table {tag!r} has dim {existing.dim}")
+        # Creates the table, or checks the existing one's storage (ValueError naming both before anything is
+        # written; an empty family without entries takes this dim and storage).
+        self.create_table(tag, files_dim, storage)
+        rt = self._table(tag)
+        dim = self._table_dim(tag, rt)
+        row_bytes = _KEY_DTYPE.itemsize + dim * _VALUE_DTYPE.itemsize  # of the table files
         block_rows = max(1, _LOAD_BLOCK_BYTES // row_bytes) if method == "sst" else self.max_batch_size
         desc = f"rocksdb load {tag}"
 
         with self._write_lock:
             was_empty = rt.count == 0
-            if rt.dim is None:
-                self._db.put(_DIM_PREFIX + tag.encode(), str(dim).encode(), self._write_options)
-                rt.dim = dim
             # Count unknown and no "loaded" record while loading: a crash mid-load leaves no stale one behind.
             self._db.delete(_COUNT_PREFIX + tag.encode(), self._write_options)
             self._db.delete(_LOADED_PREFIX + tag.encode(), self._write_options)
@@ -607,9 +716,9 @@ class RocksDBTier(Tier):
             try:
                 chunks = table.iter_chunks(block_rows, progress=progress, desc=desc)
                 if method == "sst":
-                    rows = self._load_sst(rt, chunks, dim, unique_blocks)
+                    rows = self._load_sst(rt, chunks, dim, where, unique_blocks)
                 else:
-                    rows = self._load_write_batch(rt, chunks, dim, unique_blocks)
+                    rows = self._load_write_batch(rt, chunks, dim, where, unique_blocks)
             except BaseException:
                 rt.count = self._recount(tag, rt)  # whatever made it in (nothing, for a failed SST load)
                 raise
@@ -626,31 +735,79 @@ class RocksDBTier(Tier):
                 logger.warning("RocksDBTier(%s): table files of %s announced %d rows, read %d",
                                self.path, tag, num_rows, rows)
             self._count(rt.stats, keys_inserted=rows)
-        logger.info("RocksDBTier(%s): loaded %d rows into %s (%s), %d keys stored",
-                    self.path, rows, tag, method, rt.count)
+        logger.info("RocksDBTier(%s): loaded %d rows into %s (%s, %s), %d keys stored",
+                    self.path, rows, tag, method, rt.storage, rt.count)
         return rows
 
     @staticmethod
-    def _check_chunk(keys: Any, vectors: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        keys, vectors = np.asarray(keys), np.asarray(vectors)
+    def _check_chunk(
+        keys: Any, vectors: Any, dim: int, storage: str, where: str
+    ) -> tuple[np.ndarray, np.ndarray | torch.Tensor]:
+        """One block of a load source -> (keys int64 (m,) contiguous numpy, rows): a numpy block must be float32
+        (m, dim) rows (table files); a torch block float32 (m, dim) rows or the storage's stored rows (another
+        tier's iter_chunks). TypeError naming what was found otherwise."""
+        if isinstance(keys, torch.Tensor):
+            keys = keys.detach().cpu().numpy()
+        keys = np.ascontiguousarray(keys)
         if keys.ndim != 1 or keys.dtype != _KEY_DTYPE:
-            raise TypeError(f"table files yielded keys of dtype {keys.dtype} shape {keys.shape}, expected int64 (m,)")
-        if vectors.dtype != _VALUE_DTYPE or vectors.shape != (len(keys), dim):
-            raise TypeError(
-                f"table files yielded vectors of dtype {vectors.dtype} shape {vectors.shape}, "
-                f"expected float32 ({len(keys)}, {dim})"
+            raise TypeError(f"{where} yielded keys of dtype {keys.dtype} shape {keys.shape}, expected int64 (m,)")
+        m = len(keys)
+        width, dtype = stored_width(storage, dim), row_dtype(storage)
+        if isinstance(vectors, torch.Tensor):
+            ok = vectors.dim() == 2 and vectors.shape[0] == m and (
+                (vectors.dtype == dtype and vectors.shape[1] == width)
+                or (vectors.dtype == torch.float32 and vectors.shape[1] == dim)
             )
+            found = f"{vectors.dtype} shape {tuple(vectors.shape)}"
+        else:
+            vectors = np.asarray(vectors)
+            ok = vectors.dtype == _VALUE_DTYPE and vectors.shape == (m, dim)
+            found = f"{vectors.dtype} shape {vectors.shape}"
+        if not ok:
+            expected = f"float32 ({m}, {dim})"
+            if storage != "float32":
+                expected += f" or {storage} stored rows ({dtype}, ({m}, {width}))"
+            raise TypeError(f"{where} yielded rows of dtype {found}, expected {expected}")
         return keys, vectors
 
-    def _load_sst(self, rt: _Table, chunks: Any, dim: int, unique_blocks: list[np.ndarray]) -> int:
+    @staticmethod
+    def _stored_rows(vectors: np.ndarray | torch.Tensor, storage: str, dim: int, field: str) -> np.ndarray:
+        """A checked block as a numpy array whose rows are the stored rows' bytes: float32 file rows of a float32
+        table as they are (a view of the memory map: no copy), anything else through to_stored (float32 rows checked
+        and encoded, stored rows copied as they are) as uint8 (m, bytes_per_row)."""
+        if isinstance(vectors, np.ndarray) and storage == "float32":
+            return vectors
+        return to_stored(vectors, storage, dim, field=field).view(torch.uint8).numpy()
+
+    @staticmethod
+    def _encode_gathered(
+        rows: np.ndarray, block: np.ndarray, storage: str, dim: int, first: int, where: str
+    ) -> np.ndarray:
+        """float32 rows gathered in key order from `block` (file rows `first`.. of `where`) -> their stored rows as
+        uint8 (k, bytes_per_row). A row the storage cannot keep raises the ValueError check_encodable gives when the
+        block is scanned in file order: the gathered order's row numbers would point nowhere in the files."""
+        try:
+            return to_stored(torch.from_numpy(rows), storage, dim).view(torch.uint8).numpy()
+        except ValueError:
+            for s in range(0, len(block), _SST_PUT_ROWS):
+                part = torch.from_numpy(np.array(block[s : s + _SST_PUT_ROWS]))  # a copy: the map is read-only
+                check_encodable(part, storage, field=f"rows {first + s}.. of {where}")
+            raise
+
+    def _load_sst(self, rt: _Table, chunks: Any, dim: int, where: str, unique_blocks: list[np.ndarray]) -> int:
+        storage = rt.storage
         rows = 0
         with tempfile.TemporaryDirectory(prefix=_STAGING_PREFIX, dir=self.path) as staging:
             paths = []
             for keys, vectors in chunks:
-                keys, vectors = self._check_chunk(keys, vectors, dim)
-                rows += len(keys)
+                keys, vectors = self._check_chunk(keys, vectors, dim, storage, where)
+                first, rows = rows, rows + len(keys)
                 if not len(keys):
                     continue
+                # float32 file rows of another storage are encoded after the gather, a slab at a time (encoding the
+                # block first would hold an encoded copy of it in RAM); other blocks are gathered as stored rows.
+                encode = isinstance(vectors, np.ndarray) and storage != "float32"
+                source = vectors if encode else self._stored_rows(vectors, storage, dim, f"rows {first}.. of {where}")
                 keep = _sorted_unique_last(keys)
                 sorted_keys = keys[keep]
                 unique_blocks.append(sorted_keys)
@@ -658,12 +815,15 @@ class RocksDBTier(Tier):
                 writer = rocksdict.SstFileWriter(self._options)
                 writer.open(sst_path)
                 # Rows gathered from the memory map in key-byte order, a slab at a time into one reused buffer
-                # (a fresh copy of the whole block would cost its size in RAM and page faults).
-                slab = np.empty((min(_SST_PUT_ROWS, len(keep)), dim), dtype=_VALUE_DTYPE)
+                # (a fresh copy of the whole block would cost its size in RAM and page faults). A slab that fails to
+                # encode leaves an unfinished file in staging, removed with it: nothing is ingested.
+                slab = np.empty((min(_SST_PUT_ROWS, len(keep)),) + source.shape[1:], dtype=source.dtype)
                 for s in range(0, len(keep), _SST_PUT_ROWS):
                     part = keep[s : s + _SST_PUT_ROWS]
                     rows_out = slab[: len(part)]
-                    np.take(vectors, part, axis=0, out=rows_out)
+                    np.take(source, part, axis=0, out=rows_out)
+                    if encode:
+                        rows_out = self._encode_gathered(rows_out, vectors, storage, dim, first, where)
                     collections.deque(
                         map(writer.__setitem__, _key_bytes(sorted_keys[s : s + len(part)]), _row_bytes(rows_out)),
                         maxlen=0,
@@ -677,16 +837,18 @@ class RocksDBTier(Tier):
                 rt.cf.ingest_external_file(paths, opts)
         return rows
 
-    def _load_write_batch(self, rt: _Table, chunks: Any, dim: int, unique_blocks: list[np.ndarray]) -> int:
+    def _load_write_batch(self, rt: _Table, chunks: Any, dim: int, where: str, unique_blocks: list[np.ndarray]) -> int:
         rows = 0
         for keys, vectors in chunks:
-            keys, vectors = self._check_chunk(keys, vectors, dim)
-            rows += len(keys)
+            keys, vectors = self._check_chunk(keys, vectors, dim, rt.storage, where)
+            first, rows = rows, rows + len(keys)
             if not len(keys):
                 continue
+            # Checked and encoded before anything of the block is written (a block fails whole).
+            stored = np.ascontiguousarray(self._stored_rows(vectors, rt.storage, dim, f"rows {first}.. of {where}"))
             unique_blocks.append(np.unique(keys))
             batch = self._new_batch(rt)
-            collections.deque(map(batch.put, _key_bytes(keys), _row_bytes(np.ascontiguousarray(vectors))), maxlen=0)
+            collections.deque(map(batch.put, _key_bytes(keys), _row_bytes(stored)), maxlen=0)
             self._db.write(batch, self._bulk_write_options)
         rt.cf.flush()  # the rows went in without WAL: make them durable now
         return rows

@@ -193,7 +193,7 @@ def test_host_maps_are_freed_with_their_last_reference():
     gc.collect()
     before = proc.memory_info().rss
     for _ in range(10):
-        m = torch.classes.hps.HostHashMap(32, 4, 1 << 30, 0, 0.8, 1 << 26, 0)
+        m = torch.classes.hps.HostHashMap(32, 4, 1 << 30, 0, 0.8, 1 << 26, 0, 0)
         m.handle()
         n = 500_000
         m.insert(torch.arange(n), torch.ones(n, 32))

@@ -428,16 +428,16 @@ def test_bad_inputs_raise_and_change_nothing():
 
 
 def test_native_map_checks_its_inputs():
-    hmap = torch.classes.hps.HostHashMap(4, 2, 100, 0, 0.8, 1 << 20, 0)
+    hmap = torch.classes.hps.HostHashMap(4, 2, 100, 0, 0.8, 1 << 20, 0, 0)
     keys = torch.arange(5, dtype=torch.int64)
     hmap.insert(keys, torch.ones(5, 4))
     with pytest.raises(TypeError, match="keys must have dtype int64, found Int"):
         hmap.fetch(keys.int())
-    with pytest.raises(ValueError, match=r"values must have dim = 4 columns .* found shape \[5, 3\]"):
+    with pytest.raises(ValueError, match=r"values must have width = 4 columns .* found shape \[5, 3\]"):
         hmap.insert(keys + 10, torch.ones(5, 3))
     with pytest.raises(ValueError, match="keys has 5 rows"):
         hmap.insert(keys + 10, torch.ones(4, 4))
-    with pytest.raises(TypeError, match="values must have dtype float32, found Double"):
+    with pytest.raises(TypeError, match=r"values must be stored rows of the map's storage \(dtype Float\), found Double"):
         hmap.insert(keys + 10, torch.ones(5, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="reserve: n must be >= 0, found -1"):
         hmap.reserve(-1)
@@ -451,14 +451,16 @@ def test_native_map_checks_its_inputs():
 @pytest.mark.parametrize(
     "args, needle",
     [
-        ((0, 1, 1, 0, 0.5, 64, 0), "dim must be > 0, found 0"),
-        ((4, 0, 1, 0, 0.5, 64, 0), "num_partitions must be in [1, 4096], found 0"),
-        ((4, 4097, 1, 0, 0.5, 64, 0), "found 4097"),
-        ((4, 1, 0, 0, 0.5, 64, 0), "overflow_margin must be >= 1, found 0"),
-        ((4, 1, 1, 3, 0.5, 64, 0), "overflow_policy must be 0 (evict_random)"),
-        ((4, 1, 1, 0, 1.0, 64, 0), "overflow_resolution_target must be in (0, 1), found 1"),
-        ((4, 1, 1, 0, 0.0, 64, 0), "overflow_resolution_target must be in (0, 1), found 0"),
-        ((4, 1, 1, 0, 0.5, 15, 0), "allocation_rate must be at least one row (dim * 4 = 16 bytes), found 15"),
+        ((0, 1, 1, 0, 0.5, 64, 0, 0), "dim must be > 0, found 0"),
+        ((4, 0, 1, 0, 0.5, 64, 0, 0), "num_partitions must be in [1, 4096], found 0"),
+        ((4, 4097, 1, 0, 0.5, 64, 0, 0), "found 4097"),
+        ((4, 1, 0, 0, 0.5, 64, 0, 0), "overflow_margin must be >= 1, found 0"),
+        ((4, 1, 1, 3, 0.5, 64, 0, 0), "overflow_policy must be 0 (evict_random)"),
+        ((4, 1, 1, 0, 1.0, 64, 0, 0), "overflow_resolution_target must be in (0, 1), found 1"),
+        ((4, 1, 1, 0, 0.0, 64, 0, 0), "overflow_resolution_target must be in (0, 1), found 0"),
+        ((4, 1, 1, 0, 0.5, 15, 0, 0), "allocation_rate must be at least one row (16 bytes), found 15"),
+        ((6, 1, 1, 0, 0.5, 64, 0, 3), "dim must be a multiple of 4 for int8"),
+        ((4, 1, 1, 0, 0.5, 64, 0, 5), "storage must be 0 (float32)"),
     ],
 )
 def test_native_constructor_validates(args, needle):
@@ -572,7 +574,7 @@ def test_fetch_releases_the_gil():
     """A Python thread keeps running while another thread is inside a long fetch (custom-class calls release
     the GIL): it logs timestamps inside the middle third of the call. With the GIL held it could not."""
     dim, n = 64, 200_000
-    hmap = torch.classes.hps.HostHashMap(dim, 4, NO_OVERFLOW_LIMIT, 0, 0.8, 1 << 24, 0)
+    hmap = torch.classes.hps.HostHashMap(dim, 4, NO_OVERFLOW_LIMIT, 0, 0.8, 1 << 24, 0, 0)
     keys = torch.arange(n, dtype=torch.int64) * 31
     hmap.insert(keys, torch.ones(n, dim))
     big = keys.repeat(15)  # 3M keys: a call of some 100s of ms
@@ -640,3 +642,103 @@ def test_load_beyond_the_margin_evicts(tmp_path):
     assert tier.load(TAG, open_table(tmp_path / "t", dim=2), progress=False) == 5000
     assert max(tier.partition_sizes(TAG)) <= 1000
     assert tier.stats()[TAG].keys_evicted == 5000 - tier.size(TAG)
+
+
+# ------------------------------------------------------------------------------------------------ stored rows
+
+STORAGES = ["float32", "float16", "bfloat16", "int8", "fp8_e4m3"]
+
+
+def _as_bytes(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().view(torch.uint8).numpy()
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("dim", [8, 128])
+def test_stored_rows_round_trip_as_bytes(storage, dim):
+    from hps_core import storage as st
+
+    rng = np.random.default_rng(dim)
+    n = 5000
+    keys = random_keys(rng, n + 1)
+    absent, keys = keys[n:n + 1], keys[:n]
+    stored = st.encode_rows(torch.from_numpy(rng.standard_normal((n, dim), dtype=np.float32) * 3), storage)
+    tier = HostMemoryTier(num_partitions=4, max_batch_size=1500)  # fetch is chunked too
+    tier.create_table(TAG, dim, storage)
+    assert tier.storage(TAG) == storage
+    assert tier.insert(TAG, torch.from_numpy(keys), stored) == n
+    order = rng.permutation(n)
+    probe = np.concatenate([keys[order], absent])
+    values, found = tier.fetch(TAG, torch.from_numpy(probe))
+    assert values.dtype == st.row_dtype(storage) and values.shape == (n + 1, st.stored_width(storage, dim))
+    assert found[:n].all() and not found[n]
+    np.testing.assert_array_equal(_as_bytes(values[:n]), _as_bytes(stored)[order])
+    assert not _as_bytes(values[n:]).any()  # a missing row is zero bytes
+    # Memory follows the stored bytes: an int8 row of 128 is 136 bytes, not 512.
+    assert tier.memory_bytes(TAG) <= 1.3 * n * (8 + st.bytes_per_row(storage, dim)) + (1 << 20)
+
+
+@pytest.mark.parametrize("storage", ["float16", "int8", "fp8_e4m3"])
+def test_stored_rows_bad_inputs_raise_and_change_nothing(storage):
+    from hps_core import storage as st
+
+    tier = HostMemoryTier(num_partitions=2)
+    tier.create_table(TAG, 8, storage)
+    keys = torch.arange(4, dtype=torch.int64)
+    good = st.encode_rows(torch.ones(4, 8), storage)
+    tier.insert(TAG, keys, good)
+    with pytest.raises(TypeError, match=f"values must have dtype {st.row_dtype(storage)}, got torch.float32"):
+        tier.insert(TAG, keys + 10, torch.ones(4, 8))  # float32 rows: the engine encodes, the tier does not
+    with pytest.raises(ValueError, match=r"values must have shape \(n, "):
+        tier.insert(TAG, keys + 10, good[:, :-1].contiguous() if storage == "float16" else good[:, 1:].contiguous())
+    with pytest.raises(ValueError, match=f"exists in the host-memory tier with storage {storage}, asked for "
+                                         "storage float32"):
+        tier.create_table(TAG, 8)
+    with pytest.raises(ValueError, match="needs a dim that is a multiple of 4"):
+        tier.create_table("hps_et.m.t6", 6, "int8")
+    assert tier.size(TAG) == 4 and "hps_et.m.t6" not in tier.tags()
+    np.testing.assert_array_equal(_as_bytes(tier.fetch(TAG, keys)[0]), _as_bytes(good))
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_load_encodes_table_files_once(tmp_path, storage):
+    from hps_core import storage as st
+
+    rng = np.random.default_rng(5)
+    dim = 16
+    keys = random_keys(rng, 7000)
+    rows = rng.standard_normal((len(keys), dim)).astype(np.float32)
+    write_table(tmp_path / "t0", keys, rows)
+    tier = HostMemoryTier(num_partitions=4, max_batch_size=2000)
+    assert tier.load(TAG, open_table(tmp_path / "t0", dim=dim), progress=False, storage=storage) == len(keys)
+    values, found = tier.fetch(TAG, torch.from_numpy(keys))
+    assert found.all()
+    np.testing.assert_array_equal(_as_bytes(values), _as_bytes(st.encode_rows(torch.from_numpy(rows), storage)))
+    # Stored blocks (another tier's iter_chunks) load as they are: the same bytes, nothing re-encoded.
+    other = HostMemoryTier(num_partitions=2)
+
+    class StoredSource:
+        dim, num_keys, path = 16, len(keys), "stored rows"
+
+        def iter_chunks(self, chunk_rows, progress=False, desc=None):
+            for s in range(0, len(keys), chunk_rows):
+                yield torch.from_numpy(keys[s:s + chunk_rows]), values[s:s + chunk_rows]
+
+    other.load(TAG, StoredSource(), progress=False, storage=storage)
+    np.testing.assert_array_equal(_as_bytes(other.fetch(TAG, torch.from_numpy(keys))[0]), _as_bytes(values))
+
+
+@pytest.mark.parametrize("storage, bad, needle", [
+    ("int8", float("nan"), "int8 storage keeps finite rows only"),
+    ("fp8_e4m3", float("inf"), "fp8_e4m3 storage keeps finite rows only"),
+    ("float16", 1e6, "beyond float16's range"),
+])
+def test_load_refuses_rows_the_storage_cannot_keep(tmp_path, storage, bad, needle):
+    rows = np.ones((10, 8), np.float32)
+    rows[7, 3] = bad
+    write_table(tmp_path / "t0", np.arange(10, dtype=np.int64), rows)
+    tier = HostMemoryTier(num_partitions=2)
+    with pytest.raises(ValueError, match=needle) as info:
+        tier.load(TAG, open_table(tmp_path / "t0", dim=8), progress=False, storage=storage)
+    assert "t0" in str(info.value) and "row 7" in str(info.value)
+    assert tier.size(TAG) == 0  # one block: nothing of it was written

@@ -384,9 +384,10 @@ def test_load_dim_mismatch_writes_nothing(tmp_path, rng):
             t.load(TAG, files, progress=False)
         with pytest.raises(ValueError, match="method"):
             t.load(TAG, files, progress=False, method="bulk")
-        with pytest.raises(KeyError, match=TAG):
-            t.load("hps_et.m.nope", files, progress=False)
         assert t.size(TAG) == 0
+        # An unknown tag is created with the files' dim and the storage asked for (the Tier contract).
+        assert t.load("hps_et.m.new", files, progress=False) == 10
+        assert t.tables()["hps_et.m.new"] == 3 and t.storage("hps_et.m.new") == "float32"
 
 
 class _BadSecondBlock:

@@ -1,5 +1,6 @@
 // The host-memory tier's hash map (HPS's "volatile DB"), exposed to Python as torch.classes.hps.HostHashMap.
-// One object holds one table: int64 keys -> float32 rows of a fixed dim, split over partitions that each have
+// One object holds one table: int64 keys -> stored rows of a fixed dim (row_codec.h: float32, or a compact storage
+// with its row-wise scale, kept and copied as bytes), split over partitions that each have
 // their own lock, open-addressing index and paged value arena. See host_map_cpu.cpp for the design notes.
 #pragma once
 
@@ -11,6 +12,8 @@
 #include <memory>
 #include <tuple>
 #include <vector>
+
+#include "../stored_rows.h"
 
 namespace hps {
 
@@ -31,18 +34,18 @@ class HostHashMap : public torch::CustomClassHolder {
   // dim: row length; num_partitions in [1, 4096]; overflow_margin: max entries per partition (>= 1);
   // overflow_policy: kEvictRandom | kEvictLeastUsed | kEvictOldest; overflow_resolution_target in (0, 1):
   // a full partition is pruned to margin * target entries; allocation_rate: largest value page in bytes
-  // (>= one row); seed: seeds the per-partition RNGs of evict_random.
+  // (>= one row); seed: seeds the per-partition RNGs of evict_random; storage: the row_codec.h Storage of the rows.
   HostHashMap(int64_t dim, int64_t num_partitions, int64_t overflow_margin, int64_t overflow_policy,
-              double overflow_resolution_target, int64_t allocation_rate, int64_t seed);
+              double overflow_resolution_target, int64_t allocation_rate, int64_t seed, int64_t storage);
   ~HostHashMap() override;
   void release_resources() override;
 
-  // keys int64 (n,) CPU -> (values float32 (n, dim), found bool (n,)); missing rows are zeros.
+  // keys int64 (n,) CPU -> (stored rows (n, width) of the storage's dtype, found bool (n,)); missing rows are zeros.
   std::tuple<at::Tensor, at::Tensor> fetch(const at::Tensor& keys);
   // The same into caller-owned buffers (e.g. pinned memory the rows are copied to the GPU from):
-  // out float32 (n, dim) contiguous, found bool (n,) contiguous, both CPU.
+  // out (n, width) of the storage's dtype, contiguous, found bool (n,) contiguous, both CPU.
   void fetch_into(const at::Tensor& keys, at::Tensor& out, at::Tensor& found);
-  // keys int64 (n,), values float32 (n, dim): insert or overwrite (last duplicate wins); returns #new keys.
+  // keys int64 (n,), values stored rows (n, width): insert or overwrite (last duplicate wins); returns #new keys.
   int64_t insert(const at::Tensor& keys, const at::Tensor& values);
   // keys int64 (n,): returns #keys that were present (and are gone now).
   int64_t erase(const at::Tensor& keys);
@@ -53,6 +56,8 @@ class HostHashMap : public torch::CustomClassHolder {
   // Bytes allocated right now: index arrays + value pages (with their meta) + free lists + bookkeeping.
   int64_t memory_bytes() const;
   int64_t dim() const { return dim_; }
+  int64_t storage() const { return storage_; }
+  int64_t width() const { return width_; }  // elements per stored row
   // A process-unique number naming this map to native code (a LookupPipeline): passing the object itself through
   // the dispatcher from Python costs ~30 us per call, an int nothing. Resolved by find_host_map.
   int64_t handle(const c10::intrusive_ptr<HostHashMap>& self);
@@ -78,6 +83,9 @@ class HostHashMap : public torch::CustomClassHolder {
 
   int64_t handle_ = -1;  // -1 until handle() is first called
   int64_t dim_;
+  int32_t storage_;
+  int64_t width_ = 0;
+  int64_t row_bytes_ = 0;
   int64_t num_partitions_;
   int64_t overflow_margin_;
   int64_t overflow_policy_;

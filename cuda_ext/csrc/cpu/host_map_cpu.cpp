@@ -9,7 +9,8 @@
 //    {int64 key, uint32 row}. Occupancy lives in the row field (kEmptyRow), so every int64 value - INT64_MIN and
 //    INT64_MAX included - is a valid key. The home slot is the multiply-shift range reduction of the hash, so
 //    the capacity need not be a power of two: the index grows by 1.5x when it reaches 0.9 load (never doubles).
-//  * Value arena: pages of rows (dim float32 each) plus a uint32 access meta per row. Page sizes grow with the
+//  * Value arena: pages of stored rows (row_codec.h: the table's storage - float32, float16, bfloat16, int8 or fp8
+//    rows with their row-wise scale - copied as bytes, never decoded here) plus a uint32 access meta per row. Page sizes grow with the
 //    partition (1/32 of its rows, at least 16 KiB, at most allocation_rate bytes), so growth wastes < 1/32 of the
 //    rows plus one small page. NOTE: HPS allocates whole allocation_rate pages (256 MiB by default) per
 //    partition, which alone costs 4 GiB for 16 partitions; here allocation_rate is the largest page.
@@ -211,7 +212,7 @@ struct SplitMix64 {
 };
 
 struct Page {
-  float* values;   // (rows, dim)
+  uint8_t* values;  // (rows, row_bytes)
   uint32_t* meta;  // (rows,)
   uint32_t rows;
 };
@@ -219,8 +220,8 @@ struct Page {
 // One partition: index + arena + lock. All fields are guarded by `mutex` except `clock` (atomic) and the meta
 // words, which fetches update with relaxed atomics under the shared lock.
 struct Partition {
-  Partition(int64_t dim, uint32_t shift, int64_t min_page_rows, int64_t max_page_rows, uint64_t seed)
-      : dim(dim), shift(shift), min_page_rows(min_page_rows), max_page_rows(max_page_rows), rng{seed} {}
+  Partition(int64_t row_bytes, uint32_t shift, int64_t min_page_rows, int64_t max_page_rows, uint64_t seed)
+      : row_bytes(row_bytes), shift(shift), min_page_rows(min_page_rows), max_page_rows(max_page_rows), rng{seed} {}
   ~Partition() {
     for (Page& p : pages) free_bytes(p.values, page_bytes(p.rows));
     free_bytes(slots, cap * sizeof(Slot));
@@ -228,7 +229,7 @@ struct Partition {
   Partition(const Partition&) = delete;
   Partition& operator=(const Partition&) = delete;
 
-  const int64_t dim;
+  const int64_t row_bytes;  // one stored row
   const uint32_t shift;  // row id = (page << shift) | offset
   const int64_t min_page_rows, max_page_rows;
 
@@ -247,15 +248,20 @@ struct Partition {
   SplitMix64 rng;
 
   // ---- rows
-  float* row_values(uint32_t row) const {
-    return pages[row >> shift].values + static_cast<int64_t>(row & ((uint32_t(1) << shift) - 1)) * dim;
+  uint8_t* row_values(uint32_t row) const {
+    return pages[row >> shift].values + static_cast<int64_t>(row & ((uint32_t(1) << shift) - 1)) * row_bytes;
   }
   uint32_t* row_meta(uint32_t row) const { return pages[row >> shift].meta + (row & ((uint32_t(1) << shift) - 1)); }
 
   uint64_t max_pages() const { return (uint64_t(1) << (32 - shift)) - 1; }  // page id all-ones never used
 
   uint64_t page_bytes(int64_t rows) const {
-    return static_cast<uint64_t>(rows) * (dim * sizeof(float) + sizeof(uint32_t));
+    return value_bytes(rows) + static_cast<uint64_t>(rows) * sizeof(uint32_t);
+  }
+  // The rows of a page, padded to 4 bytes: the meta words follow them (a row of an odd number of 2-byte elements
+  // would leave them 2-byte aligned).
+  uint64_t value_bytes(int64_t rows) const {
+    return (static_cast<uint64_t>(rows) * static_cast<uint64_t>(row_bytes) + 3) & ~uint64_t(3);
   }
 
   void add_page(int64_t rows) {
@@ -263,8 +269,7 @@ struct Partition {
                 " rows in ", pages.size(), " pages); use more partitions or a larger allocation_rate");
     pages.reserve(pages.size() + 1);  // before allocating, so a failure here leaks nothing
     auto* mem = static_cast<uint8_t*>(aligned_bytes(page_bytes(rows), "a value page"));
-    const uint64_t value_bytes = static_cast<uint64_t>(rows) * dim * sizeof(float);
-    pages.push_back(Page{reinterpret_cast<float*>(mem), reinterpret_cast<uint32_t*>(mem + value_bytes),
+    pages.push_back(Page{mem, reinterpret_cast<uint32_t*>(mem + value_bytes(rows)),
                          static_cast<uint32_t>(rows)});
     page_rows_total += rows;
   }
@@ -422,9 +427,17 @@ using host_map_detail::Partition;
 using host_map_detail::ScratchLease;
 
 HostHashMap::HostHashMap(int64_t dim, int64_t num_partitions, int64_t overflow_margin, int64_t overflow_policy,
-                         double overflow_resolution_target, int64_t allocation_rate, int64_t seed)
-    : dim_(dim), num_partitions_(num_partitions), overflow_margin_(overflow_margin), overflow_policy_(overflow_policy) {
+                         double overflow_resolution_target, int64_t allocation_rate, int64_t seed, int64_t storage)
+    : dim_(dim),
+      storage_(static_cast<int32_t>(storage)),
+      num_partitions_(num_partitions),
+      overflow_margin_(overflow_margin),
+      overflow_policy_(overflow_policy) {
   TORCH_CHECK_VALUE(dim > 0, "HostHashMap: dim must be > 0, found ", dim);
+  check_storage_code(storage);
+  check_storage_dim(storage_, dim);
+  width_ = stored_width(storage_, dim);
+  row_bytes_ = stored_row_bytes(storage_, dim);
   TORCH_CHECK_VALUE(num_partitions >= 1 && num_partitions <= kHostMapMaxPartitions,
                     "HostHashMap: num_partitions must be in [1, ", kHostMapMaxPartitions, "], found ", num_partitions);
   TORCH_CHECK_VALUE(overflow_margin >= 1, "HostHashMap: overflow_margin must be >= 1, found ", overflow_margin);
@@ -434,8 +447,8 @@ HostHashMap::HostHashMap(int64_t dim, int64_t num_partitions, int64_t overflow_m
                     "found ", overflow_policy);
   TORCH_CHECK_VALUE(overflow_resolution_target > 0.0 && overflow_resolution_target < 1.0,
                     "HostHashMap: overflow_resolution_target must be in (0, 1), found ", overflow_resolution_target);
-  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(float));
-  TORCH_CHECK_VALUE(allocation_rate >= row_bytes, "HostHashMap: allocation_rate must be at least one row (dim * 4 = ",
+  const int64_t row_bytes = row_bytes_;
+  TORCH_CHECK_VALUE(allocation_rate >= row_bytes, "HostHashMap: allocation_rate must be at least one row (",
                     row_bytes, " bytes), found ", allocation_rate);
 
   const long double keep = static_cast<long double>(overflow_margin) * overflow_resolution_target;
@@ -448,7 +461,7 @@ HostHashMap::HostHashMap(int64_t dim, int64_t num_partitions, int64_t overflow_m
   parts_.reserve(num_partitions);
   for (int64_t p = 0; p < num_partitions; ++p) {
     const uint64_t part_seed = mix64(static_cast<uint64_t>(seed) ^ mix64(static_cast<uint64_t>(p) + 1));
-    parts_.push_back(std::make_unique<Partition>(dim, shift, min_page_rows, max_page_rows, part_seed));
+    parts_.push_back(std::make_unique<Partition>(row_bytes, shift, min_page_rows, max_page_rows, part_seed));
   }
 }
 
@@ -538,7 +551,7 @@ void HostHashMap::group(const int64_t* keys, int64_t n, Grouped& g) const {
 std::tuple<at::Tensor, at::Tensor> HostHashMap::fetch(const at::Tensor& keys) {
   check_keys(keys, "fetch");
   const int64_t n = keys.numel();
-  at::Tensor out = at::empty({n, dim_}, keys.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({n, width_}, keys.options().dtype(storage_dtype(storage_)));
   at::Tensor found = at::empty({n}, keys.options().dtype(at::kBool));
   fetch_into(keys, out, found);
   return {out, found};
@@ -547,9 +560,10 @@ std::tuple<at::Tensor, at::Tensor> HostHashMap::fetch(const at::Tensor& keys) {
 void HostHashMap::fetch_into(const at::Tensor& keys_in, at::Tensor& out, at::Tensor& found) {
   check_keys(keys_in, "fetch_into");
   const int64_t n = keys_in.numel();
-  TORCH_CHECK_VALUE(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.dim() == 2 &&
-                        out.size(0) == n && out.size(1) == dim_ && out.is_contiguous(),
-                    "HostHashMap.fetch_into: out must be a contiguous CPU float32 tensor of shape (", n, ", ", dim_,
+  TORCH_CHECK_VALUE(out.device().is_cpu() && out.scalar_type() == storage_dtype(storage_) && out.dim() == 2 &&
+                        out.size(0) == n && out.size(1) == width_ && out.is_contiguous(),
+                    "HostHashMap.fetch_into: out must be a contiguous CPU ", storage_dtype(storage_),
+                    " tensor of shape (", n, ", ", width_,
                     "), found ", out.scalar_type(), " ", out.sizes(), " on ", out.device());
   TORCH_CHECK_VALUE(found.device().is_cpu() && found.scalar_type() == at::kBool && found.dim() == 1 &&
                         found.size(0) == n && found.is_contiguous(),
@@ -560,7 +574,7 @@ void HostHashMap::fetch_into(const at::Tensor& keys_in, at::Tensor& out, at::Ten
   keys_requested_.fetch_add(n, std::memory_order_relaxed);
   const at::Tensor keys = keys_in.contiguous();
   const int64_t* kp = keys.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
+  uint8_t* op = static_cast<uint8_t*>(out.data_ptr());
   bool* fp = found.data_ptr<bool>();
   ScratchLease lease(n);
   Grouped& g = lease.get();
@@ -568,11 +582,10 @@ void HostHashMap::fetch_into(const at::Tensor& keys_in, at::Tensor& out, at::Ten
   const uint32_t* order = g.order.get();
   const uint64_t* hashes = g.hashes.get();
   const int64_t* offsets = g.offsets.data();
-  const int64_t dim = dim_;
-  const size_t row_bytes = static_cast<size_t>(dim) * sizeof(float);
+  const int64_t row_bytes = row_bytes_;
   const int64_t prefetch_bytes = std::min<int64_t>(row_bytes, host_map_detail::kMaxPrefetchBytes);
   const int64_t policy = overflow_policy_;
-  const bool streaming = cpu::use_streaming_stores(op, n, dim);
+  const bool streaming = cpu::use_streaming_stores_bytes(op, n, row_bytes);
   constexpr int64_t kSlotAhead = host_map_detail::kSlotPrefetchDistance;
   constexpr int64_t kRowAhead = host_map_detail::kRowPrefetchDistance;
   constexpr int64_t kRingMask = host_map_detail::kRowRing - 1;
@@ -617,11 +630,11 @@ void HostHashMap::fetch_into(const at::Tensor& keys_in, at::Tensor& out, at::Ten
             const uint32_t r = ring[j & kRingMask];
             const int64_t i = order[j];
             if (r == kEmptyRow) {
-              std::memset(op + i * dim, 0, row_bytes);
+              std::memset(op + i * row_bytes, 0, static_cast<size_t>(row_bytes));
               fp[i] = false;
               continue;
             }
-            cpu::copy_row_out(op + i * dim, part.row_values(r), dim, streaming);
+            cpu::copy_bytes_out(op + i * row_bytes, part.row_values(r), row_bytes, streaming);
             fp[i] = true;
             ++hits;
             if (policy == kEvictLeastUsed) {
@@ -647,12 +660,12 @@ int64_t HostHashMap::insert(const at::Tensor& keys_in, const at::Tensor& values_
   check_keys(keys_in, "insert");
   TORCH_CHECK_VALUE(values_in.device().is_cpu(), "HostHashMap.insert: values must be a CPU tensor, found ",
                     values_in.device());
-  TORCH_CHECK_TYPE(values_in.scalar_type() == at::kFloat, "HostHashMap.insert: values must have dtype float32, found ",
-                   values_in.scalar_type());
-  TORCH_CHECK_VALUE(values_in.dim() == 2, "HostHashMap.insert: values must be 2-D (n, dim), found shape ",
+  TORCH_CHECK_TYPE(values_in.scalar_type() == storage_dtype(storage_), "HostHashMap.insert: values must be stored rows "
+                   "of the map's storage (dtype ", storage_dtype(storage_), "), found ", values_in.scalar_type());
+  TORCH_CHECK_VALUE(values_in.dim() == 2, "HostHashMap.insert: values must be 2-D (n, width), found shape ",
                     values_in.sizes());
-  TORCH_CHECK_VALUE(values_in.size(1) == dim_, "HostHashMap.insert: values must have dim = ", dim_,
-                    " columns (the table's dim), found shape ", values_in.sizes());
+  TORCH_CHECK_VALUE(values_in.size(1) == width_, "HostHashMap.insert: values must have width = ", width_,
+                    " columns (the table's dim ", dim_, " as stored), found shape ", values_in.sizes());
   TORCH_CHECK_VALUE(values_in.size(0) == keys_in.size(0),
                     "HostHashMap.insert: values must have one row per key: keys has ", keys_in.size(0),
                     " rows, values has shape ", values_in.sizes());
@@ -661,13 +674,13 @@ int64_t HostHashMap::insert(const at::Tensor& keys_in, const at::Tensor& values_
   const int64_t n = keys.numel();
   if (n == 0) return 0;
   const int64_t* kp = keys.data_ptr<int64_t>();
-  const float* vp = values.data_ptr<float>();
+  const uint8_t* vp = static_cast<const uint8_t*>(values.data_ptr());
   ScratchLease lease(n);
   Grouped& g = lease.get();
   group(kp, n, g);
   const uint32_t* order = g.order.get();
   const uint64_t* hashes = g.hashes.get();
-  const size_t row_bytes = static_cast<size_t>(dim_) * sizeof(float);
+  const int64_t row_bytes = row_bytes_;
   std::atomic<int64_t> inserted{0};
 
   // One work item per partition: its keys in input order under its exclusive lock.
@@ -695,7 +708,7 @@ int64_t HostHashMap::insert(const at::Tensor& keys_in, const at::Tensor& values_
         ++part.size;
         ++new_keys;
       }
-      std::memcpy(part.row_values(row), vp + i * dim_, row_bytes);
+      std::memcpy(part.row_values(row), vp + i * row_bytes, static_cast<size_t>(row_bytes));
       *part.row_meta(row) = fresh;
     }
     inserted.fetch_add(new_keys, std::memory_order_relaxed);
@@ -820,7 +833,7 @@ at::Tensor HostHashMap::partition_sizes() const {
 
 void register_host_map_class(torch::Library& m) {
   m.class_<HostHashMap>("HostHashMap")
-      .def(torch::init<int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t>())
+      .def(torch::init<int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t, int64_t>())
       .def("fetch", &HostHashMap::fetch)
       .def("fetch_into", [](const c10::intrusive_ptr<HostHashMap>& self, const at::Tensor& keys, at::Tensor out,
                             at::Tensor found) { self->fetch_into(keys, out, found); })
@@ -831,6 +844,7 @@ void register_host_map_class(torch::Library& m) {
       .def("reserve", &HostHashMap::reserve)
       .def("memory_bytes", &HostHashMap::memory_bytes)
       .def("dim", &HostHashMap::dim)
+      .def("storage", &HostHashMap::storage)
       .def("num_partitions", &HostHashMap::num_partitions)
       .def("evictions", &HostHashMap::evictions)
       .def("fetch_counts", &HostHashMap::fetch_counts)

@@ -33,6 +33,23 @@ inline void copy_row_out(float* dst, const float* src, int64_t dim, bool streami
   std::memcpy(dst, src, static_cast<size_t>(dim) * sizeof(float));
 }
 
+// The same for rows of `row_bytes` bytes (stored rows of any storage): whole 64-byte lines only.
+inline bool use_streaming_stores_bytes(const void* out, int64_t rows, int64_t row_bytes) {
+  return row_bytes % 64 == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0 && rows * row_bytes >= kStreamMinBytes;
+}
+
+inline void copy_bytes_out(uint8_t* dst, const uint8_t* src, int64_t row_bytes, bool streaming) {
+#if defined(__SSE2__)
+  if (streaming) {  // dst is 64-byte aligned and row_bytes a multiple of 64
+    for (int64_t b = 0; b < row_bytes; b += 16) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + b), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + b)));
+    }
+    return;
+  }
+#endif
+  std::memcpy(dst, src, static_cast<size_t>(row_bytes));
+}
+
 // After a thread's last streaming store: makes its rows visible before the threads join.
 inline void streaming_fence() {
 #if defined(__SSE2__)
