@@ -1,6 +1,6 @@
 """The hierarchical parameter server: one object per process serving every model, table and device.
 
-Lookup path of one call (DESIGN.md): keys (any shape, int32/int64, on device d) -> the table's pipeline on d, one
+Lookup path of one call: keys (any shape, int32/int64, on device d) -> the table's pipeline on d, one
 native call with the GIL released (hps_core.pipeline, cuda_ext/csrc/pipeline.h):
   find (rows, or the default row for a miss; misses listed on the device) -> nothing else when every key was held
   -> else the misses de-duplicated, their rows from the host-memory tier's map, the lower tiers (Redis Cluster,

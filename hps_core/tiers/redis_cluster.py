@@ -1,6 +1,6 @@
 """Redis Cluster tier: embedding rows in a Redis Cluster, with HPS's data layout, that survives losing a node.
 
-Layout (HPS's RedisCluster backend as described in the behaviour reference §3.12; the meta encoding is ours):
+Layout (HPS's RedisCluster backend - HugeCTR/src/hps/redis_backend.cpp - kept; the meta and storage records are ours):
     table tag T, key k  ->  partition p = rrxmrrxmsx_0(uint64(k)) % num_partitions
     hash    "hps_et{T/p<p>}v"      field = the 8 raw little-endian bytes of k, value = the stored row's raw bytes
     hash    "hps_et{T/p<p>}t"      field = same, value = LRU time (ms since the epoch) or LFU count, as decimal text

@@ -1,5 +1,6 @@
 // The host-memory tier's hash map (HPS "volatile DB" / HashMap backend), registered as the torch custom class
-// torch.classes.hps.HostHashMap. Design, and where it differs from HPS (reference §3.12):
+// torch.classes.hps.HostHashMap. Design, and where it differs from HPS's hash-map backend
+// (HugeCTR/src/hps/hash_map_backend.cpp):
 //
 //  * Partitions: key -> partition by hash bits 8..31 of mix64(key) (multiply-shift range reduction: bits the
 //    cache's bucket (high 32) and digest (low 8) do not use, and no division per key).
