@@ -63,7 +63,7 @@ def bench_dim(slots: int, dim: int, batches: list[int]) -> list[tuple]:
         def insert():
             cache.load_state(state)
             t0 = time.perf_counter()
-            cache.insert_or_assign_async(new_keys, new_rows)
+            cache.insert_or_assign_no_sync(new_keys, new_rows)
             return time.perf_counter() - t0
 
         insert()

@@ -262,7 +262,7 @@ class EmbeddingCache:
         keys = self._check_keys(keys)
         return ops.cache_contains(self.slot_keys, self.digests, keys)
 
-    def insert_or_assign_async(self, keys: Tensor, values: Tensor) -> Tensor:
+    def insert_or_assign_no_sync(self, keys: Tensor, values: Tensor) -> Tensor:
         """insert_or_assign without reading the counts back (no device sync).
 
         Returns:
@@ -295,7 +295,7 @@ class EmbeddingCache:
             {"inserted", "assigned", "evicted", "refused"} as Python ints (reading them syncs the device);
             inserted + assigned + refused == n, evicted <= inserted.
         """
-        counts = self.insert_or_assign_async(keys, values).tolist()
+        counts = self.insert_or_assign_no_sync(keys, values).tolist()
         return dict(zip(COUNT_NAMES, counts))
 
     def assign(self, keys: Tensor, values: Tensor) -> int:

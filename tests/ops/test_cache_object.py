@@ -70,7 +70,7 @@ def test_bad_inputs_raise_naming_the_field_and_change_nothing(device):
         (lambda: c.insert_or_assign(k, v[:2]), ValueError, "values must have one row per key \\(3 keys\\), found 2"),
         (lambda: c.insert_or_assign(k, v.double()), TypeError, "values must have dtype float32, found torch.float64"),
         (lambda: c.insert_or_assign(k, v.view(3, 2, 2)), ValueError, "values must have shape \\(n, 4\\)"),
-        (lambda: c.insert_or_assign_async(k.float(), v), TypeError, "keys must have dtype"),
+        (lambda: c.insert_or_assign_no_sync(k.float(), v), TypeError, "keys must have dtype"),
         (lambda: c.assign(k, v[:1]), ValueError, "values must have one row per key"),
         (lambda: c.erase(k.view(1, 3)), ValueError, "keys must be 1-D"),
         (lambda: c.export_batch(0, 65), ValueError, "0 <= start <= end <= num_slots \\(64\\), found start=0, end=65"),
@@ -117,7 +117,7 @@ def test_methods_match_the_reference(device, dtype, policy):
     k = torch.arange(-30, 90, dtype=dtype, device=device)
     v = rows(120, 3).to(device)
     assert c.insert_or_assign(k, v) == ref.insert_or_assign(k, v)
-    counts = c.insert_or_assign_async(k[:5], v[:5])
+    counts = c.insert_or_assign_no_sync(k[:5], v[:5])
     assert counts.dtype == torch.int64 and counts.shape == (4,) and counts.device == c.device
     ref.insert_or_assign(k[:5], v[:5])
     out, found = c.find(k[::3])
