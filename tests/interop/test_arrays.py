@@ -173,6 +173,15 @@ def test_jax_in_jax_out_without_copies(served, seen):
     assert type(out).__module__.split(".")[0] in ("jax", "jaxlib")
     np.testing.assert_array_equal(np.asarray(out), want(np.asarray(q)))
     assert seen["keys_ptr"] == q.unsafe_buffer_pointer() and seen["rows_ptr"] == out.unsafe_buffer_pointer()
+    # A full jax.Array (the adapter may wrap the buffer through JAX's C++ entry rather than from_dlpack): it lives
+    # on JAX's CPU device, jit-compiled code takes it, and each output dtype comes back as itself, still no copy.
+    assert isinstance(out, jax.Array) and out.devices() == {jax.devices("cpu")[0]}
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda x: x * 2)(out)), 2 * want(np.asarray(q)))
+    for dtype, jdtype in ((torch.bfloat16, jnp.bfloat16), (torch.float16, jnp.float16)):
+        low = arrays.lookup("m", "t", q, server=hps, dtype=dtype)
+        assert low.dtype == jdtype and seen["rows_ptr"] == low.unsafe_buffer_pointer()
+        want_low = torch.from_numpy(want(np.asarray(q))).to(dtype).float().numpy()
+        np.testing.assert_array_equal(np.asarray(low.astype(jnp.float32)), want_low)
 
 
 @pytest.mark.cuda
