@@ -70,11 +70,18 @@ def main() -> int:
                 paths = {"engine_torch_cpu": (lambda t=torch.from_numpy(q): hps.lookup("m", "t", t), None),
                          "arrays_numpy": (lambda a=q: arrays.lookup("m", "t", a, server=hps), None)}
                 if importlib.util.find_spec("jax") is not None:
+                    import jax
+                    import jax.dlpack
                     import jax.numpy as jnp
 
-                    import jax.dlpack
-
-                    paths["arrays_jax_cpu"] = (lambda a=jnp.asarray(q): arrays.lookup("m", "t", a, server=hps), None)
+                    # int64 keys stay int64 (JAX's default would cut them to int32: other keys, another dtype)
+                    jax.config.update("jax_enable_x64", True)
+                    jq = jnp.asarray(q)
+                    assert jq.dtype == jnp.int64
+                    # what is timed returns the torch path's rows
+                    np.testing.assert_array_equal(np.asarray(arrays.lookup("m", "t", jq, server=hps)),
+                                                  hps.lookup("m", "t", torch.from_numpy(q)).numpy())
+                    paths["arrays_jax_cpu"] = (lambda a=jq: arrays.lookup("m", "t", a, server=hps), None)
                     # JAX's own floor: wrapping an existing torch buffer as a jax.Array, nothing else
                     rows = hps.lookup("m", "t", torch.from_numpy(q))
                     paths["jax_from_dlpack_alone"] = (lambda r=rows: jax.dlpack.from_dlpack(r), None)
