@@ -12,6 +12,7 @@ import torch
 
 from hps_core.engine import HierarchicalParameterServer
 from hps_core.storage import STORAGE_NAMES, bytes_per_row, decode_rows, encode_rows
+from hps_core.testing import device_params
 
 from engine_refs import make_table
 
@@ -63,9 +64,11 @@ def assert_tiers_hold(hps, keys: np.ndarray, rows: np.ndarray, storage: str) -> 
         np.testing.assert_array_equal(as_bytes(got)[found.numpy()], want[found.numpy()], err_msg=tier.name)
 
 
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("tiers", list(TIERS))
 @pytest.mark.parametrize("storage", COMPACT)
-def test_every_tier_keeps_the_stored_bytes_and_nothing_drifts(tmp_path, rng, tiers, storage):
+def test_every_tier_keeps_the_stored_bytes_and_nothing_drifts(tmp_path, rng, tiers, storage, device):
+    """On a GPU the cache's misses take the same bytes from the tiers (pinned plan buffers, then the device)."""
     keys, rows = make_table(tmp_path / "t", 3000, 16, rng)
     by_key = dict(zip(keys.tolist(), range(len(keys))))
     current = rows.copy()
@@ -75,7 +78,7 @@ def test_every_tier_keeps_the_stored_bytes_and_nothing_drifts(tmp_path, rng, tie
         absent = np.arange(1 << 50, (1 << 50) + 40, dtype=np.int64)
         for _ in range(4):
             q = np.concatenate([rng.choice(keys, 1000), absent])
-            got = hps.lookup("m", "t", torch.from_numpy(q)).numpy()
+            got = hps.lookup("m", "t", torch.from_numpy(q).to(device)).cpu().numpy()
             want = expected(current[[by_key[k] for k in q[:-40].tolist()]], storage)
             np.testing.assert_array_equal(got[:-40], want)
             np.testing.assert_array_equal(got[-40:], expected(np.full((40, 16), DEFAULT, np.float32), storage))
@@ -87,16 +90,16 @@ def test_every_tier_keeps_the_stored_bytes_and_nothing_drifts(tmp_path, rng, tie
         hps.update("m", "t", torch.from_numpy(upd), torch.from_numpy(new_rows))
         current[[by_key[k] for k in upd.tolist()]] = new_rows
         assert_tiers_hold(hps, upd, new_rows, storage)
-        first = hps.lookup("m", "t", torch.from_numpy(upd)).numpy()
+        first = hps.lookup("m", "t", torch.from_numpy(upd).to(device)).cpu().numpy()
         np.testing.assert_array_equal(first, expected(new_rows, storage))
         for _ in range(3):  # churn the cache: the updated keys are evicted and fetched again from the tiers
-            hps.lookup("m", "t", torch.from_numpy(rng.choice(keys, 2000)))
-        np.testing.assert_array_equal(hps.lookup("m", "t", torch.from_numpy(upd)).numpy(), first)
+            hps.lookup("m", "t", torch.from_numpy(rng.choice(keys, 2000)).to(device))
+        np.testing.assert_array_equal(hps.lookup("m", "t", torch.from_numpy(upd).to(device)).cpu().numpy(), first)
 
         # refresh(): the cached keys re-read from the tiers as bytes - the same values again, not a re-encoding.
-        before = hps.lookup("m", "t", torch.from_numpy(keys)).numpy()
+        before = hps.lookup("m", "t", torch.from_numpy(keys).to(device)).cpu().numpy()
         assert hps.refresh() > 0
-        np.testing.assert_array_equal(hps.lookup("m", "t", torch.from_numpy(keys)).numpy(), before)
+        np.testing.assert_array_equal(hps.lookup("m", "t", torch.from_numpy(keys).to(device)).cpu().numpy(), before)
         np.testing.assert_array_equal(before, expected(current, storage))
         assert_tiers_hold(hps, keys, current, storage)
 
