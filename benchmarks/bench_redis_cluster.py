@@ -1,14 +1,16 @@
 """Redis Cluster tier benchmark on a local 3-node cluster (started and stopped here, on free loopback ports).
 
 Measures, in one run:
-  1. tier fetch keys/s for dim 64 and 128 (~200k rows loaded, batches of 26,624 random existing keys) next to a
-     plain baseline: redis-py `RedisCluster.mget_nonatomic` of one string key per row (`{<tag>/p<part>}<key>`, the
-     same hash tags, so the same spread over the nodes) holding the raw float32 bytes;
+  1. tier fetch keys/s for dim 64 and 128 (~200k rows loaded, batches of 1,024 and 26,624 random existing keys)
+     against redis-py's own cluster client doing the same job on the same data: `RedisCluster.pipeline()` with one
+     HMGET per partition hash of HPS's layout (the tier's `partition_of`), replies decoded into float32 (n, dim)
+     + found flags; both paths run on the same batches, interleaved batch by batch, and are checked to return the
+     same rows (issue 19 item 5: does the tier's own RESP client earn its place);
   2. the same fetch with LFU metadata kept (overflow handling on: the cost of HPS's per-fetch meta update);
   3. lookup latency through the tier while one node is healthy / killed / restarted / hung (SIGSTOP);
   4. engine lookups (Redis tier above RocksDB) while a node is killed and restarted: errors surfaced to callers.
 
-Run: `python -m benchmarks.bench_redis_cluster [--rows 200000] [--iters 30]`; writes
+Run: `python -m benchmarks.bench_redis_cluster [--rows 200000] [--batches 1024 26624] [--iters N]`; writes
 benchmarks/results/redis_cluster_cpu.md and .json (machine, versions, commit, date with the numbers).
 """
 
@@ -86,6 +88,7 @@ def make_rows(rows: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def bench_tier(tier, tag, batches, expected, warmup=3) -> dict:
+    """Tier fetch alone (used for the LFU-meta run)."""
     for b in batches[:warmup]:
         tier.fetch(tag, torch.from_numpy(b))
     times = []
@@ -99,34 +102,80 @@ def bench_tier(tier, tag, batches, expected, warmup=3) -> dict:
     return {"keys_per_s": round(total / sum(times)), **pct(times)}
 
 
-def baseline_keys(tag: str, keys: np.ndarray, num_partitions: int) -> list[bytes]:
-    parts = partition_of(keys, num_partitions)
-    prefix = [f"{{{tag}/p{p}}}".encode() for p in range(num_partitions)]
-    return [prefix[p] + b"%d" % k for p, k in zip(parts.tolist(), keys.tolist())]
+class RedisPyHmget:
+    """The same fetch done with redis-py's cluster client: HPS's layout, one HMGET per partition hash in a
+    `RedisCluster.pipeline()` (redis-py groups the commands per node, writes every node then reads every node),
+    replies decoded into float32 (n, dim) + found flags. Everything from int64 keys to the array is timed.
+
+    Uses the tier's own `partition_of` and hash names (`hps_et{<tag>/p<p>}v`, field = 8 raw key bytes).
+    """
+
+    def __init__(self, rc: RedisCluster, tag: str, dim: int, num_partitions: int) -> None:
+        self.rc, self.dim, self.num_partitions = rc, dim, num_partitions
+        self.hkeys = [f"hps_et{{{tag}/p{p}}}v".encode() for p in range(num_partitions)]
+
+    def fetch(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = keys.size
+        parts = partition_of(keys, self.num_partitions)
+        order = np.argsort(parts, kind="stable")
+        ends = np.cumsum(np.bincount(parts, minlength=self.num_partitions)).tolist()
+        fields = np.ascontiguousarray(keys[order], dtype="<i8").view("V8").tolist()  # 8-byte bytes objects
+        pipe = self.rc.pipeline()
+        ranges = []
+        lo = 0
+        for p, hi in enumerate(ends):
+            if hi > lo:
+                pipe.hmget(self.hkeys[p], fields[lo:hi])
+                ranges.append((lo, hi))
+            lo = hi
+        replies = pipe.execute()
+        out = np.zeros((n, self.dim), np.float32)
+        found = np.zeros(n, np.bool_)
+        for (lo, hi), reply in zip(ranges, replies):
+            idx = order[lo:hi]
+            if None in reply:  # the all-hit case skips the mask (as the tier does)
+                idx = idx[np.fromiter((v is not None for v in reply), np.bool_, hi - lo)]
+            data = b"".join(filter(None, reply))
+            out[idx] = np.frombuffer(data, np.float32).reshape(-1, self.dim)
+            found[idx] = True
+        return out, found
 
 
-def bench_baseline(rc: RedisCluster, tag, keys, vectors, batches, expected, num_partitions, warmup=3) -> dict:
-    t0 = time.perf_counter()
-    names = baseline_keys(tag, keys, num_partitions)
-    rows = vectors.view(f"V{vectors.shape[1] * 4}").reshape(-1).tolist()
-    for s in range(0, len(names), 20000):
-        rc.mset_nonatomic(dict(zip(names[s:s + 20000], rows[s:s + 20000])))
-    load_s = time.perf_counter() - t0
-
-    def fetch(b):
-        got = rc.mget_nonatomic(baseline_keys(tag, b, num_partitions))
-        return np.frombuffer(b"".join(got), np.float32).reshape(len(b), -1)
-
+def bench_interleaved(tier, base: RedisPyHmget, tag, batches, warmup=3) -> dict:
+    """Tier fetch and the redis-py baseline on the same batches, batch by batch (who goes first alternates)."""
     for b in batches[:warmup]:
-        fetch(b)
-    times = []
-    for b in batches:
-        t0 = time.perf_counter()
-        fetch(b)
-        times.append(time.perf_counter() - t0)
-    assert np.array_equal(fetch(batches[0]), expected), "baseline returned wrong rows"
-    total = sum(len(b) for b in batches)
-    return {"keys_per_s": round(total / sum(times)), "load_rows_per_s": round(len(names) / load_s), **pct(times)}
+        tier.fetch(tag, torch.from_numpy(b))
+        base.fetch(b)
+    times: dict[str, list[float]] = {"tier": [], "redis_py": []}
+    cpu: dict[str, list[float]] = {"tier": [], "redis_py": []}  # client CPU (this process), not the servers'
+    for i, b in enumerate(batches):
+        steps = [("tier", lambda: tier.fetch(tag, torch.from_numpy(b))), ("redis_py", lambda: base.fetch(b))]
+        for name, fn in steps if i % 2 == 0 else steps[::-1]:
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    out = {}
+    for name, t in times.items():
+        p = pct(t)
+        out[name] = {"keys_per_s_median": round(len(batches[0]) / (p["p50_ms"] / 1e3)),
+                     "keys_per_s_p99": round(len(batches[0]) / (p["p99_ms"] / 1e3)),
+                     "keys_per_s_mean": round(sum(len(b) for b in batches) / sum(t)), **p,
+                     "client_cpu_ms_median": round(float(np.median(cpu[name])) * 1e3, 2)}
+    return out
+
+
+def check_same_rows(tier, base: RedisPyHmget, tag, keys, vectors, batch, rng) -> None:
+    """Both paths return the same rows and found flags, the table's rows, on a batch with ~10% absent keys."""
+    idx = rng.integers(0, keys.size, batch)
+    probe = keys[idx].copy()
+    absent = rng.random(batch) < 0.1
+    probe[absent] = rng.integers(2**55, 2**60, int(absent.sum()))  # outside make_rows' key range
+    t_vals, t_found = tier.fetch(tag, torch.from_numpy(probe))
+    b_vals, b_found = base.fetch(probe)
+    assert np.array_equal(t_found.numpy(), b_found) and np.array_equal(b_found, ~absent), "found flags differ"
+    assert np.array_equal(t_vals.numpy(), b_vals), "tier and redis-py rows differ"
+    assert np.array_equal(b_vals[~absent], vectors[idx[~absent]]) and not b_vals[absent].any(), "wrong rows"
 
 
 # ------------------------------------------------------------------------------------------------ faults
@@ -266,49 +315,68 @@ def write_report(out_dir: pathlib.Path, data: dict) -> None:
         f"load average at start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])} "
         "(the machine is shared: expect ±20%).",
         f"Cluster: 3 masters, 0 replicas, on loopback, started by the benchmark. Rows {data['params']['rows']:,} "
-        f"per table, batches of {data['params']['batch']:,} random existing keys, {data['params']['iters']} "
-        f"timed batches after 3 warm-up batches, num_partitions {data['params']['num_partitions']}.",
+        f"per table, num_partitions {data['params']['num_partitions']}, batches of random existing keys (the "
+        f"batch counts are in the table; 3 warm-up batches each); LFU / fault / engine runs use batches of "
+        f"{data['params']['batch']:,}.",
         "",
-        "## Fetch throughput (keys/s, higher is better)",
+        "## Fetch: tier vs redis-py cluster pipeline (same layout, same batches, interleaved)",
         "",
-        "| dim | tier fetch | baseline mget_nonatomic | speed-up | tier p50 / p99 ms per batch | "
-        "baseline p50 / p99 ms | tier load rows/s | baseline load rows/s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "keys/s at the median batch time (p50) and at the p99 batch time; higher is better. Both paths start from "
+        "int64 keys and end with float32 (n, dim) rows + found flags.",
+        "",
+        "| dim | batch | batches | tier keys/s p50 | redis-py keys/s p50 | tier / redis-py | "
+        "tier p50 / p99 ms | redis-py p50 / p99 ms | tier keys/s at p99 | redis-py keys/s at p99 | "
+        "client CPU ms/batch tier / redis-py |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for dim, r in data["throughput"].items():
-        t, b = r["tier"], r["baseline_mget_nonatomic"]
-        lines.append(
-            f"| {dim} | {t['keys_per_s']:,} | {b['keys_per_s']:,} | {t['keys_per_s'] / b['keys_per_s']:.1f}x | "
-            f"{t['p50_ms']} / {t['p99_ms']} | {b['p50_ms']} / {b['p99_ms']} | {r['tier_load_rows_per_s']:,} | "
-            f"{b['load_rows_per_s']:,} |")
+        for batch, rb in r["batches"].items():
+            t, b = rb["tier"], rb["redis_py_pipeline_hmget"]
+            lines.append(
+                f"| {dim} | {int(batch):,} | {t['count']} | {t['keys_per_s_median']:,} | "
+                f"{b['keys_per_s_median']:,} | {t['keys_per_s_median'] / b['keys_per_s_median']:.2f}x | "
+                f"{t['p50_ms']} / {t['p99_ms']} | {b['p50_ms']} / {b['p99_ms']} | {t['keys_per_s_p99']:,} | "
+                f"{b['keys_per_s_p99']:,} | {t['client_cpu_ms_median']} / {b['client_cpu_ms_median']} |")
+    pairs = [(rb["tier"], rb["redis_py_pipeline_hmget"]) for r in data["throughput"].values()
+             for rb in r["batches"].values()]
+    speed = [t["keys_per_s_median"] / b["keys_per_s_median"] for t, b in pairs]
+    cpu = [b["client_cpu_ms_median"] / t["client_cpu_ms_median"] for t, b in pairs]
+    p99_better = sum(t["p99_ms"] < b["p99_ms"] for t, b in pairs)
+    lines += ["", f"Tier / redis-py keys/s at the median: {min(speed):.2f}x to {max(speed):.2f}x; redis-py needs "
+                  f"{min(cpu):.2f}x to {max(cpu):.2f}x the tier's client CPU per batch; tier p99 lower at "
+                  f"{p99_better} of {len(pairs)} points (p99 is noisy on this shared machine: rerun before "
+                  "reading much into it)."]
+    lines += ["", "Tier load (bulk HSET pipelines): " + ", ".join(
+        f"dim {dim} {r['tier_load_rows_per_s']:,} rows/s" for dim, r in data["throughput"].items()) + "."]
     if "tier_lfu_meta" in data:
         r = data["tier_lfu_meta"]
         lines += ["", f"With LFU metadata kept (overflow_margin set, evict_least_used, as conf/tiers/"
                       f"host_redis_rocksdb.yaml), dim {r['dim']}: {r['keys_per_s']:,} keys/s "
                       f"(p50 {r['p50_ms']} ms): the per-fetch meta write HPS does is a second round trip."]
-    f = data["faults"]
-    lines += [
-        "",
-        f"## Fetch latency through the tier with one node down (dim {data['params']['fault_dim']}, batch "
-        f"{data['params']['batch']:,}, timeout_ms {data['params']['timeout_ms']})",
-        "",
-        "| phase | batches | p50 ms | p99 ms | max ms | keys found |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for phase in ("healthy", "node_killed", "after_recovery", "node_hung_sigstop"):
-        p = f[phase]
-        lines.append(f"| {phase} | {p['count']} | {p['p50_ms']} | {p['p99_ms']} | {p['max_ms']} | "
-                     f"{p['found_fraction']:.1%} |")
-    lines += [
-        "",
-        f"Node killed: {f['node_killed']['keys_counted_as_errors']:,} keys reported missing and counted "
-        f"(`stats().errors`), {f['node_killed']['failed_node_requests']} failed node requests. Restarted node "
-        f"(with its RDB): all keys hit again {f['node_restarted']['seconds_until_all_keys_hit_again']} s after "
-        f"the restart command (includes the redis-server start). Hung node (SIGSTOP): "
-        f"{f['node_hung_sigstop']['failed_node_requests']} timed-out requests, "
-        f"{f['node_hung_sigstop']['keys_skipped']:,} keys not even sent (node backing off). Exceptions raised to "
-        f"the caller: {f['exceptions_raised_to_caller']}.",
-    ]
+    if "faults" in data:
+        f = data["faults"]
+        lines += [
+            "",
+            f"## Fetch latency through the tier with one node down (dim {data['params']['fault_dim']}, batch "
+            f"{data['params']['batch']:,}, timeout_ms {data['params']['timeout_ms']})",
+            "",
+            "| phase | batches | p50 ms | p99 ms | max ms | keys found |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for phase in ("healthy", "node_killed", "after_recovery", "node_hung_sigstop"):
+            p = f[phase]
+            lines.append(f"| {phase} | {p['count']} | {p['p50_ms']} | {p['p99_ms']} | {p['max_ms']} | "
+                         f"{p['found_fraction']:.1%} |")
+        lines += [
+            "",
+            f"Node killed: {f['node_killed']['keys_counted_as_errors']:,} keys reported missing and counted "
+            f"(`stats().errors`), {f['node_killed']['failed_node_requests']} failed node requests. Restarted node "
+            f"(with its RDB): all keys hit again {f['node_restarted']['seconds_until_all_keys_hit_again']} s after "
+            f"the restart command (includes the redis-server start). Hung node (SIGSTOP): "
+            f"{f['node_hung_sigstop']['failed_node_requests']} timed-out requests, "
+            f"{f['node_hung_sigstop']['keys_skipped']:,} keys not even sent (node backing off). Exceptions raised to "
+            f"the caller: {f['exceptions_raised_to_caller']}.",
+        ]
     if "engine" in data:
         e = data["engine"]
         lines += [
@@ -333,9 +401,14 @@ def write_report(out_dir: pathlib.Path, data: dict) -> None:
         "(partition, <= max_batch_size keys); every node's commands are sent before any reply is read, so the "
         "three servers work at the same time; RESP commands are built with numpy and replies parsed by hiredis, "
         "one `bytes.join` + `np.frombuffer` per command.",
-        "- Baseline: what a plain implementation does with redis-py — one string key per row with the same hash "
-        "tags, `RedisCluster.mget_nonatomic` (groups by slot, pipelines per node) and the same decode to numpy; "
-        "key strings are built inside the timed region for both.",
+        "- redis-py baseline: `redis.cluster.RedisCluster` (hiredis parser and packer; RESP2 and 1 MiB socket "
+        "reads, as the tier's connections) on the same hashes: the tier's `partition_of`, a stable sort by "
+        "partition, the 8-byte fields as bytes, one `pipe.hmget` per partition in one `rc.pipeline()` (redis-py "
+        "sends every node's commands before reading any), then per reply a found mask, one `bytes.join` + "
+        "`np.frombuffer` and a scatter into the float32 (n, dim) output. Its rows and found flags are checked "
+        "equal to the tier's (batch with ~10% absent keys) before timing. The two paths alternate batch by batch "
+        "(which one goes first alternates too), after 3 warm-up batches each. (This replaces the earlier "
+        "`mget_nonatomic` baseline, which used another layout: one string key per row.)",
         "- The three redis-server processes and the client share the 2 cores; other work on the machine during "
         "the run shows in the load average above.",
         "- Fault phases use the tier alone (keys of the dead node reported missing, counted); the engine run shows "
@@ -348,20 +421,24 @@ def write_report(out_dir: pathlib.Path, data: dict) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=200_000)
-    ap.add_argument("--batch", type=int, default=26_624)
-    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1_024, 26_624], help="throughput batch sizes")
+    ap.add_argument("--batch", type=int, default=26_624, help="batch of the LFU, fault and engine runs")
+    ap.add_argument("--iters", type=int, default=0,
+                    help="timed batches per throughput point (0: 400 of 1,024 keys, 75 of 26,624, ...)")
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--num-partitions", type=int, default=8)
     ap.add_argument("--timeout-ms", type=int, default=500)
     ap.add_argument("--phase-seconds", type=float, default=4.0)
     ap.add_argument("--no-engine", action="store_true")
+    ap.add_argument("--only-throughput", action="store_true", help="skip the LFU, fault and engine runs")
     ap.add_argument("--out-dir", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     fx = redis_fixture()
     user, password = "hps_bench", "bench-" + os.urandom(6).hex()
     data: dict = {"machine": machine_info(), "params": {
-        "rows": args.rows, "batch": args.batch, "iters": args.iters, "num_partitions": args.num_partitions,
+        "rows": args.rows, "batch": args.batch, "batches": args.batches, "iters": args.iters,
+        "num_partitions": args.num_partitions,
         "timeout_ms": args.timeout_ms, "fault_dim": max(args.dims)}, "throughput": {}}
     with tempfile.TemporaryDirectory(prefix="hps_redis_bench_") as tmp:
         tmp = pathlib.Path(tmp)
@@ -371,7 +448,8 @@ def main(argv=None) -> dict:
                                     num_partitions=args.num_partitions, num_node_connections=4,
                                     timeout_ms=args.timeout_ms)
             host, port = cluster.addresses[0].split(":")
-            rc = RedisCluster(startup_nodes=[ClusterNode(host, int(port))], username=user, password=password)
+            rc = RedisCluster(startup_nodes=[ClusterNode(host, int(port))], username=user, password=password,
+                              protocol=2, socket_read_size=1 << 20)  # the tier's RESP version and read size
             try:
                 for dim in args.dims:
                     keys, vectors = make_rows(args.rows, dim, seed=dim)
@@ -381,39 +459,42 @@ def main(argv=None) -> dict:
                     t0 = time.perf_counter()
                     tier.load(tag, open_table(files.path, dim), progress=True)
                     load_rate = round(keys.size / (time.perf_counter() - t0))
+                    base = RedisPyHmget(rc, tag, dim, args.num_partitions)
                     rng = np.random.default_rng(dim + 1)
-                    idx = [rng.integers(0, keys.size, args.batch) for _ in range(args.iters)]
-                    batches = [keys[i] for i in idx]
-                    r_tier = bench_tier(tier, tag, batches, vectors[idx[0]])
-                    r_base = bench_baseline(rc, f"base.{dim}", keys, vectors, batches, vectors[idx[0]],
-                                            args.num_partitions)
-                    data["throughput"][str(dim)] = {"tier": r_tier, "baseline_mget_nonatomic": r_base,
-                                                    "tier_load_rows_per_s": load_rate}
-                    print(f"dim {dim}: tier {r_tier['keys_per_s']:,} keys/s, baseline {r_base['keys_per_s']:,} "
-                          f"keys/s, load {load_rate:,} rows/s", flush=True)
-                dim = max(args.dims)
-                tag = f"hps_et.bench.t{dim}"
-                lfu = RedisClusterTier(cluster.addresses, user_name=user, password=password,
-                                       num_partitions=args.num_partitions, num_node_connections=4,
-                                       overflow_margin=10_000_000, overflow_policy="evict_least_used")
-                lfu.create_table(tag, dim)
-                rng = np.random.default_rng(3)
-                keys, vectors = make_rows(args.rows, dim, seed=dim)
-                idx = [rng.integers(0, keys.size, args.batch) for _ in range(args.iters)]
-                data["tier_lfu_meta"] = {"dim": dim, **bench_tier(lfu, tag, [keys[i] for i in idx],
-                                                                  vectors[idx[0]])}
-                lfu.close()
+                    entry = data["throughput"][str(dim)] = {"tier_load_rows_per_s": load_rate, "batches": {}}
+                    for batch in args.batches:
+                        check_same_rows(tier, base, tag, keys, vectors, batch, rng)
+                        iters = args.iters or max(40, min(400, 2_000_000 // batch))
+                        batches = [keys[rng.integers(0, keys.size, batch)] for _ in range(iters)]
+                        r = bench_interleaved(tier, base, tag, batches)
+                        entry["batches"][str(batch)] = {"tier": r["tier"], "redis_py_pipeline_hmget": r["redis_py"]}
+                        print(f"dim {dim} batch {batch}: tier {r['tier']['keys_per_s_median']:,} keys/s "
+                              f"(p99 {r['tier']['p99_ms']} ms), redis-py {r['redis_py']['keys_per_s_median']:,} "
+                              f"keys/s (p99 {r['redis_py']['p99_ms']} ms)", flush=True)
                 rc.close()
-                data["faults"] = fault_phases(cluster, tier, tag, keys, args.batch, victim=1,
-                                              phase_s=args.phase_seconds)
-                print("faults:", json.dumps(data["faults"]), flush=True)
-                tier.close()
-                if not args.no_engine:
-                    cluster.flushall()
-                    ekeys, evecs = make_rows(args.rows, 64, seed=99)
-                    data["engine"] = engine_fault_run(cluster, tmp, ekeys, evecs, victim=2, batch=args.batch,
-                                                      phase_s=args.phase_seconds, user=user, password=password)
-                    print("engine:", json.dumps(data["engine"]), flush=True)
+                if not args.only_throughput:
+                    dim = max(args.dims)
+                    tag = f"hps_et.bench.t{dim}"
+                    lfu = RedisClusterTier(cluster.addresses, user_name=user, password=password,
+                                           num_partitions=args.num_partitions, num_node_connections=4,
+                                           overflow_margin=10_000_000, overflow_policy="evict_least_used")
+                    lfu.create_table(tag, dim)
+                    rng = np.random.default_rng(3)
+                    keys, vectors = make_rows(args.rows, dim, seed=dim)
+                    idx = [rng.integers(0, keys.size, args.batch) for _ in range(args.iters or 30)]
+                    data["tier_lfu_meta"] = {"dim": dim, **bench_tier(lfu, tag, [keys[i] for i in idx],
+                                                                      vectors[idx[0]])}
+                    lfu.close()
+                    data["faults"] = fault_phases(cluster, tier, tag, keys, args.batch, victim=1,
+                                                  phase_s=args.phase_seconds)
+                    print("faults:", json.dumps(data["faults"]), flush=True)
+                    tier.close()
+                    if not args.no_engine:
+                        cluster.flushall()
+                        ekeys, evecs = make_rows(args.rows, 64, seed=99)
+                        data["engine"] = engine_fault_run(cluster, tmp, ekeys, evecs, victim=2, batch=args.batch,
+                                                          phase_s=args.phase_seconds, user=user, password=password)
+                        print("engine:", json.dumps(data["engine"]), flush=True)
             finally:
                 tier.close()
     data["machine"]["hps_core_version"] = getattr(hps_core, "__version__", "")
