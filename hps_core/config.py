@@ -78,9 +78,32 @@ class ConfigError(ValueError):
         super().__init__(f"{path or '<root>'} = {value!r}: {message}")
 
 
-def _hps(key: str) -> Dict[str, str]:
-    """Field metadata naming the HPS JSON key a field is read from (shown in validation errors)."""
-    return {"hps": key}
+_SAME = object()
+
+
+def _hps(key: str, default: Any = _SAME, json_type: Any = None, convert: Any = None) -> Dict[str, Any]:
+    """Field metadata naming the HPS JSON key a field is read from (shown in validation errors); `read_hps_json`
+    derives its key tables and builds the dataclasses from it. Only what the field does not say is stated here:
+
+    - default: HPS's parser default where it differs from the field's (MISSING: HPS requires the key). A
+      TableConfig field's JSON value is a per-table list, required unless a default is given;
+    - json_type: the JSON value's type where it is not the field's own (a per-table list is derived, not stated);
+    - convert: JSON value -> field value, where a json_type is given.
+    """
+    md: Dict[str, Any] = {"hps": key}
+    if default is not _SAME:
+        md["hps_default"] = default
+    if json_type is not None:
+        md["hps_json_type"], md["hps_convert"] = json_type, convert
+    return md
+
+
+def _comma_list(value: str) -> List[str]:
+    return [a.strip() for a in value.split(",") if a.strip()]
+
+
+def _key_dtype_of(supportlonglong: bool) -> str:
+    return "int64" if supportlonglong else "int32"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -92,7 +115,7 @@ def _hps(key: str) -> Dict[str, str]:
 class TableConfig:
     """One embedding table of a model; its id is its index in `ModelConfig.tables`."""
 
-    name: str = field(default=MISSING, metadata=_hps("embedding_table_names"))
+    name: str = field(default=MISSING, metadata=_hps("embedding_table_names", default=None))  # sparse_embedding<i>
     path: str = field(default=MISSING, metadata=_hps("sparse_files"))  # directory holding `key` and `emb_vector`
     dim: int = field(default=MISSING, metadata=_hps("embedding_vecsize_per_table"))
     max_keys_per_sample: int = field(default=1, metadata=_hps("maxnum_catfeature_query_per_table_per_sample"))
@@ -123,7 +146,8 @@ class CacheConfig:
     # Below a dynamic cache (ratio < 1): none, or host_mapped - the whole table in pinned host memory behind an
     # index (one copy shared by every GPU of the process), read for the cache's misses before the tiers.
     second_level: str = field(default="none", metadata=_hps("gpucache_second_level"))
-    num_worker_buffers: int = field(default=1, metadata=_hps("num_of_worker_buffer_in_pool"))  # 1..256
+    # 1..256; HPS's docs say 2, its parser uses 1
+    num_worker_buffers: int = field(default=1, metadata=_hps("num_of_worker_buffer_in_pool"))
     num_refresher_buffers: int = field(default=1, metadata=_hps("num_of_refresher_buffer_in_pool"))  # 1..256
     use_context_stream: bool = field(default=True, metadata=_hps("use_context_stream"))
     enable_pagelock: bool = field(default=False, metadata=_hps("enable_pagelock"))
@@ -146,13 +170,14 @@ class ModelConfig:
     """One deployed model: its tables, the devices it runs on, its cache."""
 
     tables: List[TableConfig] = field(default_factory=list)  # non-empty after validation; table id = index
-    deployed_device_list: List[int] = field(default_factory=lambda: [0], metadata=_hps("deployed_device_list"))
+    deployed_device_list: List[int] = field(default_factory=lambda: [0],
+                                            metadata=_hps("deployed_device_list", default=MISSING))
     max_batch_size: int = field(default=64, metadata=_hps("max_batch_size"))  # per device
     cache: CacheConfig = field(default_factory=CacheConfig)
     dense_file: str = field(default="", metadata=_hps("dense_file"))  # unused by lookups
     maxnum_des_feature_per_sample: int = field(default=26, metadata=_hps("maxnum_des_feature_per_sample"))
-    # Effective only when DeploymentConfig.fuse_embedding_table is true.
-    fuse_embedding_table: bool = field(default=False, metadata=_hps("fuse_embedding_table"))
+    # Effective only when DeploymentConfig.fuse_embedding_table is true (HPS reads it, default true, only then).
+    fuse_embedding_table: bool = field(default=False, metadata=_hps("fuse_embedding_table", default=True))
 
 
 @dataclass
@@ -162,7 +187,7 @@ class HostMemoryTierConfig:
     enabled: bool = True
     num_partitions: int = field(default=_DEFAULT_NUM_PARTITIONS, metadata=_hps("volatile_db.num_partitions"))
     allocation_rate: int = field(default=256 * 1024**2, metadata=_hps("volatile_db.allocation_rate"))  # bytes
-    # Max entries per partition; HPS's 2^64-1 ("no limit") maps to 2^63-1.
+    # Max entries per partition; HPS's 2^64-1 ("no limit", its parser default) maps to 2^63-1.
     overflow_margin: int = field(default=MAX_INT64, metadata=_hps("volatile_db.overflow_margin"))
     # evict_random | evict_least_used | evict_oldest (aliases random, least_used, oldest)
     overflow_policy: str = field(default="evict_random", metadata=_hps("volatile_db.overflow_policy"))
@@ -178,10 +203,13 @@ class RedisClusterTierConfig:
 
     enabled: bool = False
     # HPS gives one string "host[:port],host[:port]"; here it is a list.
-    address: List[str] = field(default_factory=lambda: ["127.0.0.1:7000"], metadata=_hps("volatile_db.address"))
+    address: List[str] = field(default_factory=lambda: ["127.0.0.1:7000"], metadata=_hps(
+        "volatile_db.address", default="127.0.0.1:7000", json_type=str, convert=_comma_list))
     user_name: str = field(default="default", metadata=_hps("volatile_db.user_name"))
     password: str = field(default="", metadata=_hps("volatile_db.password"))
-    num_partitions: int = field(default=8, metadata=_hps("volatile_db.num_partitions"))
+    # HPS's parser default is the host tier's for every type (its docs say 8 for redis).
+    num_partitions: int = field(default=8, metadata=_hps("volatile_db.num_partitions",
+                                                         default=_DEFAULT_NUM_PARTITIONS))
     num_node_connections: int = field(default=5, metadata=_hps("volatile_db.num_node_connections"))
     max_batch_size: int = field(default=65536, metadata=_hps("volatile_db.max_batch_size"))
     overflow_margin: int = field(default=MAX_INT64, metadata=_hps("volatile_db.overflow_margin"))
@@ -251,7 +279,8 @@ class DeploymentConfig:
         (16, 'int64', True)
     """
 
-    key_dtype: str = field(default="int64", metadata=_hps("supportlonglong"))  # int64 | int32
+    key_dtype: str = field(default="int64", metadata=_hps("supportlonglong", default=MISSING, json_type=bool,
+                                                          convert=_key_dtype_of))  # int64 | int32
     models: Dict[str, ModelConfig] = field(default_factory=dict)  # key = model name; non-empty after validation
     tiers: TiersConfig = field(default_factory=TiersConfig)
     update_source: UpdateSourceConfig = field(default_factory=UpdateSourceConfig)
@@ -674,102 +703,95 @@ def _validate_update_source(u: UpdateSourceConfig) -> None:
 
 _REQUIRED = object()
 
-# Per-model keys: JSON key -> (type, parser default). List types are given as (list, element type).
-_HPS_MODEL_KEYS: Dict[str, Tuple[Any, Any]] = {
-    "model": (str, ""),
-    "max_batch_size": (int, 64),
-    "sparse_files": ((list, str), _REQUIRED),
-    "gpucache": (bool, True),
-    "hit_rate_threshold": (float, 0.9),
-    "gpucacheper": (float, 0.2),
-    "dense_file": (str, ""),
-    "num_of_worker_buffer_in_pool": (int, 1),  # docs say 2; the parser uses 1
-    "num_of_refresher_buffer_in_pool": (int, 1),
-    "cache_refresh_percentage_per_iteration": (float, 0.0),
-    "deployed_device_list": ((list, int), _REQUIRED),
-    "maxnum_catfeature_query_per_table_per_sample": ((list, int), _REQUIRED),
-    "embedding_vecsize_per_table": ((list, int), _REQUIRED),
-    "default_value_for_each_table": ((list, float), _REQUIRED),
-    "maxnum_des_feature_per_sample": (int, 26),
-    "refresh_delay": (float, 0.0),
-    "refresh_interval": (float, 0.0),
-    "embedding_table_names": ((list, str), None),  # default sparse_embedding<i>
-    "fuse_embedding_table": (bool, True),  # read only when the global flag is true
-    "use_static_table": (bool, False),
-    "embedding_cache_type": (str, "dynamic"),
-    "use_context_stream": (bool, True),
-    "use_hctr_cache_implementation": (bool, True),
-    "thread_pool_size": (int, 16),
-    "init_ec": (bool, True),
-    "enable_pagelock": (bool, False),
-    "fp8_quant": (bool, False),
-    "embedding_storage_dtype": (str, "float32"),
-    # ours, in HPS's style: "none" | "host_mapped" (a dynamic cache over the whole table in pinned host memory)
-    "gpucache_second_level": (str, "none"),
-    "gpucache_admission": (str, "none"),
-    "gpucache_policy": (str, "lru"),
-}
+
+def _hps_fields(cls: type, prefix: str = "") -> List[Tuple[dataclasses.Field, str]]:
+    """(field, JSON key within its object) of each field of `cls` that is read from HPS JSON (has `_hps` metadata)."""
+    out = []
+    for f in dataclasses.fields(cls):
+        key = f.metadata.get("hps")
+        if key is not None:
+            if not key.startswith(prefix) or "." in key[len(prefix):]:
+                raise TypeError(f"{cls.__name__}.{f.name}: HPS key {key!r} is not in JSON object {prefix!r}")
+            out.append((f, key[len(prefix):]))
+    return out
+
+
+def _json_type(tp: Any) -> Any:
+    return (list, typing.get_args(tp)[0]) if typing.get_origin(tp) in (list, List) else tp
+
+
+def _hps_keys(*classes: type, prefix: str = "", explicit: Optional[Dict[str, Tuple[Any, Any]]] = None,
+              ) -> Dict[str, Tuple[Any, Any]]:
+    """Keys of one HPS JSON object: JSON key -> (type, parser default), list types as (list, element type).
+
+    Derived from the `_hps` metadata of the classes' fields; `explicit` adds the keys that map to no field. A key
+    read into fields of two classes (volatile_db's host and redis settings) must have one type and default."""
+    keys: Dict[str, Tuple[Any, Any]] = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f, key in _hps_fields(cls, prefix):
+            json_type = f.metadata.get("hps_json_type") or _json_type(hints[f.name])
+            if cls is TableConfig:  # one value per table: a JSON list, required unless a default is given
+                json_type, default = (list, json_type), f.metadata.get("hps_default", _REQUIRED)
+            elif "hps_default" in f.metadata:
+                default = f.metadata["hps_default"]
+            else:
+                default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            spec = (json_type, _REQUIRED if _is_missing(default) else default)
+            if keys.setdefault(key, spec) != spec:
+                raise TypeError(f"HPS key {prefix}{key}: {cls.__name__}.{f.name} reads it as {spec}, another "
+                                f"field as {keys[key]}")
+    for key, spec in (explicit or {}).items():
+        if keys.setdefault(key, spec) is not spec:
+            raise TypeError(f"HPS key {prefix}{key} is both explicit and a field's")
+    return keys
+
+
+def _hps_kwargs(cls: type, section: Mapping[str, Any], prefix: str = "", skip: Any = ()) -> Dict[str, Any]:
+    """Keyword arguments for `cls` from one read JSON object (`_hps_section`'s result), by its fields' metadata."""
+    kwargs = {}
+    for f, key in _hps_fields(cls, prefix):
+        if key not in skip:
+            convert = f.metadata.get("hps_convert")
+            kwargs[f.name] = convert(section[key]) if convert else section[key]
+    return kwargs
+
+
+# What cannot be derived: JSON keys that map to no field (each is handled by the reader, or type-checked and
+# accepted with no effect here: shared_memory_*, update_filters).
+_HPS_MODEL_KEYS = _hps_keys(TableConfig, ModelConfig, CacheConfig, explicit={
+    "model": (str, ""),  # the key of DeploymentConfig.models
+    "use_static_table": (bool, False),  # true forces cache.type static
+})
 # Documented by HPS but never read from JSON (InferenceParams / HugeCTR inference only): accepted and ignored.
 _HPS_MODEL_IGNORED = (
     "network_file", "label_dim", "slot_num", "use_mixed_precision", "scaler", "use_algorithm_search",
     "use_cuda_graph", "i64_input_key", "device_id",
 )
 _HPS_DB_IGNORED = ("initialize_after_startup",)
-
-_HPS_VDB_KEYS: Dict[str, Tuple[Any, Any]] = {
-    "type": (str, None),
-    "address": (str, "127.0.0.1:7000"),
-    "user_name": (str, "default"),
-    "password": (str, ""),
-    "num_partitions": (int, _DEFAULT_NUM_PARTITIONS),  # parser default for every type (docs: 8 for redis)
-    "allocation_rate": (int, 256 * 1024**2),
+_HPS_UPDATE_FILTERS = ((list, str), ["^hps_.+$"])
+_HPS_VDB_KEYS = _hps_keys(HostMemoryTierConfig, RedisClusterTierConfig, prefix="volatile_db.", explicit={
+    "type": (str, None),  # selects the tier; absent from a present object => disabled
     "shared_memory_size": (int, 16 * 1024**3),
     "shared_memory_name": (str, "hctr_mp_hash_map_database"),
     "shared_memory_auto_remove": (bool, True),
-    "num_node_connections": (int, 5),
-    "max_batch_size": (int, 65536),
-    "enable_tls": (bool, False),
-    "tls_ca_certificate": (str, "cacertbundle.crt"),
-    "tls_client_certificate": (str, "client_cert.pem"),
-    "tls_client_key": (str, "client_key.pem"),
-    "tls_server_name_identification": (str, "redis.localhost"),
-    "overflow_margin": (int, 2**64 - 1),
-    "overflow_policy": (str, "evict_random"),
-    "overflow_resolution_target": (float, 0.8),
-    "initial_cache_rate": (float, 1.0),
-    "cache_missed_embeddings": (bool, False),
-    "update_filters": ((list, str), ["^hps_.+$"]),
-}
-_HPS_PDB_KEYS: Dict[str, Tuple[Any, Any]] = {
-    "type": (str, "disabled"),
-    "path": (str, os.path.join(tempfile.gettempdir(), "rocksdb")),
-    "num_threads": (int, 16),
-    "read_only": (bool, False),
-    "max_batch_size": (int, 65536),
-    "update_filters": ((list, str), ["^hps_.+$"]),
-}
-_HPS_UPDATE_SOURCE_KEYS: Dict[str, Tuple[Any, Any]] = {
-    "type": (str, "null"),
-    "brokers": (str, "127.0.0.1:9092"),
-    "metadata_refresh_interval_ms": (int, 30000),
-    "receive_buffer_size": (int, 262144),
-    "poll_timeout_ms": (int, 500),
-    "max_batch_size": (int, 8192),
-    "failure_backoff_ms": (int, 50),
-    "max_commit_interval": (int, 32),
-    "stream": (str, "hps_updates"),
-    "group": (str, ""),
-    "consumer": (str, "c0"),
-}
-_HPS_GLOBAL_KEYS: Dict[str, Tuple[Any, Any]] = {
-    "supportlonglong": (bool, _REQUIRED),
-    "fuse_embedding_table": (bool, False),
-    "metrics_port": (int, 0),
-    "models": (list, _REQUIRED),
+    "update_filters": _HPS_UPDATE_FILTERS,
+})
+# volatile_db keys read by both the host memory and the redis tier: they go to the active one (HPS keeps one struct).
+_HPS_VDB_SHARED = ({k for _, k in _hps_fields(HostMemoryTierConfig, "volatile_db.")}
+                   & {k for _, k in _hps_fields(RedisClusterTierConfig, "volatile_db.")})
+_HPS_PDB_KEYS = _hps_keys(RocksDBTierConfig, prefix="persistent_db.", explicit={
+    "type": (str, "disabled"),  # rocks_db => the RocksDB tier is enabled
+    "update_filters": _HPS_UPDATE_FILTERS,
+})
+# update_source.type: HPS's parser default is "null", which validate() normalises to the field's default "none".
+_HPS_UPDATE_SOURCE_KEYS = _hps_keys(UpdateSourceConfig, prefix="update_source.")
+_HPS_GLOBAL_KEYS = _hps_keys(DeploymentConfig, explicit={
+    "models": (list, _REQUIRED),  # one object per model, read with _HPS_MODEL_KEYS
     "volatile_db": (dict, None),
     "persistent_db": (dict, None),
     "update_source": (dict, None),
-}
+})
 
 # Database type aliases (HPS get_hps_database_type).
 _HPS_DB_TYPES = {
@@ -783,10 +805,6 @@ _HPS_DB_TYPES = {
 }
 _VDB_TYPES = ("disabled", "hash_map", "parallel_hash_map", "multi_process_hash_map", "redis_cluster")
 _PDB_TYPES = ("disabled", "rocks_db")
-
-# volatile_db keys that the host-memory / redis tier configs hold (same names on both sides).
-_HOST_FIELDS = {f.name for f in dataclasses.fields(HostMemoryTierConfig)} - {"enabled"}
-_REDIS_FIELDS = {f.name for f in dataclasses.fields(RedisClusterTierConfig)} - {"enabled", "timeout_ms"}
 
 
 def _hps_value(spec: Any, value: Any, path: str) -> Any:
@@ -899,14 +917,8 @@ def _hps_to_deployment(data: Mapping[str, Any]) -> DeploymentConfig:
             raise ConfigError(f"models[{i}].model", name, f"duplicate model name (also models[{where_seen[name]}])")
         where_seen[name] = i
         models[name] = model
-    return DeploymentConfig(
-        key_dtype="int64" if g["supportlonglong"] else "int32",
-        models=models,
-        tiers=_hps_tiers(g["volatile_db"], g["persistent_db"]),
-        update_source=_hps_update_source(g["update_source"]),
-        fuse_embedding_table=fuse,
-        metrics_port=g["metrics_port"],
-    )
+    return DeploymentConfig(models=models, tiers=_hps_tiers(g["volatile_db"], g["persistent_db"]),
+                            update_source=_hps_update_source(g["update_source"]), **_hps_kwargs(DeploymentConfig, g))
 
 
 def _hps_model(raw: Any, path: str, global_fuse: bool) -> Tuple[str, ModelConfig]:
@@ -930,12 +942,10 @@ def _hps_model(raw: Any, path: str, global_fuse: bool) -> Tuple[str, ModelConfig
         logger.info("HPS JSON %s: default_value_for_each_table has %d entries for %d tables; %s as HPS does", path,
                     len(defaults), n, "padded with 0.0" if len(defaults) < n else "truncated")
         defaults = (defaults + [0.0] * n)[:n]
-    per_table = {
-        "sparse_files": m["sparse_files"],
-        "maxnum_catfeature_query_per_table_per_sample": m["maxnum_catfeature_query_per_table_per_sample"],
-        "embedding_table_names": names,
-    }
-    for key, values in per_table.items():
+    m["embedding_table_names"], m["default_value_for_each_table"] = names, defaults
+    per_table = {key: m[key] for _, key in _hps_fields(TableConfig)}
+    # Table names last: absent, they are generated, so a count mismatch is the fault of the other lists.
+    for key, values in sorted(per_table.items(), key=lambda kv: kv[0] == "embedding_table_names"):
         if len(values) != n:
             raise ConfigError(_join(path, key), values,
                               f"has {len(values)} entries but embedding_vecsize_per_table has {n}{where}")
@@ -950,34 +960,14 @@ def _hps_model(raw: Any, path: str, global_fuse: bool) -> Tuple[str, ModelConfig
         logger.warning("HPS JSON %s.refresh_interval = %r: HPS reads it as an integer; truncated to %d s as HPS does",
                        path, m["refresh_interval"], int(m["refresh_interval"]))
         m["refresh_interval"] = float(int(m["refresh_interval"]))
+    m["embedding_cache_type"] = cache_type
 
-    tables = [
-        TableConfig(name=names[j], path=m["sparse_files"][j], dim=dims[j],
-                    max_keys_per_sample=m["maxnum_catfeature_query_per_table_per_sample"][j],
-                    default_value=defaults[j])
-        for j in range(n)
-    ]
-    cache = CacheConfig(
-        enabled=m["gpucache"], ratio=m["gpucacheper"], type=cache_type, hit_rate_threshold=m["hit_rate_threshold"],
-        refresh_percentage=m["cache_refresh_percentage_per_iteration"], refresh_delay=m["refresh_delay"],
-        refresh_interval=m["refresh_interval"], init=m["init_ec"],
-        num_worker_buffers=m["num_of_worker_buffer_in_pool"],
-        num_refresher_buffers=m["num_of_refresher_buffer_in_pool"], use_context_stream=m["use_context_stream"],
-        enable_pagelock=m["enable_pagelock"], fp8_quant=m["fp8_quant"], thread_pool_size=m["thread_pool_size"],
-        storage=m["embedding_storage_dtype"],
-        use_hctr_cache_implementation=m["use_hctr_cache_implementation"],
-        second_level=m["gpucache_second_level"],
-        admission=m["gpucache_admission"],
-        policy=m["gpucache_policy"],
-    )
     if not global_fuse and "fuse_embedding_table" in raw:
         logger.debug("HPS JSON %s.fuse_embedding_table ignored: the global fuse_embedding_table is false", path)
-    model = ModelConfig(
-        tables=tables, deployed_device_list=m["deployed_device_list"], max_batch_size=m["max_batch_size"],
-        cache=cache, dense_file=m["dense_file"], maxnum_des_feature_per_sample=m["maxnum_des_feature_per_sample"],
-        # HPS reads the per-model flag (default true) only when the global flag is on.
-        fuse_embedding_table=bool(global_fuse and m["fuse_embedding_table"]),
-    )
+    # HPS reads the per-model flag (default true) only when the global flag is on.
+    m["fuse_embedding_table"] = bool(global_fuse and m["fuse_embedding_table"])
+    tables = [TableConfig(**_hps_kwargs(TableConfig, {k: v[j] for k, v in per_table.items()})) for j in range(n)]
+    model = ModelConfig(tables=tables, cache=CacheConfig(**_hps_kwargs(CacheConfig, m)), **_hps_kwargs(ModelConfig, m))
     return name, model
 
 
@@ -1011,28 +1001,29 @@ def _hps_tiers(vdb: Optional[Dict[str, Any]], pdb: Optional[Dict[str, Any]]) -> 
         if vdb is not None and k in vdb:
             logger.debug("HPS JSON: volatile_db.%s is accepted but has no effect here", k)
 
-    v["address"] = [a.strip() for a in v["address"].split(",") if a.strip()]
     redis_primary = vtype == "redis_cluster"
     # Every volatile_db key goes to the tier it configures; shared keys go to the active one (HPS keeps one struct).
-    host_kw = {k: v[k] for k in _HOST_FIELDS if k in v and (not redis_primary or k not in _REDIS_FIELDS)}
-    redis_kw = {k: v[k] for k in _REDIS_FIELDS if k in v and (redis_primary or k not in _HOST_FIELDS)}
     tiers.host_memory = HostMemoryTierConfig(
-        enabled=vtype in ("hash_map", "parallel_hash_map", "multi_process_hash_map"), **host_kw)
-    tiers.redis_cluster = RedisClusterTierConfig(enabled=redis_primary, **redis_kw)
+        enabled=vtype in ("hash_map", "parallel_hash_map", "multi_process_hash_map"),
+        **_hps_kwargs(HostMemoryTierConfig, v, "volatile_db.", skip=_HPS_VDB_SHARED if redis_primary else ()))
+    tiers.redis_cluster = RedisClusterTierConfig(
+        enabled=redis_primary,
+        **_hps_kwargs(RedisClusterTierConfig, v, "volatile_db.", skip=() if redis_primary else _HPS_VDB_SHARED))
 
     if pdb is not None:
         p = _hps_section(pdb, _HPS_PDB_KEYS, "persistent_db", "", _HPS_DB_IGNORED)
         ptype = _hps_db_type(p["type"], "persistent_db.type", _PDB_TYPES, "disabled")
         if "update_filters" in pdb:
             logger.debug("HPS JSON: persistent_db.update_filters is accepted but has no effect here")
-        tiers.rocksdb = RocksDBTierConfig(enabled=ptype == "rocks_db", path=p["path"], num_threads=p["num_threads"],
-                                          read_only=p["read_only"], max_batch_size=p["max_batch_size"])
+        tiers.rocksdb = RocksDBTierConfig(enabled=ptype == "rocks_db", **_hps_kwargs(RocksDBTierConfig, p,
+                                                                                      "persistent_db."))
     return tiers
 
 
 def _hps_update_source(obj: Optional[Dict[str, Any]]) -> UpdateSourceConfig:
     # The type string and its aliases (null, kafka_mq, kafka) are checked and normalised by validate().
-    return UpdateSourceConfig(**_hps_section(obj or {}, _HPS_UPDATE_SOURCE_KEYS, "update_source", ""))
+    u = _hps_section(obj or {}, _HPS_UPDATE_SOURCE_KEYS, "update_source", "")
+    return UpdateSourceConfig(**_hps_kwargs(UpdateSourceConfig, u, "update_source."))
 
 
 # --------------------------------------------------------------------------------------------------------------
