@@ -10,6 +10,8 @@
 //    {int64 key, uint32 row}. Occupancy lives in the row field (kEmptyRow), so every int64 value - INT64_MIN and
 //    INT64_MAX included - is a valid key. The home slot is the multiply-shift range reduction of the hash, so
 //    the capacity need not be a power of two: the index grows by 1.5x when it reaches 0.9 load (never doubles).
+//    The index is cpu/host_map_index.h (RobinHoodIndex, torch-free, one per partition); benchmarked alone against
+//    absl::flat_hash_map in benchmarks/cpp/ (results: benchmarks/results/host_map_index.md).
 //  * Value arena: pages of stored rows (row_codec.h: the table's storage - float32, float16, bfloat16, int8 or fp8
 //    rows with their row-wise scale - copied as bytes, never decoded here) plus a uint32 access meta per row. Page sizes grow with the
 //    partition (1/32 of its rows, at least 16 KiB, at most allocation_rate bytes), so growth wastes < 1/32 of the
@@ -54,8 +56,6 @@
 #include <mutex>
 #include <shared_mutex>
 
-#include <sys/mman.h>
-
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -64,76 +64,23 @@
 #include "checks.h"
 #include "cpu/row_copy.h"
 
+// The index's allocation failures raise torch errors like the rest of the map.
+#define HPS_HOST_MAP_CHECK(cond, ...) TORCH_CHECK(cond, __VA_ARGS__)
+#include "cpu/host_map_index.h"
+
 namespace hps {
 namespace host_map_detail {
 
-constexpr uint32_t kEmptyRow = 0xFFFFFFFFu;
-constexpr uint64_t kMinIndexCapacity = 16;
-// Grow at load > 9/10, by 3/2: the load stays in [0.6, 0.9] (with 12-byte slots: 13.3..20 bytes per entry).
-constexpr uint64_t kLoadNum = 9, kLoadDen = 10;
+// Index constants, Slot, home_slot and the block allocator: host_map_index.h.
 constexpr uint32_t kMetaLimit = uint32_t(1) << 31;  // LFU saturation and LRU renormalisation point
 constexpr int64_t kMinPageBytes = 16 << 10;
 constexpr int64_t kMaxPageRowsLimit = int64_t(1) << 20;  // keeps >= 4096 page ids in a 32-bit row id
 constexpr int64_t kPageGrowthDivisor = 32;                 // a new page holds 1/32 of the partition's rows
-constexpr int64_t kSlotPrefetchDistance = 16;
 constexpr int64_t kRowPrefetchDistance = 8;
 constexpr int64_t kRowRing = 16;  // > kRowPrefetchDistance, power of two
 constexpr int64_t kMaxPrefetchBytes = 1024;
 constexpr int64_t kFetchChunk = 2048;             // keys per work item of a fetch
 constexpr int64_t kKeepScratchKeys = int64_t(1) << 18;  // calls up to this size reuse per-thread buffers
-
-#pragma pack(push, 4)
-struct Slot {
-  int64_t key;
-  uint32_t row;  // kEmptyRow = free slot
-};
-#pragma pack(pop)
-static_assert(sizeof(Slot) == 12, "index slots are 12 bytes");
-
-inline uint64_t round_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
-
-constexpr uint64_t kHuge = 2 << 20;
-constexpr uint64_t kOsPage = 4096;
-
-// Bytes a block of `bytes` really takes: large blocks are whole OS pages of an anonymous mapping.
-inline uint64_t block_bytes(uint64_t bytes) {
-  bytes = std::max<uint64_t>(bytes, 1);
-  return bytes >= kHuge ? round_up(bytes, kOsPage) : round_up(bytes, 64);
-}
-
-// Large blocks: an anonymous mapping aligned to 2 MiB with MADV_HUGEPAGE, so random row reads do not pay a TLB
-// miss per key; small blocks come from malloc.
-inline void* aligned_bytes(uint64_t bytes, const char* what) {
-  const uint64_t size = block_bytes(bytes);
-  if (size >= kHuge) {
-    void* raw = mmap(nullptr, size + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    TORCH_CHECK(raw != MAP_FAILED, "HostHashMap: out of memory mapping ", size, " bytes for ", what);
-    const uintptr_t base = reinterpret_cast<uintptr_t>(raw);
-    const uintptr_t aligned = round_up(base, kHuge);
-    if (aligned > base) munmap(raw, aligned - base);
-    const uintptr_t end = base + size + kHuge;
-    if (end > aligned + size) munmap(reinterpret_cast<void*>(aligned + size), end - (aligned + size));
-    madvise(reinterpret_cast<void*>(aligned), size, MADV_HUGEPAGE);
-    return reinterpret_cast<void*>(aligned);
-  }
-  void* p = std::aligned_alloc(64, size);
-  TORCH_CHECK(p != nullptr, "HostHashMap: out of memory allocating ", bytes, " bytes for ", what);
-  return p;
-}
-
-inline void free_bytes(void* p, uint64_t bytes) {
-  if (p == nullptr) return;
-  const uint64_t size = block_bytes(bytes);
-  if (size >= kHuge) {
-    munmap(p, size);
-  } else {
-    std::free(p);
-  }
-}
-
-inline uint64_t home_slot(uint64_t h, uint64_t cap) {
-  return static_cast<uint64_t>((static_cast<unsigned __int128>(h) * cap) >> 64);
-}
 
 // Run fn(c) for c in [0, num_chunks) on the intra-op threads, handing out chunks dynamically (a shared counter)
 // rather than one fixed range per thread: on a busy machine a descheduled thread does not hold up the others.
@@ -225,7 +172,6 @@ struct Partition {
       : row_bytes(row_bytes), shift(shift), min_page_rows(min_page_rows), max_page_rows(max_page_rows), rng{seed} {}
   ~Partition() {
     for (Page& p : pages) free_bytes(p.values, page_bytes(p.rows));
-    free_bytes(slots, cap * sizeof(Slot));
   }
   Partition(const Partition&) = delete;
   Partition& operator=(const Partition&) = delete;
@@ -237,9 +183,7 @@ struct Partition {
   mutable std::shared_mutex mutex;
   std::atomic<uint32_t> clock{0};
 
-  Slot* slots = nullptr;
-  uint64_t cap = 0;
-  int64_t size = 0;
+  RobinHoodIndex index;  // key -> row
 
   std::vector<Page> pages;
   int64_t page_rows_total = 0;
@@ -297,100 +241,12 @@ struct Partition {
     return (static_cast<uint32_t>(cur_page) << shift) | cur_off++;
   }
 
-  // ---- index
-  uint64_t stored_home(uint64_t s) const { return home_slot(mix64(key_bits(slots[s].key)), cap); }
-  uint64_t distance(uint64_t s, uint64_t home) const { return s >= home ? s - home : s + cap - home; }
-  uint64_t next(uint64_t s) const { return s + 1 == cap ? 0 : s + 1; }
-
-  // Slot holding `key`, or cap when absent. Robin Hood: stop at an empty slot or at an entry closer to its home
-  // than we are to ours (the key would have displaced it).
-  uint64_t find(int64_t key, uint64_t h) const {
-    if (cap == 0) return cap;
-    uint64_t s = home_slot(h, cap);
-    for (uint64_t d = 0;; ++d) {
-      const Slot& slot = slots[s];
-      if (slot.row == kEmptyRow) return cap;
-      if (slot.key == key) return s;
-      if (distance(s, stored_home(s)) < d) return cap;
-      s = next(s);
-    }
-  }
-
-  uint32_t find_row(int64_t key, uint64_t h) const {
-    const uint64_t s = find(key, h);
-    return s == cap ? kEmptyRow : slots[s].row;
-  }
-
-  // A successful probe at 0.9 load passes ~4.5 slots (~54 bytes): fetch the home slot's line and the next.
-  void prefetch_slot(uint64_t h) const {
-    if (cap == 0) return;
-    const char* p = reinterpret_cast<const char*>(&slots[home_slot(h, cap)]);
-    __builtin_prefetch(p, 0, 3);
-    __builtin_prefetch(p + 64, 0, 3);
-  }
-
-  // Place an absent key (capacity must allow one more entry).
-  void place(int64_t key, uint32_t row, uint64_t h) {
-    uint64_t s = home_slot(h, cap);
-    uint64_t d = 0;
-    Slot cur{key, row};
-    for (;;) {
-      if (slots[s].row == kEmptyRow) {
-        slots[s] = cur;
-        return;
-      }
-      const uint64_t sd = distance(s, stored_home(s));
-      if (sd < d) {  // the resident is closer to home than we are: it moves on, we take its slot
-        const Slot tmp = slots[s];
-        slots[s] = cur;
-        cur = tmp;
-        d = sd;
-      }
-      s = next(s);
-      ++d;
-    }
-  }
-
-  // Backward-shift deletion: pull following displaced entries one step back, so no tombstones are needed.
-  void remove_slot(uint64_t s) {
-    free_rows.push_back(slots[s].row);
-    uint64_t n = next(s);
-    while (slots[n].row != kEmptyRow && distance(n, stored_home(n)) > 0) {
-      slots[s] = slots[n];
-      s = n;
-      n = next(n);
-    }
-    slots[s].row = kEmptyRow;
-    --size;
-  }
-
-  void rehash(uint64_t new_cap) {
-    Slot* fresh = static_cast<Slot*>(aligned_bytes(new_cap * sizeof(Slot), "an index"));
-    for (uint64_t s = 0; s < new_cap; ++s) fresh[s].row = kEmptyRow;
-    Slot* old = slots;
-    const uint64_t old_cap = cap;
-    slots = fresh;
-    cap = new_cap;
-    for (uint64_t s = 0; s < old_cap; ++s) {
-      if (old[s].row != kEmptyRow) place(old[s].key, old[s].row, mix64(key_bits(old[s].key)));
-    }
-    free_bytes(old, old_cap * sizeof(Slot));
-  }
-
-  bool fits(int64_t entries) const { return static_cast<uint64_t>(entries) * kLoadDen <= cap * kLoadNum; }
-
-  void grow_for_one_more() {
-    if (fits(size + 1)) return;
-    uint64_t c = std::max(kMinIndexCapacity, cap + cap / 2);
-    while (static_cast<uint64_t>(size + 1) * kLoadDen > c * kLoadNum) c += c / 2;
-    rehash(c);
-  }
+  // ---- index (host_map_index.h) + the rows it frees
+  void remove_slot(uint64_t s) { free_rows.push_back(index.remove_slot(s)); }
 
   void reserve(int64_t entries) {
-    if (!fits(entries)) {
-      rehash(std::max(kMinIndexCapacity, (static_cast<uint64_t>(entries) * kLoadDen + kLoadNum - 1) / kLoadNum));
-    }
-    int64_t need = entries - size - static_cast<int64_t>(free_rows.size()) - unused_page_rows();
+    index.reserve(entries);
+    int64_t need = entries - index.size - static_cast<int64_t>(free_rows.size()) - unused_page_rows();
     while (need > 0) {
       const int64_t rows = std::min(need, max_page_rows);
       add_page(rows);
@@ -412,7 +268,7 @@ struct Partition {
   }
 
   int64_t memory_bytes() const {
-    int64_t b = sizeof(Partition) + (cap > 0 ? static_cast<int64_t>(block_bytes(cap * sizeof(Slot))) : 0);
+    int64_t b = sizeof(Partition) + index.memory_bytes();
     for (const Page& p : pages) b += static_cast<int64_t>(block_bytes(page_bytes(p.rows)));
     b += static_cast<int64_t>(pages.capacity() * sizeof(Page) + free_rows.capacity() * sizeof(uint32_t));
     return b;
@@ -615,7 +471,7 @@ void HostHashMap::fetch_into(const at::Tensor& keys_in, at::Tensor& out, at::Ten
           // Pipeline: prefetch the index lines of key j+16, probe key j+8 and prefetch its row, copy out key j.
           uint32_t ring[host_map_detail::kRowRing];
           auto resolve = [&](int64_t j) {
-            const uint32_t r = part.find_row(kp[order[j]], hashes[j]);
+            const uint32_t r = part.index.find_row(kp[order[j]], hashes[j]);
             ring[j & kRingMask] = r;
             if (r != kEmptyRow) {
               const char* src = reinterpret_cast<const char*>(part.row_values(r));
@@ -623,10 +479,10 @@ void HostHashMap::fetch_into(const at::Tensor& keys_in, at::Tensor& out, at::Ten
               if (policy != kEvictRandom) __builtin_prefetch(part.row_meta(r), 1, 3);
             }
           };
-          for (int64_t j = rb; j < std::min(re, rb + kSlotAhead); ++j) part.prefetch_slot(hashes[j]);
+          for (int64_t j = rb; j < std::min(re, rb + kSlotAhead); ++j) part.index.prefetch_slot(hashes[j]);
           for (int64_t j = rb; j < std::min(re, rb + kRowAhead); ++j) resolve(j);
           for (int64_t j = rb; j < re; ++j) {
-            if (j + kSlotAhead < re) part.prefetch_slot(hashes[j + kSlotAhead]);
+            if (j + kSlotAhead < re) part.index.prefetch_slot(hashes[j + kSlotAhead]);
             if (j + kRowAhead < re) resolve(j + kRowAhead);
             const uint32_t r = ring[j & kRingMask];
             const int64_t i = order[j];
@@ -693,20 +549,20 @@ int64_t HostHashMap::insert(const at::Tensor& keys_in, const at::Tensor& values_
     const uint32_t fresh = overflow_policy_ == kEvictOldest ? part.tick_locked() : 0;  // LFU: 0, as HPS
     int64_t new_keys = 0, evicted = 0;
     for (int64_t j = jb; j < je; ++j) {
-      if (j + 8 < je) part.prefetch_slot(hashes[j + 8]);
+      if (j + 8 < je) part.index.prefetch_slot(hashes[j + 8]);
       const int64_t i = order[j];
       const int64_t key = kp[i];
       const uint64_t h = hashes[j];
-      const uint64_t s = part.find(key, h);
+      const uint64_t s = part.index.find(key, h);
       uint32_t row;
-      if (s != part.cap) {
-        row = part.slots[s].row;
+      if (s != part.index.cap) {
+        row = part.index.slots[s].row;
       } else {
-        if (part.size >= overflow_margin_) evicted += evict_locked(part, part.size - keep_after_overflow_);
-        part.grow_for_one_more();
+        if (part.index.size >= overflow_margin_) evicted += evict_locked(part, part.index.size - keep_after_overflow_);
+        part.index.grow_for_one_more();
         row = part.alloc_row();
-        part.place(key, row, h);
-        ++part.size;
+        part.index.place(key, row, h);
+        ++part.index.size;
         ++new_keys;
       }
       std::memcpy(part.row_values(row), vp + i * row_bytes, static_cast<size_t>(row_bytes));
@@ -726,22 +582,22 @@ int64_t HostHashMap::evict_locked(Partition& part, int64_t count) {
     for (int64_t k = 0; k < count; ++k) {
       uint64_t s;
       do {
-        s = part.rng.below(part.cap);
-      } while (part.slots[s].row == kEmptyRow);
+        s = part.rng.below(part.index.cap);
+      } while (part.index.slots[s].row == kEmptyRow);
       part.remove_slot(s);
     }
     return count;
   }
   std::vector<std::pair<uint32_t, int64_t>> cand;  // (meta, key)
-  cand.reserve(part.size);
-  for (uint64_t s = 0; s < part.cap; ++s) {
-    const uint32_t r = part.slots[s].row;
-    if (r != kEmptyRow) cand.emplace_back(*part.row_meta(r), part.slots[s].key);
+  cand.reserve(part.index.size);
+  for (uint64_t s = 0; s < part.index.cap; ++s) {
+    const uint32_t r = part.index.slots[s].row;
+    if (r != kEmptyRow) cand.emplace_back(*part.row_meta(r), part.index.slots[s].key);
   }
   std::nth_element(cand.begin(), cand.begin() + (count - 1), cand.end());
   for (int64_t k = 0; k < count; ++k) {
     const int64_t key = cand[k].second;
-    part.remove_slot(part.find(key, mix64(key_bits(key))));
+    part.remove_slot(part.index.find(key, mix64(key_bits(key))));
   }
   return count;
 }
@@ -765,8 +621,8 @@ int64_t HostHashMap::erase(const at::Tensor& keys_in) {
     std::unique_lock<std::shared_mutex> lock(part.mutex);
     int64_t count = 0;
     for (int64_t j = jb; j < je; ++j) {
-      const uint64_t s = part.find(kp[order[j]], hashes[j]);
-      if (s != part.cap) {
+      const uint64_t s = part.index.find(kp[order[j]], hashes[j]);
+      if (s != part.index.cap) {
         part.remove_slot(s);
         ++count;
       }
@@ -780,7 +636,7 @@ int64_t HostHashMap::size() const {
   int64_t total = 0;
   for (const auto& part : parts_) {
     std::shared_lock<std::shared_mutex> lock(part->mutex);
-    total += part->size;
+    total += part->index.size;
   }
   return total;
 }
@@ -812,9 +668,9 @@ at::Tensor HostHashMap::export_keys() const {
   std::vector<int64_t> keys;
   for (const auto& part : parts_) {
     std::shared_lock<std::shared_mutex> lock(part->mutex);
-    keys.reserve(keys.size() + part->size);
-    for (uint64_t s = 0; s < part->cap; ++s) {
-      if (part->slots[s].row != kEmptyRow) keys.push_back(part->slots[s].key);
+    keys.reserve(keys.size() + part->index.size);
+    for (uint64_t s = 0; s < part->index.cap; ++s) {
+      if (part->index.slots[s].row != kEmptyRow) keys.push_back(part->index.slots[s].key);
     }
   }
   at::Tensor out = at::empty({static_cast<int64_t>(keys.size())}, at::TensorOptions().dtype(at::kLong));
@@ -827,7 +683,7 @@ at::Tensor HostHashMap::partition_sizes() const {
   int64_t* op = out.data_ptr<int64_t>();
   for (int64_t p = 0; p < num_partitions_; ++p) {
     std::shared_lock<std::shared_mutex> lock(parts_[p]->mutex);
-    op[p] = parts_[p]->size;
+    op[p] = parts_[p]->index.size;
   }
   return out;
 }
