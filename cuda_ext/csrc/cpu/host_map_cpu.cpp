@@ -9,7 +9,7 @@
 //  * Index: open addressing, Robin Hood linear probing with backward-shift deletion, 12-byte slots
 //    {int64 key, uint32 row}. Occupancy lives in the row field (kEmptyRow), so every int64 value - INT64_MIN and
 //    INT64_MAX included - is a valid key. The home slot is the multiply-shift range reduction of the hash, so
-//    the capacity need not be a power of two: the index grows by 1.5x when it reaches 0.9 load (never doubles).
+//    the capacity need not be a power of two: the index grows by 1.5x when it reaches 0.75 load (never doubles).
 //    The index is cpu/host_map_index.h (RobinHoodIndex, torch-free, one per partition); benchmarked alone against
 //    absl::flat_hash_map in benchmarks/cpp/ (results: benchmarks/results/host_map_index.md).
 //  * Value arena: pages of stored rows (row_codec.h: the table's storage - float32, float16, bfloat16, int8 or fp8
