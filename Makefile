@@ -56,7 +56,7 @@ cuda-build-check: $(CUDA_VENV)/.installed
 # preloaded: Python is not instrumented, and ASan must see the real __cxa_throw before torch loads libstdc++.
 SANITIZE_TESTS ?= tests/tiers/test_host_memory.py tests/engine/test_reliability.py tests/engine/test_pipeline.py \
 	tests/engine/test_engine.py tests/ops/test_lookup_ops.py tests/engine/test_second_level.py \
-	tests/ops/test_codec.py tests/ops/test_cache_storage.py tests/engine/test_storage.py
+	tests/ops/test_codec.py tests/ops/test_cache_storage.py tests/engine/test_storage.py tests/engine/test_storage_tiers.py
 sanitize-check: setup
 	HPS_SANITIZE=address HPS_WITH_CUDA=0 MAX_JOBS=2 $(PY) setup.py -q build_ext \
 	  --build-lib build/sanitize-address/lib --build-temp build/sanitize-address/tmp
