@@ -22,6 +22,7 @@ when its array came in.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Optional
 
@@ -103,12 +104,12 @@ def _from_torch(rows: torch.Tensor, framework: str) -> Any:
 
 # JAX's own import, jax.dlpack.from_dlpack, spends ~70 us in Python (backend and device lookups, a dtype
 # canonicalisation through jnp.asarray) around a ~4 us C++ call that wraps the buffer: on the CPU that is most of a
-# small lookup. For CPU rows - a dtype JAX keeps as it is, no stream to hand over - the adapter makes the same C++
-# call with the arguments from_dlpack would pass; anything else, or a JAX whose internals differ, takes from_dlpack.
-_JAX_CPU_IMPORT: Any = None  # (callable(rows) -> jax.Array) once resolved; False: use from_dlpack
-
-
-def _resolve_jax_cpu_import() -> Any:
+# small lookup. For CPU rows - no stream to hand over, and every lookup dtype (float32, bfloat16, float16) one JAX
+# keeps as it is - the adapter makes the same C++ call with the arguments from_dlpack would pass; GPU rows, or a JAX
+# whose internals differ, take from_dlpack.
+@functools.cache
+def _jax_cpu_import() -> Any:
+    """rows -> jax.Array through JAX's C++ DLPack entry, or None when this JAX has no such entry."""
     try:
         from jax._src import xla_bridge
         from jax._src.lib import _jax, jaxlib_extension_version
@@ -119,16 +120,13 @@ def _resolve_jax_cpu_import() -> Any:
             return lambda rows: to_buffer(rows.__dlpack__(), device, None, None, 1)  # 1: kDLCPU
         return lambda rows: to_buffer(rows.__dlpack__(), device, None, None)
     except Exception:  # noqa: BLE001 - any other JAX: the public path
-        return False
+        return None
 
 
 def _jax_array(rows: torch.Tensor) -> Any:
-    global _JAX_CPU_IMPORT
-    if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        if _JAX_CPU_IMPORT is None:
-            _JAX_CPU_IMPORT = _resolve_jax_cpu_import()
-        if _JAX_CPU_IMPORT:
-            return _JAX_CPU_IMPORT(rows)
+    wrap = _jax_cpu_import() if rows.device.type == "cpu" else None
+    if wrap is not None:
+        return wrap(rows)
     import jax.dlpack
 
     return jax.dlpack.from_dlpack(rows)

@@ -89,9 +89,7 @@ struct OursT {
       idx.slots[s].row = row;
       return;
     }
-    idx.grow_for_one_more();
-    idx.place(key, row, h);
-    ++idx.size;
+    idx.add(key, row, h);
   }
   uint32_t find(int64_t key) const { return idx.find_row(key, hps::mix64(hps::key_bits(key))); }
   bool erase(int64_t key) {

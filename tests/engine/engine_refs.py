@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from hps_core.storage import decode_rows, encode_rows
 from hps_core.tables import write_table
 
 
@@ -38,3 +40,8 @@ def make_table(path, rows: int, dim: int, rng: np.random.Generator, key_range: i
     vectors = rng.standard_normal((keys.size, dim)).astype(np.float32)
     write_table(path, keys, vectors)
     return keys, vectors
+
+
+def stored(rows: np.ndarray, storage: str) -> np.ndarray:
+    """float32 rows as a table of `storage` serves them: decode(encode(rows))."""
+    return decode_rows(encode_rows(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)), storage)).numpy()

@@ -50,10 +50,7 @@ def cluster(tmp_path_factory):
 def fresh(cluster):
     cluster.flushall()
     yield cluster
-    for i, proc in enumerate(cluster.procs):
-        if proc.poll() is not None:
-            cluster.restart(i)
-    cluster.wait_cluster_ok()
+    cluster.revive()
 
 
 def table(tmp_path, seed=0):

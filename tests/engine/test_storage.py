@@ -12,10 +12,10 @@ import torch
 
 from hps_core.config import ConfigError
 from hps_core.engine import HierarchicalParameterServer
-from hps_core.storage import STORAGE_NAMES, bytes_per_row, decode_rows, encode_rows
+from hps_core.storage import STORAGE_NAMES, bytes_per_row
 from hps_core.testing import device_params
 
-from engine_refs import Reference, make_table
+from engine_refs import Reference, make_table, stored
 
 pytestmark = pytest.mark.filterwarnings("ignore:no CUDA device:RuntimeWarning")
 DEVICES = device_params()
@@ -28,10 +28,6 @@ DEPLOYMENTS = {
     "second_level": {"ratio": 0.05, "second_level": "host_mapped"},
 }
 DEFAULT = -0.3
-
-
-def stored(rows: np.ndarray, storage: str) -> np.ndarray:
-    return decode_rows(encode_rows(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)), storage)).numpy()
 
 
 class StoredReference(Reference):

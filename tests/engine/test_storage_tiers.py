@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from hps_core.engine import HierarchicalParameterServer
-from hps_core.storage import STORAGE_NAMES, bytes_per_row, decode_rows, encode_rows
+from hps_core.storage import STORAGE_NAMES, bytes_per_row, encode_rows
 from hps_core.testing import device_params
 
-from engine_refs import make_table
+from engine_refs import make_table, stored
 
 pytestmark = pytest.mark.filterwarnings("ignore:no CUDA device:RuntimeWarning")
 pytest.importorskip("rocksdict", reason="rocksdict is not installed")
@@ -50,10 +50,6 @@ def config(tmp_path, tiers, storage, cache=None, dim=16):
             "tiers": t}
 
 
-def expected(rows: np.ndarray, storage: str) -> np.ndarray:
-    return decode_rows(encode_rows(torch.from_numpy(np.ascontiguousarray(rows)), storage)).numpy()
-
-
 def assert_tiers_hold(hps, keys: np.ndarray, rows: np.ndarray, storage: str) -> None:
     """Every tier that holds a key holds encode(row) exactly - the bytes, not just close values."""
     want = as_bytes(encode_rows(torch.from_numpy(np.ascontiguousarray(rows)), storage))
@@ -79,9 +75,9 @@ def test_every_tier_keeps_the_stored_bytes_and_nothing_drifts(tmp_path, rng, tie
         for _ in range(4):
             q = np.concatenate([rng.choice(keys, 1000), absent])
             got = hps.lookup("m", "t", torch.from_numpy(q).to(device)).cpu().numpy()
-            want = expected(current[[by_key[k] for k in q[:-40].tolist()]], storage)
+            want = stored(current[[by_key[k] for k in q[:-40].tolist()]], storage)
             np.testing.assert_array_equal(got[:-40], want)
-            np.testing.assert_array_equal(got[-40:], expected(np.full((40, 16), DEFAULT, np.float32), storage))
+            np.testing.assert_array_equal(got[-40:], stored(np.full((40, 16), DEFAULT, np.float32), storage))
         assert_tiers_hold(hps, keys, current, storage)  # promoted rows are the loaded bytes
 
         # update(): encoded once; every tier holds those bytes, and the row survives eviction and refetch unchanged.
@@ -91,7 +87,7 @@ def test_every_tier_keeps_the_stored_bytes_and_nothing_drifts(tmp_path, rng, tie
         current[[by_key[k] for k in upd.tolist()]] = new_rows
         assert_tiers_hold(hps, upd, new_rows, storage)
         first = hps.lookup("m", "t", torch.from_numpy(upd).to(device)).cpu().numpy()
-        np.testing.assert_array_equal(first, expected(new_rows, storage))
+        np.testing.assert_array_equal(first, stored(new_rows, storage))
         for _ in range(3):  # churn the cache: the updated keys are evicted and fetched again from the tiers
             hps.lookup("m", "t", torch.from_numpy(rng.choice(keys, 2000)).to(device))
         np.testing.assert_array_equal(hps.lookup("m", "t", torch.from_numpy(upd).to(device)).cpu().numpy(), first)
@@ -100,7 +96,7 @@ def test_every_tier_keeps_the_stored_bytes_and_nothing_drifts(tmp_path, rng, tie
         before = hps.lookup("m", "t", torch.from_numpy(keys).to(device)).cpu().numpy()
         assert hps.refresh() > 0
         np.testing.assert_array_equal(hps.lookup("m", "t", torch.from_numpy(keys).to(device)).cpu().numpy(), before)
-        np.testing.assert_array_equal(before, expected(current, storage))
+        np.testing.assert_array_equal(before, stored(current, storage))
         assert_tiers_hold(hps, keys, current, storage)
 
 
@@ -111,7 +107,7 @@ def test_a_table_without_a_cache_decodes_the_tiers_rows(tmp_path, rng, storage, 
     cfg = config(tmp_path, "host_over_rocksdb", storage, cache={"enabled": False})
     with HierarchicalParameterServer(cfg, progress=False) as hps:
         q = np.concatenate([keys[::3], np.array([1 << 55], dtype=np.int64)])
-        want = np.concatenate([expected(rows[::3], storage), expected(np.full((1, 16), DEFAULT, np.float32),
+        want = np.concatenate([stored(rows[::3], storage), stored(np.full((1, 16), DEFAULT, np.float32),
                                                                       storage)])
         want_t = torch.from_numpy(want).to(dtype or torch.float32)
         got = hps.lookup("m", "t", torch.from_numpy(q), dtype)  # the native pass-through pipeline

@@ -334,6 +334,17 @@ class LocalRedisCluster:
     def resume(self, i: int) -> None:
         os.kill(self.pid(i), signal.SIGCONT)
 
+    def revive(self) -> None:
+        """Every node up again - a killed node restarted, a paused one resumed - and the cluster serving all slots
+        (what a test that broke nodes leaves behind for the next one)."""
+        for i, proc in enumerate(self.procs):
+            if proc.poll() is not None:
+                self.restart(i, wait=False)
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    self.resume(i)
+        self.wait_cluster_ok()
+
     def save(self, i: int, timeout: float = 60.0) -> None:
         """Persist node i (BGSAVE, waited for), so a restart reloads what it holds (dump.rdb in its directory).
 

@@ -44,15 +44,10 @@ def cluster(tmp_path_factory):
 @pytest.fixture
 def fresh(cluster):
     """The shared cluster, emptied, with every node up (a test that kills a node restarts it)."""
-    for i, proc in enumerate(cluster.procs):
-        if proc.poll() is not None:
-            cluster.restart(i)
+    cluster.revive()
     cluster.flushall()
     yield cluster
-    for i, proc in enumerate(cluster.procs):
-        if proc.poll() is not None:
-            cluster.restart(i)
-    cluster.wait_cluster_ok()
+    cluster.revive()
 
 
 @pytest.fixture

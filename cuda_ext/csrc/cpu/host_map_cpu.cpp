@@ -559,10 +559,9 @@ int64_t HostHashMap::insert(const at::Tensor& keys_in, const at::Tensor& values_
         row = part.index.slots[s].row;
       } else {
         if (part.index.size >= overflow_margin_) evicted += evict_locked(part, part.index.size - keep_after_overflow_);
-        part.index.grow_for_one_more();
+        part.index.grow_for_one_more();  // before a row is taken: a growth that fails takes none
         row = part.alloc_row();
-        part.index.place(key, row, h);
-        ++part.index.size;
+        part.index.add(key, row, h);
         ++new_keys;
       }
       std::memcpy(part.row_values(row), vp + i * row_bytes, static_cast<size_t>(row_bytes));

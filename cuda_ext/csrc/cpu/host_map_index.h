@@ -144,8 +144,15 @@ struct RobinHoodIndex {
     __builtin_prefetch(p + 64, 0, 3);
   }
 
-  // Place an absent key (capacity must allow one more entry). Does not count it: the caller bumps `size` (rehash
-  // places entries already counted).
+  // Add an absent key and count it, growing first when the index is full.
+  void add(int64_t key, uint32_t row, uint64_t h) {
+    grow_for_one_more();
+    place(key, row, h);
+    ++size;
+  }
+
+  // Place an absent key (capacity must allow one more entry) without counting it: add's step, and rehash's for
+  // entries already counted.
   void place(int64_t key, uint32_t row, uint64_t h) {
     uint64_t s = home_slot(h, cap);
     uint64_t d = 0;
